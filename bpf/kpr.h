@@ -1,0 +1,217 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * kpr.h - the one definition of kpr's BPF map ABI.
+ *
+ * Every key, value, flag, counter and map that the datapath and the agent share lives here.
+ * kpr/datapath/abi.py mirrors it with ctypes; tests/datapath/test_abi.py compiles this header with BCC and
+ * compares every size and offset (and parses the #defines below). Addresses and ports are in network byte order.
+ * Structs carry explicit pad fields and are zero-initialised on the stack, so hash keys never hold garbage.
+ */
+#ifndef KPR_H
+#define KPR_H
+
+#include <uapi/linux/bpf.h>
+#include <linux/in.h>
+#include <linux/in6.h>
+
+/* The bpffs directory the maps are pinned in; the agent passes it with -DKPR_PIN_DIR="...". */
+#ifndef KPR_PIN_DIR
+#error "KPR_PIN_DIR must name the bpffs directory the maps are pinned in"
+#endif
+
+/* Map sizes: defaults hold 65,536 frontends and 262,144 backends; the agent overrides them with -D. */
+#ifndef KPR_SERVICES_MAX
+#define KPR_SERVICES_MAX 327680 /* master entries + backend slots, per family */
+#endif
+#ifndef KPR_BACKENDS_MAX
+#define KPR_BACKENDS_MAX 262144
+#endif
+#ifndef KPR_REV_NAT_MAX
+#define KPR_REV_NAT_MAX 65536
+#endif
+#ifndef KPR_SOCK_REV_NAT_MAX
+#define KPR_SOCK_REV_NAT_MAX 262144
+#endif
+#ifndef KPR_AFFINITY_MAX
+#define KPR_AFFINITY_MAX 65536
+#endif
+
+/* Service lookup scopes (svc_key.scope). Every lookup starts at the default scope; a master entry flagged
+ * TWO_SCOPES sends traffic that starts inside the cluster (sockets on the node, pods) to the internal scope. */
+#define KPR_SCOPE_DEFAULT 0
+#define KPR_SCOPE_INTERNAL 1
+
+/* Master entry flags (svc_value.flags, slot 0). */
+#define KPR_SVC_F_AFFINITY 0x01   /* sessionAffinity ClientIP, timeout in affinity_timeout */
+#define KPR_SVC_F_TWO_SCOPES 0x02 /* in-cluster traffic uses the KPR_SCOPE_INTERNAL entry */
+#define KPR_SVC_F_EMPTY_DROP 0x04 /* no backend in this scope but some elsewhere: drop instead of reject */
+
+/* Backend states and flags (backend.state, backend.flags). */
+#define KPR_BACKEND_ACTIVE 0
+#define KPR_BACKEND_TERMINATING 1
+#define KPR_BACKEND_F_NODE_LOCAL 0x01
+
+/* What identifies a client in the affinity map (affinity_key.kind). */
+#define KPR_AFFINITY_NETNS 1 /* socket LB: the client's network namespace cookie */
+#define KPR_AFFINITY_ADDR 2  /* per-packet LB: the client's address */
+
+/* Indexes into the per-CPU counters array; `kpr status` names them. Never renumber, only append. */
+#define KPR_CNT_XLATE_FWD 0              /* destination rewritten to a backend */
+#define KPR_CNT_XLATE_REV 1              /* peer address shown as the frontend again */
+#define KPR_CNT_REJECT_NO_BACKEND 2      /* frontend without a usable backend: refused */
+#define KPR_CNT_DROP_NO_LOCAL_BACKEND 3  /* Local policy, endpoints only on other nodes */
+#define KPR_CNT_ERR_SLOT_MISSING 4       /* a slot below count is missing (should never happen) */
+#define KPR_CNT_ERR_BACKEND_MISSING 5    /* a slot names an unknown backend (should never happen) */
+#define KPR_CNT_ERR_SOCK_REV_NAT 6       /* could not record a reverse translation */
+#define KPR_CNT_REV_NAT_STALE 7          /* a recorded reverse translation outlived its frontend */
+#define KPR_CNT_AFFINITY_HIT 8           /* ClientIP affinity reused a backend */
+#define KPR_CNT_AFFINITY_NEW 9           /* ClientIP affinity picked (again) after a miss or timeout */
+#define KPR_CNT_ERR_SCOPE_MISSING 10     /* TWO_SCOPES without an internal entry (should never happen) */
+#define KPR_CNT_MAX 32
+
+/* services4/6 key: a frontend address:port/proto, its scope, and slot (0 = master, 1..count = backends). */
+struct svc_key4 {
+	__be32 addr;
+	__be16 port;
+	__u8 proto;
+	__u8 scope;
+	__u16 slot;
+	__u16 pad;
+};
+
+struct svc_key6 {
+	__be32 addr[4];
+	__be16 port;
+	__u8 proto;
+	__u8 scope;
+	__u16 slot;
+	__u16 pad;
+};
+
+/* services4/6 value: slot 0 is the master entry (count, rev_nat_id, flags, affinity_timeout); slot n > 0 uses
+ * backend_id only. */
+struct svc_value {
+	__u32 backend_id;
+	__u32 rev_nat_id;
+	__u32 affinity_timeout; /* seconds */
+	__u16 count;
+	__u8 flags;
+	__u8 pad;
+};
+
+/* backends4/6 value, keyed by a __u32 backend id (never 0). */
+struct backend4 {
+	__be32 addr;
+	__be16 port;
+	__u8 proto;
+	__u8 state;
+	__u8 flags;
+	__u8 pad[3];
+};
+
+struct backend6 {
+	__be32 addr[4];
+	__be16 port;
+	__u8 proto;
+	__u8 state;
+	__u8 flags;
+	__u8 pad[3];
+};
+
+/* rev_nat4/6 value, keyed by a __u32 rev_nat id (never 0): the frontend a translated flow must appear to use. */
+struct rev_nat4 {
+	__be32 addr;
+	__be16 port;
+	__u16 pad;
+};
+
+struct rev_nat6 {
+	__be32 addr[4];
+	__be16 port;
+	__u16 pad;
+};
+
+/* sock_rev_nat4/6: {socket cookie, backend} -> frontend, so recvmsg and getpeername show what the socket dialled. */
+struct sock_rev_nat_key4 {
+	__u64 cookie;
+	__be32 addr;
+	__be16 port;
+	__u16 pad;
+};
+
+struct sock_rev_nat4 {
+	__be32 addr;
+	__be16 port;
+	__u16 pad;
+	__u32 rev_nat_id;
+};
+
+struct sock_rev_nat_key6 {
+	__u64 cookie;
+	__be32 addr[4];
+	__be16 port;
+	__u16 pad[3];
+};
+
+struct sock_rev_nat6 {
+	__be32 addr[4];
+	__be16 port;
+	__u16 pad;
+	__u32 rev_nat_id;
+};
+
+/* affinity: {client, frontend} -> the backend it was last sent to and when (sessionAffinity ClientIP). */
+struct affinity_key {
+	__be32 client[4]; /* netns cookie in the first 8 bytes, or the client address */
+	__u32 rev_nat_id;
+	__u8 kind;        /* KPR_AFFINITY_* */
+	__u8 pad[3];
+};
+
+struct affinity_value {
+	__u64 last_used_ns; /* bpf_ktime_get_ns() */
+	__u32 backend_id;
+	__u32 pad;
+};
+
+/* affinity_match: present while a backend is a slot of a frontend, so affinity never sticks to a removed one. */
+struct affinity_match_key {
+	__u32 backend_id;
+	__u32 rev_nat_id;
+};
+
+/* svc_names: what a frontend belongs to, for `kpr services` and for restoring ownership after a restart.
+ * The datapath never reads it. */
+struct svc_name {
+	__u8 kind; /* 1 ClusterIP, 2 NodePort, 3 ExternalIP, 4 LoadBalancer */
+	__u8 pad[3];
+	char ns[64];
+	char name[64];
+	char port_name[16];
+};
+
+#define KPR_PIN(name) KPR_PIN_DIR "/" name
+
+/* Control-plane-written maps are allocated on demand; the LRU maps are preallocated by the kernel. */
+BPF_TABLE_PINNED("hash", struct svc_key4, struct svc_value, services4, KPR_SERVICES_MAX, KPR_PIN("services4"),
+		 BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct svc_key6, struct svc_value, services6, KPR_SERVICES_MAX, KPR_PIN("services6"),
+		 BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", __u32, struct backend4, backends4, KPR_BACKENDS_MAX, KPR_PIN("backends4"),
+		 BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", __u32, struct backend6, backends6, KPR_BACKENDS_MAX, KPR_PIN("backends6"),
+		 BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", __u32, struct rev_nat4, rev_nat4, KPR_REV_NAT_MAX, KPR_PIN("rev_nat4"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", __u32, struct rev_nat6, rev_nat6, KPR_REV_NAT_MAX, KPR_PIN("rev_nat6"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", __u32, struct svc_name, svc_names, KPR_REV_NAT_MAX, KPR_PIN("svc_names"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_hash", struct sock_rev_nat_key4, struct sock_rev_nat4, sock_rev_nat4, KPR_SOCK_REV_NAT_MAX,
+		 KPR_PIN("sock_rev_nat4"));
+BPF_TABLE_PINNED("lru_hash", struct sock_rev_nat_key6, struct sock_rev_nat6, sock_rev_nat6, KPR_SOCK_REV_NAT_MAX,
+		 KPR_PIN("sock_rev_nat6"));
+BPF_TABLE_PINNED("lru_hash", struct affinity_key, struct affinity_value, affinity, KPR_AFFINITY_MAX,
+		 KPR_PIN("affinity"));
+BPF_TABLE_PINNED("hash", struct affinity_match_key, __u8, affinity_match, KPR_BACKENDS_MAX, KPR_PIN("affinity_match"),
+		 BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, counters, KPR_CNT_MAX, KPR_PIN("counters"));
+
+#endif /* KPR_H */

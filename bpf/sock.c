@@ -1,0 +1,474 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * sock.c - socket-level load balancing at the cgroup v2 sock_addr hooks.
+ *
+ * connect and unconnected sendmsg rewrite a frontend destination to a chosen backend before any packet exists, so
+ * there is no per-packet NAT; recvmsg and getpeername translate the backend back, so the application sees the address
+ * it dialled. The hooks are thin: the logic lives in the __always_inline cores below, shared by v4, v6 and the
+ * v4-mapped v6 case.
+ */
+#include "kpr.h"
+
+#define KPR_NSEC_PER_SEC 1000000000ULL
+
+/* What a forward translation decided. */
+#define XLATE_PASS 0   /* not a frontend: leave the socket alone */
+#define XLATE_DONE 1   /* destination rewritten to a backend */
+#define XLATE_REJECT 2 /* no usable backend (or inconsistent maps): fail fast with ECONNREFUSED */
+#define XLATE_DROP 3   /* Local policy with endpoints elsewhere only: fail with EHOSTUNREACH */
+
+struct dest4 {
+	__be32 addr;
+	__be16 port;
+};
+
+struct dest6 {
+	__be32 addr[4];
+	__be16 port;
+};
+
+static __always_inline void counter_inc(__u32 idx)
+{
+	__u64 *value = counters.lookup(&idx);
+
+	if (value)
+		*value += 1; /* per-CPU slot: no atomics needed */
+}
+
+static __always_inline int empty_verdict(__u8 flags)
+{
+	if (flags & KPR_SVC_F_EMPTY_DROP) {
+		counter_inc(KPR_CNT_DROP_NO_LOCAL_BACKEND);
+		return XLATE_DROP;
+	}
+	counter_inc(KPR_CNT_REJECT_NO_BACKEND);
+	return XLATE_REJECT;
+}
+
+/* ClientIP affinity: the backend this client used within the timeout, if it still serves the frontend. */
+static __always_inline __u32 affinity_lookup(struct affinity_key *key, __u32 timeout_s, __u64 now)
+{
+	struct affinity_value *seen = affinity.lookup(key);
+	struct affinity_match_key match = {};
+
+	if (!seen)
+		return 0;
+	if (now - seen->last_used_ns > (__u64)timeout_s * KPR_NSEC_PER_SEC)
+		return 0;
+	match.backend_id = seen->backend_id;
+	match.rev_nat_id = key->rev_nat_id;
+	if (!affinity_match.lookup(&match))
+		return 0;
+	return seen->backend_id;
+}
+
+static __always_inline void affinity_store(struct affinity_key *key, __u32 backend_id, __u64 now)
+{
+	struct affinity_value value = {};
+
+	value.last_used_ns = now;
+	value.backend_id = backend_id;
+	affinity.update(key, &value);
+}
+
+static __always_inline void affinity_key_for_socket(struct affinity_key *key, void *ctx, __u32 rev_nat_id)
+{
+	__u64 cookie = bpf_get_netns_cookie(ctx);
+
+	__builtin_memcpy(key->client, &cookie, sizeof(cookie));
+	key->rev_nat_id = rev_nat_id;
+	key->kind = KPR_AFFINITY_NETNS;
+}
+
+/* Affinity first: the backend this client keeps while the frontend's timeout has not passed (0: none). */
+static __always_inline __u32 affinity_begin(void *ctx, const struct svc_value *svc, struct affinity_key *akey,
+					    __u64 *now)
+{
+	__u32 backend_id;
+
+	if (!(svc->flags & KPR_SVC_F_AFFINITY))
+		return 0;
+	*now = bpf_ktime_get_ns();
+	affinity_key_for_socket(akey, ctx, svc->rev_nat_id);
+	backend_id = affinity_lookup(akey, svc->affinity_timeout, *now);
+	counter_inc(backend_id ? KPR_CNT_AFFINITY_HIT : KPR_CNT_AFFINITY_NEW);
+	return backend_id;
+}
+
+/* Refresh the client's affinity on every use, as kube-proxy's `recent --set` does. */
+static __always_inline void affinity_end(const struct svc_value *svc, struct affinity_key *akey, __u32 backend_id,
+					 __u64 now)
+{
+	if (svc->flags & KPR_SVC_F_AFFINITY)
+		affinity_store(akey, backend_id, now);
+}
+
+/* A random slot of the master entry at *key; the key's slot field is reused for the lookup. */
+static __always_inline __u32 svc4_slot_backend(struct svc_key4 *key, __u16 slots)
+{
+	struct svc_value *slot;
+
+	key->slot = (bpf_get_prandom_u32() % slots) + 1;
+	slot = services4.lookup(key);
+	if (!slot) {
+		counter_inc(KPR_CNT_ERR_SLOT_MISSING);
+		return 0;
+	}
+	return slot->backend_id;
+}
+
+static __always_inline __u32 svc6_slot_backend(struct svc_key6 *key, __u16 slots)
+{
+	struct svc_value *slot;
+
+	key->slot = (bpf_get_prandom_u32() % slots) + 1;
+	slot = services6.lookup(key);
+	if (!slot) {
+		counter_inc(KPR_CNT_ERR_SLOT_MISSING);
+		return 0;
+	}
+	return slot->backend_id;
+}
+
+/* The master entry for in-cluster traffic: the internal scope when the frontend has two. */
+static __always_inline struct svc_value *svc4_lookup(struct svc_key4 *key)
+{
+	struct svc_value *svc = services4.lookup(key);
+
+	if (svc && (svc->flags & KPR_SVC_F_TWO_SCOPES)) {
+		struct svc_value *internal;
+
+		key->scope = KPR_SCOPE_INTERNAL;
+		internal = services4.lookup(key);
+		if (internal)
+			return internal;
+		counter_inc(KPR_CNT_ERR_SCOPE_MISSING);
+		key->scope = KPR_SCOPE_DEFAULT;
+	}
+	return svc;
+}
+
+static __always_inline struct svc_value *svc6_lookup(struct svc_key6 *key)
+{
+	struct svc_value *svc = services6.lookup(key);
+
+	if (svc && (svc->flags & KPR_SVC_F_TWO_SCOPES)) {
+		struct svc_value *internal;
+
+		key->scope = KPR_SCOPE_INTERNAL;
+		internal = services6.lookup(key);
+		if (internal)
+			return internal;
+		counter_inc(KPR_CNT_ERR_SCOPE_MISSING);
+		key->scope = KPR_SCOPE_DEFAULT;
+	}
+	return svc;
+}
+
+/* Remember {socket, backend} -> frontend so recvmsg/getpeername can show the frontend again. */
+static __always_inline void sock4_record_rev(void *ctx, const struct backend4 *backend, const struct dest4 *frontend,
+					     __u32 rev_nat_id)
+{
+	struct sock_rev_nat_key4 key = {};
+	struct sock_rev_nat4 value = {};
+
+	key.cookie = bpf_get_socket_cookie(ctx);
+	key.addr = backend->addr;
+	key.port = backend->port;
+	value.addr = frontend->addr;
+	value.port = frontend->port;
+	value.rev_nat_id = rev_nat_id;
+	if (sock_rev_nat4.update(&key, &value))
+		counter_inc(KPR_CNT_ERR_SOCK_REV_NAT);
+}
+
+static __always_inline void sock6_record_rev(void *ctx, const struct backend6 *backend, const struct dest6 *frontend,
+					     __u32 rev_nat_id)
+{
+	struct sock_rev_nat_key6 key = {};
+	struct sock_rev_nat6 value = {};
+
+	key.cookie = bpf_get_socket_cookie(ctx);
+	__builtin_memcpy(key.addr, backend->addr, sizeof(key.addr));
+	key.port = backend->port;
+	__builtin_memcpy(value.addr, frontend->addr, sizeof(value.addr));
+	value.port = frontend->port;
+	value.rev_nat_id = rev_nat_id;
+	if (sock_rev_nat6.update(&key, &value))
+		counter_inc(KPR_CNT_ERR_SOCK_REV_NAT);
+}
+
+/* Forward translation, IPv4: rewrite *dst from a frontend to a backend. */
+static __always_inline int sock4_xlate_fwd(void *ctx, struct dest4 *dst, __u8 proto)
+{
+	struct svc_key4 key = {};
+	struct affinity_key akey = {};
+	struct svc_value *svc;
+	struct backend4 *backend;
+	__u32 backend_id;
+	__u16 slots;
+	__u64 now = 0;
+
+	key.addr = dst->addr;
+	key.port = dst->port;
+	key.proto = proto;
+	svc = svc4_lookup(&key);
+	if (!svc)
+		return XLATE_PASS;
+	slots = svc->count;
+	if (!slots)
+		return empty_verdict(svc->flags);
+
+	backend_id = affinity_begin(ctx, svc, &akey, &now);
+	if (!backend_id)
+		backend_id = svc4_slot_backend(&key, slots);
+	if (!backend_id)
+		return XLATE_REJECT;
+	backend = backends4.lookup(&backend_id);
+	if (!backend) {
+		counter_inc(KPR_CNT_ERR_BACKEND_MISSING);
+		return XLATE_REJECT;
+	}
+	affinity_end(svc, &akey, backend_id, now);
+
+	sock4_record_rev(ctx, backend, dst, svc->rev_nat_id);
+	dst->addr = backend->addr;
+	dst->port = backend->port;
+	counter_inc(KPR_CNT_XLATE_FWD);
+	return XLATE_DONE;
+}
+
+static __always_inline int sock6_xlate_fwd(void *ctx, struct dest6 *dst, __u8 proto)
+{
+	struct svc_key6 key = {};
+	struct affinity_key akey = {};
+	struct svc_value *svc;
+	struct backend6 *backend;
+	__u32 backend_id;
+	__u16 slots;
+	__u64 now = 0;
+
+	__builtin_memcpy(key.addr, dst->addr, sizeof(key.addr));
+	key.port = dst->port;
+	key.proto = proto;
+	svc = svc6_lookup(&key);
+	if (!svc)
+		return XLATE_PASS;
+	slots = svc->count;
+	if (!slots)
+		return empty_verdict(svc->flags);
+
+	backend_id = affinity_begin(ctx, svc, &akey, &now);
+	if (!backend_id)
+		backend_id = svc6_slot_backend(&key, slots);
+	if (!backend_id)
+		return XLATE_REJECT;
+	backend = backends6.lookup(&backend_id);
+	if (!backend) {
+		counter_inc(KPR_CNT_ERR_BACKEND_MISSING);
+		return XLATE_REJECT;
+	}
+	affinity_end(svc, &akey, backend_id, now);
+
+	sock6_record_rev(ctx, backend, dst, svc->rev_nat_id);
+	__builtin_memcpy(dst->addr, backend->addr, sizeof(dst->addr));
+	dst->port = backend->port;
+	counter_inc(KPR_CNT_XLATE_FWD);
+	return XLATE_DONE;
+}
+
+/* Reverse translation: if this socket was sent to *src as a backend of a frontend, show the frontend. */
+static __always_inline bool sock4_xlate_rev(void *ctx, struct dest4 *src)
+{
+	struct sock_rev_nat_key4 key = {};
+	struct sock_rev_nat4 *seen;
+	struct rev_nat4 *frontend;
+
+	key.cookie = bpf_get_socket_cookie(ctx);
+	key.addr = src->addr;
+	key.port = src->port;
+	seen = sock_rev_nat4.lookup(&key);
+	if (!seen)
+		return false;
+	frontend = rev_nat4.lookup(&seen->rev_nat_id);
+	if (!frontend || frontend->addr != seen->addr || frontend->port != seen->port) {
+		/* The frontend is gone or now means something else: show the truth, not a stale address. */
+		sock_rev_nat4.delete(&key);
+		counter_inc(KPR_CNT_REV_NAT_STALE);
+		return false;
+	}
+	src->addr = seen->addr;
+	src->port = seen->port;
+	counter_inc(KPR_CNT_XLATE_REV);
+	return true;
+}
+
+static __always_inline bool sock6_xlate_rev(void *ctx, struct dest6 *src)
+{
+	struct sock_rev_nat_key6 key = {};
+	struct sock_rev_nat6 *seen;
+	struct rev_nat6 *frontend;
+
+	key.cookie = bpf_get_socket_cookie(ctx);
+	__builtin_memcpy(key.addr, src->addr, sizeof(key.addr));
+	key.port = src->port;
+	seen = sock_rev_nat6.lookup(&key);
+	if (!seen)
+		return false;
+	frontend = rev_nat6.lookup(&seen->rev_nat_id);
+	if (!frontend || frontend->addr[0] != seen->addr[0] || frontend->addr[1] != seen->addr[1] ||
+	    frontend->addr[2] != seen->addr[2] || frontend->addr[3] != seen->addr[3] || frontend->port != seen->port) {
+		sock_rev_nat6.delete(&key);
+		counter_inc(KPR_CNT_REV_NAT_STALE);
+		return false;
+	}
+	__builtin_memcpy(src->addr, seen->addr, sizeof(src->addr));
+	src->port = seen->port;
+	counter_inc(KPR_CNT_XLATE_REV);
+	return true;
+}
+
+/* Map a forward verdict to the hook's return value; a rejected connect or sendmsg fails with a clear errno. */
+static __always_inline int verdict(int xlate)
+{
+	if (xlate == XLATE_REJECT) {
+		bpf_set_retval(-ECONNREFUSED);
+		return 0;
+	}
+	if (xlate == XLATE_DROP) {
+		bpf_set_retval(-EHOSTUNREACH);
+		return 0;
+	}
+	return 1;
+}
+
+/* ::ffff:a.b.c.d, a dual-stack socket dialling an IPv4 frontend. */
+static __always_inline bool is_v4_mapped(const __u32 *addr)
+{
+	return addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0x0000ffff);
+}
+
+static __always_inline int sock4_fwd(struct bpf_sock_addr *ctx)
+{
+	struct dest4 dst = { .addr = ctx->user_ip4, .port = (__be16)ctx->user_port };
+	int xlate = sock4_xlate_fwd(ctx, &dst, ctx->protocol);
+
+	if (xlate == XLATE_DONE) {
+		/* Rewrite the destination to the chosen backend before the SYN (or datagram) exists. */
+		ctx->user_ip4 = dst.addr;
+		ctx->user_port = dst.port;
+	}
+	return verdict(xlate);
+}
+
+static __always_inline int sock6_fwd(struct bpf_sock_addr *ctx)
+{
+	__u32 addr[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3] };
+	int xlate;
+
+	if (is_v4_mapped(addr)) {
+		struct dest4 dst4 = { .addr = addr[3], .port = (__be16)ctx->user_port };
+
+		xlate = sock4_xlate_fwd(ctx, &dst4, ctx->protocol);
+		if (xlate == XLATE_DONE) {
+			ctx->user_ip6[3] = dst4.addr;
+			ctx->user_port = dst4.port;
+		}
+		return verdict(xlate);
+	}
+
+	struct dest6 dst = { .port = (__be16)ctx->user_port };
+
+	__builtin_memcpy(dst.addr, addr, sizeof(dst.addr));
+	xlate = sock6_xlate_fwd(ctx, &dst, ctx->protocol);
+	if (xlate == XLATE_DONE) {
+		ctx->user_ip6[0] = dst.addr[0];
+		ctx->user_ip6[1] = dst.addr[1];
+		ctx->user_ip6[2] = dst.addr[2];
+		ctx->user_ip6[3] = dst.addr[3];
+		ctx->user_port = dst.port;
+	}
+	return verdict(xlate);
+}
+
+static __always_inline void sock4_rev(struct bpf_sock_addr *ctx)
+{
+	struct dest4 src = { .addr = ctx->user_ip4, .port = (__be16)ctx->user_port };
+
+	if (sock4_xlate_rev(ctx, &src)) {
+		ctx->user_ip4 = src.addr;
+		ctx->user_port = src.port;
+	}
+}
+
+static __always_inline void sock6_rev(struct bpf_sock_addr *ctx)
+{
+	__u32 addr[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3] };
+
+	if (is_v4_mapped(addr)) {
+		struct dest4 src4 = { .addr = addr[3], .port = (__be16)ctx->user_port };
+
+		if (sock4_xlate_rev(ctx, &src4)) {
+			ctx->user_ip6[3] = src4.addr;
+			ctx->user_port = src4.port;
+		}
+		return;
+	}
+
+	struct dest6 src = { .port = (__be16)ctx->user_port };
+
+	__builtin_memcpy(src.addr, addr, sizeof(src.addr));
+	if (sock6_xlate_rev(ctx, &src)) {
+		ctx->user_ip6[0] = src.addr[0];
+		ctx->user_ip6[1] = src.addr[1];
+		ctx->user_ip6[2] = src.addr[2];
+		ctx->user_ip6[3] = src.addr[3];
+		ctx->user_port = src.port;
+	}
+}
+
+/* The hooks. Names start with kpr_ so `kpr cleanup` and `kpr status` recognise them (15 characters at most). */
+
+int kpr_connect4(struct bpf_sock_addr *ctx)
+{
+	return sock4_fwd(ctx);
+}
+
+int kpr_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return sock4_fwd(ctx);
+}
+
+int kpr_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	sock4_rev(ctx);
+	return 1;
+}
+
+int kpr_peername4(struct bpf_sock_addr *ctx)
+{
+	sock4_rev(ctx);
+	return 1;
+}
+
+int kpr_connect6(struct bpf_sock_addr *ctx)
+{
+	return sock6_fwd(ctx);
+}
+
+int kpr_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return sock6_fwd(ctx);
+}
+
+int kpr_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	sock6_rev(ctx);
+	return 1;
+}
+
+int kpr_peername6(struct bpf_sock_addr *ctx)
+{
+	sock6_rev(ctx);
+	return 1;
+}

@@ -1,0 +1,241 @@
+"""ctypes mirror of bpf/kpr.h, the only one in Python.
+
+tests/datapath/test_abi.py compiles the header with BCC and checks every size and field offset here against it, and
+parses the header's #defines against the constants below. Multi-byte address and port fields hold network byte order;
+the helpers at the bottom convert at this edge and nowhere else.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+HEADER = BPF_DIR / "kpr.h"
+
+SCOPE_DEFAULT = 0
+SCOPE_INTERNAL = 1
+
+SVC_F_AFFINITY = 0x01
+SVC_F_TWO_SCOPES = 0x02
+SVC_F_EMPTY_DROP = 0x04
+
+BACKEND_ACTIVE = 0
+BACKEND_TERMINATING = 1
+BACKEND_F_NODE_LOCAL = 0x01
+
+AFFINITY_NETNS = 1
+AFFINITY_ADDR = 2
+
+# Counter indexes, in the header's order; the names are what `kpr status` prints.
+COUNTERS = {
+    "xlate_fwd": 0,
+    "xlate_rev": 1,
+    "reject_no_backend": 2,
+    "drop_no_local_backend": 3,
+    "err_slot_missing": 4,
+    "err_backend_missing": 5,
+    "err_sock_rev_nat": 6,
+    "rev_nat_stale": 7,
+    "affinity_hit": 8,
+    "affinity_new": 9,
+    "err_scope_missing": 10,
+}
+CNT_MAX = 32
+
+# svc_name.kind
+KIND_CODES = {"ClusterIP": 1, "NodePort": 2, "ExternalIP": 3, "LoadBalancer": 4}
+KIND_NAMES = {code: name for name, code in KIND_CODES.items()}
+
+Be32x4 = ctypes.c_uint32 * 4
+
+
+class SvcKey4(ctypes.Structure):
+    _fields_ = [
+        ("addr", ctypes.c_uint32),
+        ("port", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("scope", ctypes.c_uint8),
+        ("slot", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+class SvcKey6(ctypes.Structure):
+    _fields_ = [
+        ("addr", Be32x4),
+        ("port", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("scope", ctypes.c_uint8),
+        ("slot", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+class SvcValue(ctypes.Structure):
+    _fields_ = [
+        ("backend_id", ctypes.c_uint32),
+        ("rev_nat_id", ctypes.c_uint32),
+        ("affinity_timeout", ctypes.c_uint32),
+        ("count", ctypes.c_uint16),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+    ]
+
+
+class Backend4(ctypes.Structure):
+    _fields_ = [
+        ("addr", ctypes.c_uint32),
+        ("port", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("state", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
+class Backend6(ctypes.Structure):
+    _fields_ = [
+        ("addr", Be32x4),
+        ("port", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("state", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
+class RevNat4(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_uint32), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+
+
+class RevNat6(ctypes.Structure):
+    _fields_ = [("addr", Be32x4), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+
+
+class SockRevNatKey4(ctypes.Structure):
+    _fields_ = [
+        ("cookie", ctypes.c_uint64),
+        ("addr", ctypes.c_uint32),
+        ("port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+class SockRevNat4(ctypes.Structure):
+    _fields_ = [
+        ("addr", ctypes.c_uint32),
+        ("port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+        ("rev_nat_id", ctypes.c_uint32),
+    ]
+
+
+class SockRevNatKey6(ctypes.Structure):
+    _fields_ = [
+        ("cookie", ctypes.c_uint64),
+        ("addr", Be32x4),
+        ("port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16 * 3),
+    ]
+
+
+class SockRevNat6(ctypes.Structure):
+    _fields_ = [
+        ("addr", Be32x4),
+        ("port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+        ("rev_nat_id", ctypes.c_uint32),
+    ]
+
+
+class AffinityKey(ctypes.Structure):
+    _fields_ = [
+        ("client", Be32x4),
+        ("rev_nat_id", ctypes.c_uint32),
+        ("kind", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
+class AffinityValue(ctypes.Structure):
+    _fields_ = [("last_used_ns", ctypes.c_uint64), ("backend_id", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class AffinityMatchKey(ctypes.Structure):
+    _fields_ = [("backend_id", ctypes.c_uint32), ("rev_nat_id", ctypes.c_uint32)]
+
+
+class SvcName(ctypes.Structure):
+    _fields_ = [
+        ("kind", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+        ("ns", ctypes.c_char * 64),
+        ("name", ctypes.c_char * 64),
+        ("port_name", ctypes.c_char * 16),
+    ]
+
+
+U32 = ctypes.c_uint32
+U8 = ctypes.c_uint8
+U64 = ctypes.c_uint64
+
+
+@dataclass(frozen=True, slots=True)
+class MapSpec:
+    name: str
+    key: type[ctypes._SimpleCData] | type[ctypes.Structure]
+    value: type[ctypes._SimpleCData] | type[ctypes.Structure]
+    percpu: bool = False
+
+
+# Every map in kpr.h, by its pinned name; the key and value types are what the header declares.
+MAPS: dict[str, MapSpec] = {
+    spec.name: spec
+    for spec in (
+        MapSpec("services4", SvcKey4, SvcValue),
+        MapSpec("services6", SvcKey6, SvcValue),
+        MapSpec("backends4", U32, Backend4),
+        MapSpec("backends6", U32, Backend6),
+        MapSpec("rev_nat4", U32, RevNat4),
+        MapSpec("rev_nat6", U32, RevNat6),
+        MapSpec("svc_names", U32, SvcName),
+        MapSpec("sock_rev_nat4", SockRevNatKey4, SockRevNat4),
+        MapSpec("sock_rev_nat6", SockRevNatKey6, SockRevNat6),
+        MapSpec("affinity", AffinityKey, AffinityValue),
+        MapSpec("affinity_match", AffinityMatchKey, U8),
+        MapSpec("counters", U32, U64, percpu=True),
+    )
+}
+
+
+# ---- conversions at the edge: text addresses and host-order ports <-> network-order fields ----
+
+
+def be32_of_ipv4(addr: str) -> int:
+    """The u32 whose in-memory bytes are the address in network order (what the kernel compares)."""
+    return int.from_bytes(socket.inet_aton(addr), "little")
+
+
+def ipv4_of_be32(value: int) -> str:
+    return socket.inet_ntoa(value.to_bytes(4, "little"))
+
+
+def be32x4_of_ipv6(addr: str) -> Be32x4:
+    packed = ipaddress.IPv6Address(addr).packed
+    return Be32x4(*(int.from_bytes(packed[i : i + 4], "little") for i in range(0, 16, 4)))
+
+
+def ipv6_of_be32x4(words: Be32x4) -> str:
+    return str(ipaddress.IPv6Address(b"".join(int(w).to_bytes(4, "little") for w in words)))
+
+
+def be16_of_port(port: int) -> int:
+    return socket.htons(port)
+
+
+def port_of_be16(value: int) -> int:
+    return socket.ntohs(value)

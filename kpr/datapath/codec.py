@@ -1,0 +1,143 @@
+"""Encode model values into the map structs of abi.py and decode them back (for restore and the CLI)."""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+from kpr.datapath import abi
+from kpr.model.types import PROTOCOL_NAMES, PROTOCOL_NUMBERS
+
+# A frontend or backend address as the maps know it: (addr text, host-order port, protocol name).
+Address = tuple[str, int, str]
+
+
+def family_of(addr: str) -> int:
+    return 6 if ":" in addr else 4
+
+
+def svc_key(addr: str, port: int, protocol: str, scope: int, slot: int) -> abi.SvcKey4 | abi.SvcKey6:
+    proto = PROTOCOL_NUMBERS[protocol]
+    if family_of(addr) == 4:
+        return abi.SvcKey4(
+            addr=abi.be32_of_ipv4(addr), port=abi.be16_of_port(port), proto=proto, scope=scope, slot=slot
+        )
+    return abi.SvcKey6(
+        addr=abi.be32x4_of_ipv6(addr), port=abi.be16_of_port(port), proto=proto, scope=scope, slot=slot
+    )
+
+
+def svc_master(count: int, rev_nat_id: int, flags: int, affinity_timeout: int) -> abi.SvcValue:
+    return abi.SvcValue(count=count, rev_nat_id=rev_nat_id, flags=flags, affinity_timeout=affinity_timeout)
+
+
+def svc_slot(backend_id: int) -> abi.SvcValue:
+    return abi.SvcValue(backend_id=backend_id)
+
+
+def backend_value(addr: str, port: int, protocol: str, *, terminating: bool, node_local: bool) -> ctypes.Structure:
+    state = abi.BACKEND_TERMINATING if terminating else abi.BACKEND_ACTIVE
+    flags = abi.BACKEND_F_NODE_LOCAL if node_local else 0
+    proto = PROTOCOL_NUMBERS[protocol]
+    if family_of(addr) == 4:
+        return abi.Backend4(
+            addr=abi.be32_of_ipv4(addr), port=abi.be16_of_port(port), proto=proto, state=state, flags=flags
+        )
+    return abi.Backend6(
+        addr=abi.be32x4_of_ipv6(addr), port=abi.be16_of_port(port), proto=proto, state=state, flags=flags
+    )
+
+
+def rev_nat_value(addr: str, port: int) -> abi.RevNat4 | abi.RevNat6:
+    if family_of(addr) == 4:
+        return abi.RevNat4(addr=abi.be32_of_ipv4(addr), port=abi.be16_of_port(port))
+    return abi.RevNat6(addr=abi.be32x4_of_ipv6(addr), port=abi.be16_of_port(port))
+
+
+def svc_name_value(kind: str, namespace: str, name: str, port_name: str) -> abi.SvcName:
+    return abi.SvcName(
+        kind=abi.KIND_CODES[kind],
+        ns=namespace.encode()[:63],
+        name=name.encode()[:63],
+        port_name=port_name.encode()[:15],
+    )
+
+
+def maps_for(addr: str) -> tuple[str, str, str]:
+    """The (services, backends, rev_nat) map names for an address's family."""
+    return ("services4", "backends4", "rev_nat4") if family_of(addr) == 4 else ("services6", "backends6", "rev_nat6")
+
+
+def u32(value: int) -> ctypes.c_uint32:
+    return ctypes.c_uint32(value)
+
+
+# ---- decoding ----
+
+
+def addr_of(field: int | abi.Be32x4) -> str:
+    return abi.ipv4_of_be32(field) if isinstance(field, int) else abi.ipv6_of_be32x4(field)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedSvcKey:
+    addr: str
+    port: int
+    protocol: str
+    scope: int
+    slot: int
+
+    @property
+    def address(self) -> Address:
+        return (self.addr, self.port, self.protocol)
+
+
+def decode_svc_key(key: abi.SvcKey4 | abi.SvcKey6) -> DecodedSvcKey:
+    return DecodedSvcKey(
+        addr_of(key.addr),
+        abi.port_of_be16(key.port),
+        PROTOCOL_NAMES.get(key.proto, str(key.proto)),
+        key.scope,
+        key.slot,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedBackend:
+    addr: str
+    port: int
+    protocol: str
+    terminating: bool
+    node_local: bool
+
+    @property
+    def address(self) -> Address:
+        return (self.addr, self.port, self.protocol)
+
+
+def decode_backend(value: abi.Backend4 | abi.Backend6) -> DecodedBackend:
+    return DecodedBackend(
+        addr_of(value.addr),
+        abi.port_of_be16(value.port),
+        PROTOCOL_NAMES.get(value.proto, str(value.proto)),
+        value.state == abi.BACKEND_TERMINATING,
+        bool(value.flags & abi.BACKEND_F_NODE_LOCAL),
+    )
+
+
+def decode_rev_nat(value: abi.RevNat4 | abi.RevNat6) -> tuple[str, int]:
+    return addr_of(value.addr), abi.port_of_be16(value.port)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedSvcName:
+    kind: str
+    namespace: str
+    name: str
+    port_name: str
+
+
+def decode_svc_name(value: abi.SvcName) -> DecodedSvcName:
+    return DecodedSvcName(
+        abi.KIND_NAMES.get(value.kind, "?"), value.ns.decode(), value.name.decode(), value.port_name.decode()
+    )

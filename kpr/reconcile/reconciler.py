@@ -1,0 +1,531 @@
+"""The reconciler: desired frontends per service -> the smallest ordered list of map operations.
+
+Make before break. A change is planned as one unit per service:
+  1. new frontends' rev_nat and svc_names entries, new or changed backends,
+  2. affinity_match entries, backend slots, then master entries (internal scope before the default scope, whose
+     TWO_SCOPES flag points at it) -- a master's count only grows once every slot it covers exists,
+  3. then, with the masters already shrunk: surplus slots, the internal scope when no longer needed, affinity_match
+     entries, removed frontends (master first), and finally backends nobody references.
+If any operation fails, the ones already applied are undone in reverse order, the in-memory state is left as it was
+and the error is raised: a service is never left half-programmed. In-memory state is committed only on success.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from kpr.datapath import abi, codec
+from kpr.datapath.writers import MapWriteError, MapWriter
+from kpr.model.types import Backend, Frontend, ServiceKey
+from kpr.reconcile.ids import IdAllocator
+from kpr.reconcile.slots import assign_slots
+
+Address = tuple[str, int, str]  # (addr, port, protocol)
+
+
+@dataclass(frozen=True, slots=True)
+class MapOp:
+    map: str
+    key: ctypes._CData
+    value: ctypes._CData | None  # None: delete
+    prev: ctypes._CData | None  # what the entry held before (None: absent), to undo
+
+    def inverse(self) -> MapOp:
+        return MapOp(self.map, self.key, self.prev, self.value)
+
+
+@dataclass(slots=True)
+class ScopeState:
+    slots: list[int]  # backend ids; slot n is slots[n - 1]
+    flags: int
+    affinity_timeout: int
+
+
+@dataclass(slots=True)
+class AppliedFrontend:
+    address: Address
+    service: ServiceKey | None  # None: restored without a name (an orphan until pruned)
+    port_name: str
+    kind: str
+    rev_nat_id: int
+    scopes: dict[int, ScopeState]
+
+    def affinity_backends(self) -> set[int]:
+        if not self.scopes[abi.SCOPE_DEFAULT].flags & abi.SVC_F_AFFINITY:
+            return set()
+        return {b for scope in self.scopes.values() for b in scope.slots}
+
+
+@dataclass(slots=True)
+class BackendEntry:
+    id: int
+    terminating: bool
+    node_local: bool
+    refs: int = 0  # (frontend, scope) pairs whose slots hold it
+
+
+class ServiceSyncError(Exception):
+    def __init__(self, service: ServiceKey, cause: MapWriteError) -> None:
+        self.service = service
+        self.cause = cause
+        super().__init__(f"{service}: {cause}; the service keeps its previous programming")
+
+
+@dataclass(slots=True)
+class SyncResult:
+    ops: int = 0
+    conflicts: list[str] = field(default_factory=list)
+
+
+class Reconciler:
+    def __init__(self, writer: MapWriter) -> None:
+        self.writer = writer
+        self.frontends: dict[Address, AppliedFrontend] = {}
+        self.by_service: dict[ServiceKey, set[Address]] = {}
+        self.backends: dict[Address, BackendEntry] = {}
+        self._backend_by_id: dict[int, Address] = {}
+        self.backend_ids = IdAllocator(writer.capacity("backends4") + writer.capacity("backends6"), "backend ids")
+        self.rev_nat_ids = IdAllocator(writer.capacity("rev_nat4") + writer.capacity("rev_nat6"), "rev_nat ids")
+        self.ops_applied = 0
+
+    def _backend_identity(self, backend_id: int) -> Address | None:
+        return self._backend_by_id.get(backend_id)
+
+    # ---- planning and applying one service ----
+
+    def sync_service(self, service: ServiceKey, frontends: Sequence[Frontend]) -> SyncResult:
+        """Make the maps hold exactly `frontends` for `service` (an empty list removes it)."""
+        plan = _Plan(self)
+        result = SyncResult()
+        desired: dict[Address, Frontend] = {}
+        for f in frontends:
+            owner = self.frontends.get(f.address)
+            if owner is not None and owner.service not in (service, None):
+                result.conflicts.append(
+                    f"{f.addr}:{f.port}/{f.protocol} is already served for {owner.service}; not programmed"
+                )
+                continue
+            desired[f.address] = f
+        try:
+            for f in desired.values():
+                plan.upsert(service, f)
+            for address in sorted(self.by_service.get(service, set()) - desired.keys()):
+                plan.remove(address)
+        except MapWriteError as e:  # ids exhausted while planning
+            plan.abort()
+            raise ServiceSyncError(service, e) from e
+        result.ops = self._apply(service, plan)
+        return result
+
+    def remove_service(self, service: ServiceKey) -> SyncResult:
+        return self.sync_service(service, [])
+
+    def _apply(self, service: ServiceKey, plan: _Plan) -> int:
+        ops = plan.ops()
+        done: list[MapOp] = []
+        try:
+            for op in ops:
+                self._write(op)
+                done.append(op)
+        except MapWriteError as e:
+            for op in reversed(done):
+                try:
+                    self._write(op.inverse())
+                except MapWriteError:  # pragma: no cover - the undo of a write that just worked
+                    pass
+            plan.abort()
+            raise ServiceSyncError(service, e) from e
+        plan.commit(service)
+        self.ops_applied += len(ops)
+        return len(ops)
+
+    def _write(self, op: MapOp) -> None:
+        if op.value is None:
+            self.writer.delete(op.map, op.key)
+        else:
+            self.writer.update(op.map, op.key, op.value)
+
+    # ---- restart: rebuild the view from the pinned maps ----
+
+    def restore(self) -> RestoreReport:
+        """Adopt what a previous agent left in the maps, so the first sync only writes differences."""
+        report = RestoreReport()
+        names = {int(k.value): codec.decode_svc_name(v) for k, v in self.writer.items("svc_names")}
+        for fam in ("4", "6"):
+            for k, v in self.writer.items(f"backends{fam}"):
+                b = codec.decode_backend(v)
+                self.backends[b.address] = BackendEntry(int(k.value), b.terminating, b.node_local)
+                self._backend_by_id[int(k.value)] = b.address
+                self.backend_ids.reserve(int(k.value))
+            masters: dict[Address, dict[int, abi.SvcValue]] = {}
+            slots: dict[tuple[Address, int], dict[int, int]] = {}
+            for k, v in self.writer.items(f"services{fam}"):
+                d = codec.decode_svc_key(k)
+                if d.slot == 0:
+                    masters.setdefault(d.address, {})[d.scope] = v
+                else:
+                    slots.setdefault((d.address, d.scope), {})[d.slot] = v.backend_id
+            for address, by_scope in masters.items():
+                default = by_scope.get(abi.SCOPE_DEFAULT)
+                if default is None:
+                    continue  # an internal scope without its default entry: garbage for repair()
+                name = names.get(default.rev_nat_id)
+                scopes = {
+                    scope: ScopeState(
+                        [slots.get((address, scope), {}).get(i, 0) for i in range(1, m.count + 1)],
+                        m.flags,
+                        m.affinity_timeout,
+                    )
+                    for scope, m in by_scope.items()
+                }
+                owner = ServiceKey(name.namespace, name.name) if name else None
+                fe = AppliedFrontend(
+                    address, owner, name.port_name if name else "", name.kind if name else "?",
+                    default.rev_nat_id, scopes,
+                )
+                self.frontends[address] = fe
+                self.rev_nat_ids.reserve(default.rev_nat_id)
+                if owner is not None:
+                    self.by_service.setdefault(owner, set()).add(address)
+                else:
+                    report.orphans += 1
+        by_id = {e.id: e for e in self.backends.values()}
+        for fe in self.frontends.values():
+            for scope in fe.scopes.values():
+                for backend_id in set(scope.slots):
+                    if backend_id in by_id:
+                        by_id[backend_id].refs += 1
+        report.frontends = len(self.frontends)
+        report.backends = len(self.backends)
+        report.services = len(self.by_service)
+        return report
+
+    def services(self) -> set[ServiceKey]:
+        return set(self.by_service)
+
+    def prune(self, live: Iterable[ServiceKey]) -> int:
+        """After the first full sync: remove services that no longer exist, orphans and unexplained entries."""
+        live_set = set(live)
+        ops = 0
+        for service in sorted(self.by_service.keys() - live_set):
+            ops += self.remove_service(service).ops
+        for address in [a for a, fe in self.frontends.items() if fe.service is None]:
+            plan = _Plan(self)
+            plan.remove(address)
+            ops += self._apply(ServiceKey("", "(orphan)"), plan)
+        return ops + self.repair(delete_only=True)
+
+    # ---- drift: compare the maps with what the state says they hold ----
+
+    def expected_entries(self) -> dict[str, dict[bytes, bytes]]:
+        want: dict[str, dict[bytes, bytes]] = {name: {} for name in _STATE_MAPS}
+        for identity, b in self.backends.items():
+            _, backends_map, _ = codec.maps_for(identity[0])
+            value = codec.backend_value(*identity, terminating=b.terminating, node_local=b.node_local)
+            want[backends_map][bytes(codec.u32(b.id))] = bytes(value)
+        for fe in self.frontends.values():
+            for op in _Plan.frontend_entries(fe):
+                assert op.value is not None
+                want[op.map][bytes(op.key)] = bytes(op.value)
+        return want
+
+    def drift(self) -> dict[str, tuple[int, int, int]]:
+        """Per map: (missing, different, unexpected) entry counts; all zero means the maps match the state."""
+        out = {}
+        for name, want in self.expected_entries().items():
+            have = {bytes(k): bytes(v) for k, v in self.writer.items(name)}
+            missing = sum(1 for k in want if k not in have)
+            different = sum(1 for k, v in want.items() if k in have and have[k] != v)
+            unexpected = sum(1 for k in have if k not in want)
+            out[name] = (missing, different, unexpected)
+        return out
+
+    def repair(self, *, delete_only: bool = False) -> int:
+        """Write what the state says is missing or different, then delete what it does not explain."""
+        ops = 0
+        expected = self.expected_entries()
+        if not delete_only:
+            for name in _MAKE_ORDER:
+                have = {bytes(k): bytes(v) for k, v in self.writer.items(name)}
+                spec = abi.MAPS[name]
+                for raw_key, raw_value in expected[name].items():
+                    if have.get(raw_key) != raw_value:
+                        self.writer.update(
+                            name, spec.key.from_buffer_copy(raw_key), spec.value.from_buffer_copy(raw_value)
+                        )
+                        ops += 1
+        for name in reversed(_MAKE_ORDER):
+            for key, _ in self.writer.items(name):
+                if bytes(key) not in expected[name]:
+                    self.writer.delete(name, key)
+                    ops += 1
+        self.ops_applied += ops
+        return ops
+
+
+# The maps whose whole content the reconciler owns, in make-before-break order (deletions run in reverse).
+_MAKE_ORDER = [
+    "backends4", "backends6", "rev_nat4", "rev_nat6", "svc_names", "affinity_match", "services4", "services6",
+]
+_STATE_MAPS = _MAKE_ORDER
+
+
+@dataclass(slots=True)
+class RestoreReport:
+    frontends: int = 0
+    backends: int = 0
+    services: int = 0
+    orphans: int = 0
+
+
+def _scope_plan(f: Frontend) -> dict[int, tuple[tuple[Backend, ...], int]]:
+    """The backend set and flags each scope of `f` should have."""
+    affinity = abi.SVC_F_AFFINITY if f.affinity_timeout else 0
+    default_flags = affinity
+    if f.internal_backends is not None:
+        default_flags |= abi.SVC_F_TWO_SCOPES
+    if f.empty_drop and not f.backends:
+        default_flags |= abi.SVC_F_EMPTY_DROP
+    scopes = {abi.SCOPE_DEFAULT: (f.backends, default_flags)}
+    if f.internal_backends is not None:
+        scopes[abi.SCOPE_INTERNAL] = (f.internal_backends, affinity)
+    return scopes
+
+
+class _Plan:
+    """The staged operations and state changes for one service; nothing touches the reconciler until commit()."""
+
+    def __init__(self, rec: Reconciler) -> None:
+        self.rec = rec
+        self.make_frontend: list[MapOp] = []  # rev_nat, svc_names of new frontends
+        self.make_backend: list[MapOp] = []
+        self.make_slots: list[MapOp] = []  # affinity_match, slots, masters (already ordered per frontend)
+        self.break_slots: list[MapOp] = []
+        self.break_frontend: list[MapOp] = []
+        self.new_frontends: dict[Address, AppliedFrontend] = {}
+        self.removed: list[Address] = []
+        self.new_backends: dict[Address, BackendEntry] = {}  # created or attribute-changed, staged copies
+        self.new_backend_ids: dict[int, Address] = {}
+        self.ref_delta: dict[Address, int] = {}
+        self.new_rev_nat_ids: list[int] = []
+
+    def ops(self) -> list[MapOp]:
+        return (
+            self.make_frontend
+            + self.make_backend
+            + self.make_slots
+            + self.break_slots
+            + self.break_frontend
+            + self._backend_deletes()
+        )
+
+    # -- backends --
+
+    def _backend_id(self, b: Backend) -> int:
+        """The id for `b`, creating or updating its entry when needed."""
+        staged = self.new_backends.get(b.identity)
+        if staged is not None:
+            return staged.id
+        current = self.rec.backends.get(b.identity)
+        if current is not None and (current.terminating, current.node_local) == (b.terminating, b.node_local):
+            return current.id
+        _, backends_map, _ = codec.maps_for(b.addr)
+        value = codec.backend_value(*b.identity, terminating=b.terminating, node_local=b.node_local)
+        if current is None:
+            entry = BackendEntry(self.rec.backend_ids.allocate(), b.terminating, b.node_local)
+            prev = None
+        else:
+            entry = BackendEntry(current.id, b.terminating, b.node_local, current.refs)
+            prev = codec.backend_value(
+                *b.identity, terminating=current.terminating, node_local=current.node_local
+            )
+        self.new_backends[b.identity] = entry
+        self.new_backend_ids[entry.id] = b.identity
+        self.make_backend.append(MapOp(backends_map, codec.u32(entry.id), value, prev))
+        return entry.id
+
+    def _identity_of(self, backend_id: int) -> Address | None:
+        return self.new_backend_ids.get(backend_id) or self.rec._backend_identity(backend_id)
+
+    def _backend_deletes(self) -> list[MapOp]:
+        ops = []
+        for identity, delta in sorted(self.ref_delta.items()):
+            if delta >= 0:
+                continue
+            current = self.rec.backends.get(identity)
+            staged = self.new_backends.get(identity)
+            entry = staged or current
+            if entry is None or entry.refs + delta > 0:
+                continue
+            _, backends_map, _ = codec.maps_for(identity[0])
+            prev = codec.backend_value(*identity, terminating=entry.terminating, node_local=entry.node_local)
+            ops.append(MapOp(backends_map, codec.u32(entry.id), None, prev))
+        return ops
+
+    # -- frontends --
+
+    def upsert(self, service: ServiceKey, f: Frontend) -> None:
+        services_map, _, rev_nat_map = codec.maps_for(f.addr)
+        old = self.rec.frontends.get(f.address)
+        if old is None:
+            rev_nat_id = self.rec.rev_nat_ids.allocate()
+            self.new_rev_nat_ids.append(rev_nat_id)
+            self.make_frontend.append(
+                MapOp(rev_nat_map, codec.u32(rev_nat_id), codec.rev_nat_value(f.addr, f.port), None)
+            )
+            old_scopes: dict[int, ScopeState] = {}
+        else:
+            rev_nat_id = old.rev_nat_id
+            old_scopes = old.scopes
+        name = codec.svc_name_value(f.kind, service.namespace, service.name, f.port_name)
+        if old is None or (old.service, old.port_name, old.kind) != (service, f.port_name, str(f.kind)):
+            prev_name = (
+                None if old is None or old.service is None
+                else codec.svc_name_value(old.kind, old.service.namespace, old.service.name, old.port_name)
+            )
+            self.make_frontend.append(MapOp("svc_names", codec.u32(rev_nat_id), name, prev_name))
+
+        new_scopes: dict[int, ScopeState] = {}
+        for scope, (backends, flags) in _scope_plan(f).items():
+            ids = [self._backend_id(b) for b in backends]
+            old_slots = old_scopes[scope].slots if scope in old_scopes else []
+            new_scopes[scope] = ScopeState(assign_slots(old_slots, ids), flags, f.affinity_timeout)
+
+        fe = AppliedFrontend(f.address, service, f.port_name, str(f.kind), rev_nat_id, new_scopes)
+        self._diff_frontend(services_map, old, fe)
+        self.new_frontends[f.address] = fe
+
+    def remove(self, address: Address) -> None:
+        old = self.rec.frontends[address]
+        services_map, _, rev_nat_map = codec.maps_for(address[0])
+        self._diff_frontend(services_map, old, None)
+        self.break_frontend.append(
+            MapOp(rev_nat_map, codec.u32(old.rev_nat_id), None, codec.rev_nat_value(address[0], address[1]))
+        )
+        prev_name = (
+            codec.svc_name_value(old.kind, old.service.namespace, old.service.name, old.port_name)
+            if old.service is not None
+            else None
+        )
+        self.break_frontend.append(MapOp("svc_names", codec.u32(old.rev_nat_id), None, prev_name))
+        self.removed.append(address)
+
+    def _diff_frontend(self, services_map: str, old: AppliedFrontend | None, new: AppliedFrontend | None) -> None:
+        """Slot, master and affinity_match operations taking one frontend from `old` to `new`."""
+        addr, port, protocol = (new or old).address  # type: ignore[union-attr]
+        rev_nat_id = (new or old).rev_nat_id  # type: ignore[union-attr]
+        old_scopes = old.scopes if old else {}
+        new_scopes = new.scopes if new else {}
+
+        def key(scope: int, slot: int) -> ctypes._CData:
+            return codec.svc_key(addr, port, protocol, scope, slot)
+
+        def master(s: ScopeState) -> abi.SvcValue:
+            return codec.svc_master(len(s.slots), rev_nat_id, s.flags, s.affinity_timeout)
+
+        old_match = old.affinity_backends() if old else set()
+        new_match = new.affinity_backends() if new else set()
+        for backend_id in sorted(new_match - old_match):
+            k = abi.AffinityMatchKey(backend_id=backend_id, rev_nat_id=rev_nat_id)
+            self.make_slots.append(MapOp("affinity_match", k, abi.U8(1), None))
+
+        # Internal scope first: the default scope's TWO_SCOPES flag must never point at a missing entry.
+        make_order = sorted(new_scopes, reverse=True)
+        for scope in make_order:
+            s = new_scopes[scope]
+            was = old_scopes.get(scope)
+            old_slots = was.slots if was else []
+            for i, backend_id in enumerate(s.slots):
+                if i >= len(old_slots) or old_slots[i] != backend_id:
+                    prev = codec.svc_slot(old_slots[i]) if i < len(old_slots) else None
+                    self.make_slots.append(MapOp(services_map, key(scope, i + 1), codec.svc_slot(backend_id), prev))
+            if was is None or (len(was.slots), was.flags, was.affinity_timeout) != (
+                len(s.slots), s.flags, s.affinity_timeout
+            ):
+                prev = master(was) if was else None
+                self.make_slots.append(MapOp(services_map, key(scope, 0), master(s), prev))
+
+        # Break: the default scope (and its TWO_SCOPES flag) changed above, so surplus can go now.
+        for scope in sorted(old_scopes):
+            was = old_scopes[scope]
+            s = new_scopes.get(scope)
+            keep = len(s.slots) if s else 0
+            if s is None:
+                self.break_slots.append(MapOp(services_map, key(scope, 0), None, master(was)))
+            for i in range(keep, len(was.slots)):
+                self.break_slots.append(MapOp(services_map, key(scope, i + 1), None, codec.svc_slot(was.slots[i])))
+        for backend_id in sorted(old_match - new_match):
+            k = abi.AffinityMatchKey(backend_id=backend_id, rev_nat_id=rev_nat_id)
+            self.break_slots.append(MapOp("affinity_match", k, None, abi.U8(1)))
+
+        # Reference counts: one per (frontend, scope) that holds a backend.
+        for s in old_scopes.values():
+            for backend_id in set(s.slots):
+                identity = self._identity_of(backend_id)
+                if identity is not None:
+                    self.ref_delta[identity] = self.ref_delta.get(identity, 0) - 1
+        for s in new_scopes.values():
+            for backend_id in set(s.slots):
+                identity = self._identity_of(backend_id)
+                if identity is not None:
+                    self.ref_delta[identity] = self.ref_delta.get(identity, 0) + 1
+
+    @staticmethod
+    def frontend_entries(fe: AppliedFrontend) -> list[MapOp]:
+        """Every map entry an applied frontend implies (for drift checks), as update operations."""
+        addr, port, protocol = fe.address
+        services_map, _, rev_nat_map = codec.maps_for(addr)
+        out = [MapOp(rev_nat_map, codec.u32(fe.rev_nat_id), codec.rev_nat_value(addr, port), None)]
+        if fe.service is not None:
+            name = codec.svc_name_value(fe.kind, fe.service.namespace, fe.service.name, fe.port_name)
+            out.append(MapOp("svc_names", codec.u32(fe.rev_nat_id), name, None))
+        for scope, s in fe.scopes.items():
+            value = codec.svc_master(len(s.slots), fe.rev_nat_id, s.flags, s.affinity_timeout)
+            out.append(MapOp(services_map, codec.svc_key(addr, port, protocol, scope, 0), value, None))
+            for i, backend_id in enumerate(s.slots):
+                key = codec.svc_key(addr, port, protocol, scope, i + 1)
+                out.append(MapOp(services_map, key, codec.svc_slot(backend_id), None))
+        for backend_id in sorted(fe.affinity_backends()):
+            k = abi.AffinityMatchKey(backend_id=backend_id, rev_nat_id=fe.rev_nat_id)
+            out.append(MapOp("affinity_match", k, abi.U8(1), None))
+        return out
+
+    # -- outcome --
+
+    def commit(self, service: ServiceKey) -> None:
+        rec = self.rec
+        for identity, entry in self.new_backends.items():
+            current = rec.backends.get(identity)
+            entry.refs = current.refs if current else 0
+            rec.backends[identity] = entry
+            rec._backend_by_id[entry.id] = identity
+        for identity, delta in self.ref_delta.items():
+            entry = rec.backends.get(identity)
+            if entry is None:
+                continue
+            entry.refs += delta
+            if entry.refs <= 0:
+                del rec.backends[identity]
+                rec._backend_by_id.pop(entry.id, None)
+                rec.backend_ids.release(entry.id)
+        for address in self.removed:
+            fe = rec.frontends.pop(address)
+            rec.rev_nat_ids.release(fe.rev_nat_id)
+            if fe.service is not None:
+                owned = rec.by_service.get(fe.service)
+                if owned is not None:
+                    owned.discard(address)
+                    if not owned:
+                        del rec.by_service[fe.service]
+        for address, fe in self.new_frontends.items():
+            rec.frontends[address] = fe
+            rec.by_service.setdefault(service, set()).add(address)
+
+    def abort(self) -> None:
+        for identity, entry in self.new_backends.items():
+            if identity not in self.rec.backends:
+                self.rec.backend_ids.release(entry.id)
+        for rev_nat_id in self.new_rev_nat_ids:
+            self.rec.rev_nat_ids.release(rev_nat_id)
