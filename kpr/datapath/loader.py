@@ -173,3 +173,13 @@ def pinned_maps(bpffs_dir: Path) -> list[str]:
     return sorted(n for n in abi.MAPS if (bpffs_dir / n).exists())
 
 
+
+
+def default_cgroup_root() -> Path:
+    """The cgroup v2 mount: /sys/fs/cgroup on unified hosts, /sys/fs/cgroup/unified on hybrid ones."""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 2 and fields[2] == "cgroup2":
+                return Path(fields[1])
+    return Path("/sys/fs/cgroup")

@@ -1,0 +1,33 @@
+# kpr: `make demo` shows it working on the built-in lab, `make test` runs every test tier.
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: help setup demo test unit datapath lint clean
+
+help:
+	@echo "make demo   - set up, then load balance a Service in the lab namespaces and show kpr services"
+	@echo "make test   - set up, then lint and run the unit, datapath and agent tests"
+	@echo "make unit   - the tests that need no root"
+	@echo "make lint   - ruff and mypy"
+	@echo "make clean  - remove the venv and any lab left behind by a killed run"
+
+setup:
+	@bash scripts/setup.sh all
+
+demo: setup
+	$(PY) -m kpr.lab.demo
+
+test: setup lint
+	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+unit: setup
+	$(PY) -m pytest -m unit $(PYTEST_ARGS) tests
+
+lint: setup
+	$(PY) -m ruff check kpr tests
+	$(PY) -m mypy kpr
+
+clean:
+	-[ -x $(PY) ] && $(PY) -c 'from kpr.lab import sweep_stale; sweep_stale()'
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,183 @@
+"""Kubernetes objects and a running kpr agent for the lab: what the demo and the tests drive.
+
+Manifests are written the way a user would write them (plain dicts -> YAML), atomically, into a directory the agent
+watches. `LabAgent` runs the real `kpr agent` process inside a lab node's network namespace and cgroup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from kpr.lab.topology import Lab, Node, Pod
+
+T = TypeVar("T")
+
+Port = tuple[str, int, int | str, str]  # (name, port, targetPort, protocol)
+
+
+def service(
+    name: str,
+    cluster_ips: Sequence[str],
+    ports: Sequence[Port],
+    *,
+    namespace: str = "default",
+    labels: dict[str, str] | None = None,
+    **spec: Any,
+) -> dict[str, Any]:
+    """A v1 Service; extra keyword arguments are spec fields in camelCase (e.g. sessionAffinity="ClientIP")."""
+    body: dict[str, Any] = {
+        "type": "ClusterIP",
+        "clusterIP": cluster_ips[0],
+        "clusterIPs": list(cluster_ips),
+        "ipFamilies": ["IPv6" if ":" in ip else "IPv4" for ip in cluster_ips],
+        "ports": [
+            {"name": n, "port": p, "targetPort": t, "protocol": proto} for n, p, t, proto in ports
+        ],
+    }
+    body.update(spec)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels or {}},
+        "spec": body,
+    }
+
+
+def endpoint(
+    address: str, node: str, *, ready: bool = True, serving: bool | None = None, terminating: bool = False
+) -> dict[str, Any]:
+    return {
+        "addresses": [address],
+        "nodeName": node,
+        "conditions": {
+            "ready": ready,
+            "serving": ready if serving is None else serving,
+            "terminating": terminating,
+        },
+    }
+
+
+def endpoint_slice(
+    service_name: str,
+    endpoints: Sequence[dict[str, Any]],
+    ports: Sequence[tuple[str, int, str]],
+    *,
+    family: int = 4,
+    name: str | None = None,
+    namespace: str = "default",
+) -> dict[str, Any]:
+    """A discovery.k8s.io/v1 EndpointSlice; ports are (name, port, protocol) with the Service port's name."""
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": name or f"{service_name}-v{family}",
+            "namespace": namespace,
+            "labels": {"kubernetes.io/service-name": service_name},
+        },
+        "addressType": "IPv4" if family == 4 else "IPv6",
+        "endpoints": list(endpoints),
+        "ports": [{"name": n, "port": p, "protocol": proto} for n, p, proto in ports],
+    }
+
+
+def pod_endpoints(pods: Iterable[Pod], family: int = 4, **conditions: Any) -> list[dict[str, Any]]:
+    return [endpoint(p.ipv4 if family == 4 else p.ipv6, p.node, **conditions) for p in pods]
+
+
+def write_manifest(directory: Path, filename: str, objects: Sequence[dict[str, Any]]) -> Path:
+    """Write a multi-document YAML file atomically (the agent never reads half a file)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / filename
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump_all(list(objects), f, sort_keys=False)
+    os.replace(tmp, path)
+    return path
+
+
+def remove_manifest(directory: Path, filename: str) -> None:
+    (directory / filename).unlink(missing_ok=True)
+
+
+def wait_until(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05) -> T:
+    """Poll `check` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception as e:  # noqa: BLE001 - maps may not exist yet while the agent starts
+            last_error = e
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}" + (f" ({last_error})" if last_error else ""))
+        time.sleep(interval)
+
+
+class LabAgent:
+    """The real `kpr agent` process for one lab node."""
+
+    def __init__(self, lab: Lab, node: Node, manifests: Path, extra_args: Sequence[str] = ()) -> None:
+        self.lab = lab
+        self.node = node
+        self.manifests = manifests
+        self.extra_args = list(extra_args)
+        self.log_path = lab.run_dir / f"agent-{node.name}.log"
+        self.proc: subprocess.Popen[Any] | None = None
+        self._log_start = 0  # where this run's lines begin in the (appended) log
+
+    def kpr_argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "kpr.cli.main", *args]
+
+    def start(self) -> LabAgent:
+        argv = self.kpr_argv(
+            "agent", "--manifests", str(self.manifests), "--node-name", self.node.name,
+            "--cgroup-root", str(self.node.cgroup), "--bpffs-dir", str(self.node.bpffs_dir),
+            "--log-format", "json", "--min-sync-period", "0.05", *self.extra_args,
+        )
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            self.proc = self.lab.spawn(self.node, argv, stdout=log, stderr=log)
+        return self
+
+    def wait_started(self, timeout: float = 60) -> None:
+        """Until the agent has attached its programs and made its first full sync."""
+        # The agent logs "watching manifests" once programs are attached and the first full sync is done.
+        wait_until(lambda: self._check_alive() and '"watching manifests"' in self.log(this_run=True), timeout,
+                   f"the agent on {self.node.name} to start")
+
+    def _check_alive(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+        return True
+
+    def log(self, this_run: bool = False) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_start if this_run else 0)
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, sig)
+        code = self.proc.wait(timeout)
+        self.proc = None
+        return code
+
+    def kpr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a kpr CLI command on the node (e.g. services, cleanup)."""
+        return self.lab.run(self.node, self.kpr_argv(*args), check=check, timeout=60)

@@ -1,0 +1,144 @@
+"""A tiny dual-stack echo server for lab pods: it answers every connection and datagram with its own name.
+
+    python -m kpr.lab.echo --name pod-a --tcp 8080 --udp 8080
+
+TCP: on accept it sends one line "{name} {peer_ip} {peer_port}\\n", then shuts the connection down (the server closes
+first, so TIME_WAIT stays on the server and a fast client does not run out of ports). UDP: every datagram gets the same
+line back, sent from the address the datagram was addressed to. IPv4 peers of the dual-stack sockets are printed as
+plain IPv4. "ready" is printed (flushed) once every socket listens; SIGTERM and SIGINT exit cleanly with status 0.
+
+Standard library only and no imports from the rest of kpr: it starts in a few milliseconds and runs by file path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import selectors
+import signal
+import socket
+import sys
+from types import FrameType
+
+_V4_MAPPED = "::ffff:"
+_PKTINFO_SPACE = socket.CMSG_SPACE(20)  # struct in6_pktinfo: 16-byte address + ifindex
+
+
+class _Stop(Exception):
+    """Raised from the signal handler to leave the select loop."""
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    raise _Stop
+
+
+def peer_text(addr: tuple[object, ...]) -> tuple[str, int]:
+    """The peer's address as printed in replies: plain IPv4 for v4-mapped peers, no scope suffix."""
+    host = str(addr[0]).split("%", 1)[0]
+    if host.startswith(_V4_MAPPED) and "." in host:
+        host = host[len(_V4_MAPPED) :]
+    return host, int(str(addr[1]))
+
+
+def _line(name: str, addr: tuple[object, ...]) -> bytes:
+    host, port = peer_text(addr)
+    return f"{name} {host} {port}\n".encode()
+
+
+def _tcp_listener(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(("::", port))
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+def _udp_socket(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    # Learn each datagram's destination (v4-mapped for IPv4) so the reply leaves from that same address.
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+    sock.bind(("::", port))
+    sock.setblocking(False)
+    return sock
+
+
+def _serve_tcp(name: str, listener: socket.socket) -> None:
+    while True:
+        try:
+            conn, addr = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # ECONNABORTED, EMFILE …: try again on the next wake-up
+            return
+        try:
+            conn.sendall(_line(name, addr))
+            conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+def _serve_udp(name: str, sock: socket.socket) -> None:
+    while True:
+        try:
+            _data, ancdata, _flags, addr = sock.recvmsg(65535, _PKTINFO_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # e.g. a queued ICMP error for an earlier reply
+            continue
+        reply = _line(name, addr)
+        local = b""
+        for level, kind, data in ancdata:
+            if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(data) >= 16:
+                local = data[:16]
+        try:
+            if local and local[0] != 0xFF:  # never answer from a multicast address
+                sock.sendmsg([reply], [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, local + b"\0\0\0\0")], 0, addr)
+            else:
+                sock.sendto(reply, addr)
+        except OSError:
+            with contextlib.suppress(OSError):
+                sock.sendto(reply, addr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kpr.lab.echo", description=__doc__.splitlines()[0])
+    parser.add_argument("--name", required=True, help="the name every reply starts with")
+    parser.add_argument("--tcp", type=int, action="append", default=[], metavar="PORT", help="TCP port (repeatable)")
+    parser.add_argument("--udp", type=int, action="append", default=[], metavar="PORT", help="UDP port (repeatable)")
+    args = parser.parse_args(argv)
+    if not args.tcp and not args.udp:
+        parser.error("give at least one --tcp or --udp port")
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    selector = selectors.DefaultSelector()
+    sockets: list[socket.socket] = []
+    try:
+        for port in dict.fromkeys(args.tcp):
+            sock = _tcp_listener(port)
+            sockets.append(sock)
+            selector.register(sock, selectors.EVENT_READ, _serve_tcp)
+        for port in dict.fromkeys(args.udp):
+            sock = _udp_socket(port)
+            sockets.append(sock)
+            selector.register(sock, selectors.EVENT_READ, _serve_udp)
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
+        while True:
+            for key, _events in selector.select():
+                key.data(args.name, key.fileobj)
+    except _Stop:
+        return 0
+    finally:
+        selector.close()
+        for sock in sockets:
+            sock.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
