@@ -60,14 +60,22 @@ class Agent:
             lb = SocketLB(self.config.bpffs_dir, self.config.cgroup_root, self.config.map_sizes)
             programs = lb.load_and_attach()
             self.log.info(
-                "programs attached", cgroup=str(self.config.cgroup_root), programs=len(programs),
-                compile_seconds=round(lb.compile_seconds, 2), bpffs=str(self.config.bpffs_dir),
+                "programs attached",
+                cgroup=str(self.config.cgroup_root),
+                programs=len(programs),
+                compile_seconds=round(lb.compile_seconds, 2),
+                bpffs=str(self.config.bpffs_dir),
             )
             writer = PinnedMapWriter(self.config.bpffs_dir)
         self.reconciler = Reconciler(writer)
         restored = self.reconciler.restore()
-        self.log.info("maps adopted", frontends=restored.frontends, backends=restored.backends,
-                      services=restored.services, orphans=restored.orphans)
+        self.log.info(
+            "maps adopted",
+            frontends=restored.frontends,
+            backends=restored.backends,
+            services=restored.services,
+            orphans=restored.orphans,
+        )
         snapshot = self.source.poll() or self.source.snapshot()
         self._take(snapshot)
         self.sync(set(self.store.services) | self.reconciler.services())
@@ -83,7 +91,7 @@ class Agent:
         self.log.info("watching manifests", directory=str(self.config.manifests))
         while not self.stopping:
             self.step()
-            time.sleep(self.config.poll_interval)
+            time.sleep(self._idle_time())
         self.log.info("stopped; programs stay attached and maps pinned so traffic keeps flowing")
 
     def _on_signal(self, signum: int, _frame: object) -> None:
@@ -102,6 +110,15 @@ class Agent:
             due |= self.dirty
         if due:
             self.sync(due)
+
+    def _idle_time(self) -> float:
+        """Sleep until the next poll, or less when a coalesced sync or a retry falls due sooner."""
+        now = time.monotonic()
+        deadlines = [now + self.config.poll_interval]
+        if self.dirty and self.dirty_since is not None:
+            deadlines.append(self.dirty_since + self.config.min_sync_period)
+        deadlines.extend(when for when, _ in self.retry_at.values())
+        return max(0.0, min(deadlines) - now)
 
     def _take(self, snapshot: Snapshot) -> None:
         for error in snapshot.errors:
@@ -137,7 +154,7 @@ class Agent:
         try:
             result = self.reconciler.sync_service(key, frontends)
         except ServiceSyncError as e:
-            when, attempt = self.retry_at.get(key, (0.0, 0))
+            _, attempt = self.retry_at.get(key, (0.0, 0))
             delay = RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)]
             self.retry_at[key] = (time.monotonic() + delay, attempt + 1)
             self.metrics.sync_errors.labels(reason=e.cause.map_name).inc()
@@ -148,8 +165,12 @@ class Agent:
             self.metrics.sync_errors.labels(reason="conflict").inc()
             slog.warning("frontend conflict", detail=conflict)
         if result.ops:
-            slog.info("service programmed", frontends=len(frontends), operations=result.ops,
-                      backends=sum(len(f.backends) for f in frontends))
+            slog.info(
+                "service programmed",
+                frontends=len(frontends),
+                operations=result.ops,
+                backends=sum(len(f.backends) for f in frontends),
+            )
 
     def _update_gauges(self) -> None:
         assert self.reconciler is not None

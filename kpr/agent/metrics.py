@@ -14,15 +14,19 @@ class Metrics:
     def __post_init__(self) -> None:
         r = self.registry
         self.sync_duration = Histogram(
-            "kpr_sync_duration_seconds", "Time to apply one coalesced batch of changes to the maps", registry=r,
+            "kpr_sync_duration_seconds",
+            "Time to apply one coalesced batch of changes to the maps",
+            registry=r,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
         self.map_operations = Counter(
             "kpr_map_operations_total", "Map updates and deletes written by the reconciler", registry=r
         )
         self.sync_errors = Counter(
-            "kpr_sync_errors_total", "Services whose change could not be applied (kept at their previous state)",
-            ["reason"], registry=r,
+            "kpr_sync_errors_total",
+            "Services whose change could not be applied (kept at their previous state)",
+            ["reason"],
+            registry=r,
         )
         self.invalid_objects = Counter(
             "kpr_invalid_objects_total", "Objects rejected as malformed (the last good version stays)", registry=r

@@ -70,13 +70,13 @@ class Store:
         if node is not None:
             touched |= self.set_node(node)
         new_services = {s.key: s for s in services}
-        for key in set(self.services) - set(new_services):
-            touched |= self.delete_service(key)
-        for spec in new_services.values():
-            touched |= self.upsert_service(spec)
+        for service_key in set(self.services) - set(new_services):
+            touched |= self.delete_service(service_key)
+        for service in new_services.values():
+            touched |= self.upsert_service(service)
         new_slices = {(s.namespace, s.name): s for s in slices}
-        for key in set(self.slices) - set(new_slices):
-            touched |= self.delete_slice(key)
-        for spec in new_slices.values():
-            touched |= self.upsert_slice(spec)
+        for slice_key in set(self.slices) - set(new_slices):
+            touched |= self.delete_slice(slice_key)
+        for endpoint_slice in new_slices.values():
+            touched |= self.upsert_slice(endpoint_slice)
         return touched

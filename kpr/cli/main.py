@@ -22,15 +22,23 @@ def _default_cgroup_root() -> Path:
 
 
 bpffs_option = click.option(
-    "--bpffs-dir", type=click.Path(path_type=Path), default=DEFAULT_BPFFS_DIR, show_default=True,
-    envvar="KPR_BPFFS_DIR", help="bpffs directory holding kpr's pinned maps.",
+    "--bpffs-dir",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_BPFFS_DIR,
+    show_default=True,
+    envvar="KPR_BPFFS_DIR",
+    help="bpffs directory holding kpr's pinned maps.",
 )
 cgroup_option = click.option(
-    "--cgroup-root", type=click.Path(path_type=Path), default=None, envvar="KPR_CGROUP_ROOT",
+    "--cgroup-root",
+    type=click.Path(path_type=Path),
+    default=None,
+    envvar="KPR_CGROUP_ROOT",
     help="cgroup v2 directory the socket programs attach to (default: the cgroup2 mount, i.e. the whole node).",
 )
-output_option = click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table",
-                             show_default=True, help="Output format.")
+output_option = click.option(
+    "-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True, help="Output format."
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -50,22 +58,49 @@ def _map_sizes(values: tuple[str, ...]) -> dict[str, int]:
 
 
 @main.command()
-@click.option("--manifests", type=click.Path(path_type=Path, file_okay=False), required=True,
-              help="Directory of Service, EndpointSlice and Node manifests (YAML/JSON, multi-document), re-read "
-                   "when it changes.")
-@click.option("--node-name", envvar="KPR_NODE_NAME", default=socket.gethostname, show_default="hostname",
-              help="This node's name, for node-local endpoints and its Node object.")
+@click.option(
+    "--manifests",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="Directory of Service, EndpointSlice and Node manifests (YAML/JSON, multi-document), re-read when it changes.",
+)
+@click.option(
+    "--node-name",
+    envvar="KPR_NODE_NAME",
+    default=socket.gethostname,
+    show_default="hostname",
+    help="This node's name, for node-local endpoints and its Node object.",
+)
 @cgroup_option
 @bpffs_option
-@click.option("--min-sync-period", type=float, default=0.1, show_default=True,
-              help="Seconds to coalesce changes before writing the maps.")
-@click.option("--map-size", "map_sizes", multiple=True, metavar="NAME=ENTRIES",
-              help="Map capacity override: services, backends, rev_nat, sock_rev_nat, affinity.")
+@click.option(
+    "--min-sync-period",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="Seconds to coalesce changes before writing the maps.",
+)
+@click.option(
+    "--map-size",
+    "map_sizes",
+    multiple=True,
+    metavar="NAME=ENTRIES",
+    help="Map capacity override: services, backends, rev_nat, sock_rev_nat, affinity.",
+)
 @click.option("--log-format", type=click.Choice(["auto", "json", "console"]), default="auto", show_default=True)
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-              show_default=True)
-def agent(manifests: Path, node_name: str, cgroup_root: Path | None, bpffs_dir: Path, min_sync_period: float,
-          map_sizes: tuple[str, ...], log_format: str, log_level: str) -> None:
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
+)
+def agent(
+    manifests: Path,
+    node_name: str,
+    cgroup_root: Path | None,
+    bpffs_dir: Path,
+    min_sync_period: float,
+    map_sizes: tuple[str, ...],
+    log_format: str,
+    log_level: str,
+) -> None:
     """Run the agent in the foreground: program Services into the BPF maps and keep them in step.
 
     On SIGTERM it exits and leaves programs attached and maps pinned, so traffic keeps flowing and the next agent
@@ -76,8 +111,12 @@ def agent(manifests: Path, node_name: str, cgroup_root: Path | None, bpffs_dir: 
 
     log.configure(log_format, log_level)
     config = AgentConfig(
-        node_name=node_name, manifests=manifests, cgroup_root=cgroup_root or _default_cgroup_root(),
-        bpffs_dir=bpffs_dir, map_sizes=_map_sizes(map_sizes), min_sync_period=min_sync_period,
+        node_name=node_name,
+        manifests=manifests,
+        cgroup_root=cgroup_root or _default_cgroup_root(),
+        bpffs_dir=bpffs_dir,
+        map_sizes=_map_sizes(map_sizes),
+        min_sync_period=min_sync_period,
     )
     a = Agent(config)
     try:
@@ -101,8 +140,9 @@ def services(bpffs_dir: Path, output: str, service_filter: str | None) -> None:
     try:
         rows = read_services(bpffs_dir)
     except BpfError as e:
-        raise click.ClickException(f"cannot read kpr's maps in {bpffs_dir}: {e.strerror}. Is the agent set up "
-                                   "there (see --bpffs-dir)?") from e
+        raise click.ClickException(
+            f"cannot read kpr's maps in {bpffs_dir}: {e.strerror}. Is the agent set up there (see --bpffs-dir)?"
+        ) from e
     if service_filter:
         rows = [r for r in rows if r.service == service_filter]
     if output == "json":
@@ -126,8 +166,10 @@ def cleanup(cgroup_root: Path | None, bpffs_dir: Path) -> None:
         unpinned = unpin_all(bpffs_dir)
     except DatapathError as e:
         raise click.ClickException(str(e)) from e
-    click.echo(f"detached {len(detached)} program(s) from {cgroup}"
-               + (f" ({', '.join(p.hook for p in detached)})" if detached else ""))
+    click.echo(
+        f"detached {len(detached)} program(s) from {cgroup}"
+        + (f" ({', '.join(p.hook for p in detached)})" if detached else "")
+    )
     click.echo(f"unpinned {len(unpinned)} map(s) from {bpffs_dir}")
 
 

@@ -25,20 +25,22 @@ def services_table(frontends: Sequence[FrontendRow]) -> str:
             flags = ",".join(scope.flags)
             if f.affinity_timeout and "affinity" in scope.flags:
                 flags = flags.replace("affinity", f"affinity={f.affinity_timeout}s")
-            entries = [
-                f"{b.address} ({b.state}{', local' if b.node_local else ''})" for b in scope.backends
-            ] + [f"! {p}" for p in scope.problems]
+            entries = [f"{b.address} ({b.state}{', local' if b.node_local else ''})" for b in scope.backends] + [
+                f"! {p}" for p in scope.problems
+            ]
             if not entries:
                 entries = ["(none: drop)" if "empty-drop" in scope.flags else "(none: reject)"]
             for i, entry in enumerate(entries):
-                rows.append([
-                    service if first else "",
-                    f.kind if first else "",
-                    f.frontend if first else "",
-                    scope.scope if i == 0 else "",
-                    flags if i == 0 else "",
-                    entry,
-                ])
+                rows.append(
+                    [
+                        service if first else "",
+                        f.kind if first else "",
+                        f.frontend if first else "",
+                        scope.scope if i == 0 else "",
+                        flags if i == 0 else "",
+                        entry,
+                    ]
+                )
                 first = False
     if not rows:
         return "no services programmed"

@@ -12,6 +12,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 HEADER = BPF_DIR / "kpr.h"
@@ -51,6 +52,10 @@ KIND_CODES = {"ClusterIP": 1, "NodePort": 2, "ExternalIP": 3, "LoadBalancer": 4}
 KIND_NAMES = {code: name for name, code in KIND_CODES.items()}
 
 Be32x4 = ctypes.c_uint32 * 4
+
+# A ctypes instance read from or written to a map. ctypes fields are dynamic, so the type checker cannot see them;
+# layouts are checked against the compiled header by tests/datapath/test_abi.py instead.
+CData = Any
 
 
 class SvcKey4(ctypes.Structure):
@@ -187,8 +192,8 @@ U64 = ctypes.c_uint64
 @dataclass(frozen=True, slots=True)
 class MapSpec:
     name: str
-    key: type[ctypes._SimpleCData] | type[ctypes.Structure]
-    value: type[ctypes._SimpleCData] | type[ctypes.Structure]
+    key: Any  # a ctypes type
+    value: Any
     percpu: bool = False
 
 
@@ -224,12 +229,12 @@ def ipv4_of_be32(value: int) -> str:
     return socket.inet_ntoa(value.to_bytes(4, "little"))
 
 
-def be32x4_of_ipv6(addr: str) -> Be32x4:
+def be32x4_of_ipv6(addr: str) -> CData:
     packed = ipaddress.IPv6Address(addr).packed
     return Be32x4(*(int.from_bytes(packed[i : i + 4], "little") for i in range(0, 16, 4)))
 
 
-def ipv6_of_be32x4(words: Be32x4) -> str:
+def ipv6_of_be32x4(words: CData) -> str:
     return str(ipaddress.IPv6Address(b"".join(int(w).to_bytes(4, "little") for w in words)))
 
 

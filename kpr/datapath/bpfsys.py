@@ -13,6 +13,9 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
+
+CData = Any  # a ctypes instance (kpr.datapath.abi.CData; bpfsys stays free of kpr imports)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _NR_BPF = 321  # x86_64
@@ -144,7 +147,7 @@ def _bpf(cmd: int, attr: ctypes.Structure, what: str) -> int:
     return int(ret)
 
 
-def _addr(obj: ctypes._CData | None) -> int:
+def _addr(obj: CData | None) -> int:
     return ctypes.addressof(obj) if obj is not None else 0
 
 
@@ -190,7 +193,7 @@ def map_info(fd: int) -> MapInfo:
 class Map:
     """A BPF map opened from its pin, with fixed ctypes key and value types."""
 
-    def __init__(self, path: str, key_type: type, value_type: type, *, percpu: bool = False) -> None:
+    def __init__(self, path: str, key_type: Any, value_type: Any, *, percpu: bool = False) -> None:
         self.path = path
         self.key_type = key_type
         self.value_type = value_type
@@ -224,7 +227,7 @@ class Map:
     def name(self) -> str:
         return os.path.basename(self.path)
 
-    def lookup(self, key: ctypes._CData) -> ctypes._CData | None:
+    def lookup(self, key: CData) -> CData | None:
         buf = ctypes.create_string_buffer(self._value_buf_size)
         attr = _MapElemAttr(map_fd=self.fd, key=_addr(key), value=_addr(buf))
         try:
@@ -235,7 +238,7 @@ class Map:
             raise
         return self.value_type.from_buffer_copy(buf.raw[: ctypes.sizeof(self.value_type)])
 
-    def lookup_percpu(self, key: ctypes._CData) -> list[ctypes._CData]:
+    def lookup_percpu(self, key: CData) -> list[CData]:
         buf = ctypes.create_string_buffer(self._value_buf_size)
         attr = _MapElemAttr(map_fd=self.fd, key=_addr(key), value=_addr(buf))
         _bpf(BPF_MAP_LOOKUP_ELEM, attr, f"lookup in {self.name}")
@@ -245,11 +248,11 @@ class Map:
             for i in range(possible_cpus())
         ]
 
-    def update(self, key: ctypes._CData, value: ctypes._CData) -> None:
+    def update(self, key: CData, value: CData) -> None:
         attr = _MapElemAttr(map_fd=self.fd, key=_addr(key), value=_addr(value), flags=BPF_ANY)
         _bpf(BPF_MAP_UPDATE_ELEM, attr, f"update in {self.name}")
 
-    def delete(self, key: ctypes._CData) -> bool:
+    def delete(self, key: CData) -> bool:
         """Delete a key; False when it was not there (ENOENT on delete is success for a reconciler)."""
         attr = _MapElemAttr(map_fd=self.fd, key=_addr(key))
         try:
@@ -260,7 +263,7 @@ class Map:
             raise
         return True
 
-    def keys(self) -> Iterator[ctypes._CData]:
+    def keys(self) -> Iterator[CData]:
         key = self.key_type()
         next_key = self.key_type()
         attr = _MapElemAttr(map_fd=self.fd, key=0, value=_addr(next_key))
@@ -275,7 +278,7 @@ class Map:
             yield self.key_type.from_buffer_copy(key)
             attr.key = _addr(key)
 
-    def items(self, chunk: int = 4096) -> list[tuple[ctypes._CData, ctypes._CData]]:
+    def items(self, chunk: int = 4096) -> list[tuple[CData, CData]]:
         """Every entry, read in batches (BPF_MAP_LOOKUP_BATCH) with a key-by-key fallback."""
         if self.percpu:
             raise BpfError(errno.EINVAL, f"{self.name} is per-CPU; use lookup_percpu")
@@ -291,12 +294,12 @@ class Map:
                 out.append((key, value))
         return out
 
-    def _items_batched(self, chunk: int) -> list[tuple[ctypes._CData, ctypes._CData]]:
+    def _items_batched(self, chunk: int) -> list[tuple[CData, CData]]:
         keys = (self.key_type * chunk)()
         values = (self.value_type * chunk)()
         token_in = ctypes.create_string_buffer(max(8, ctypes.sizeof(self.key_type)))
         token_out = ctypes.create_string_buffer(max(8, ctypes.sizeof(self.key_type)))
-        out: list[tuple[ctypes._CData, ctypes._CData]] = []
+        out: list[tuple[CData, CData]] = []
         first = True
         while True:
             attr = _BatchAttr(
@@ -328,7 +331,7 @@ class Map:
             ctypes.memmove(token_in, token_out, len(token_in))
             first = False
 
-    def update_batch(self, pairs: list[tuple[ctypes._CData, ctypes._CData]]) -> None:
+    def update_batch(self, pairs: list[tuple[CData, CData]]) -> None:
         """Write many entries in one system call; on failure nothing after the failing entry is written."""
         if not pairs:
             return

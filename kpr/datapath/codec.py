@@ -6,6 +6,7 @@ import ctypes
 from dataclasses import dataclass
 
 from kpr.datapath import abi
+from kpr.datapath.abi import CData
 from kpr.model.types import PROTOCOL_NAMES, PROTOCOL_NUMBERS
 
 # A frontend or backend address as the maps know it: (addr text, host-order port, protocol name).
@@ -22,9 +23,7 @@ def svc_key(addr: str, port: int, protocol: str, scope: int, slot: int) -> abi.S
         return abi.SvcKey4(
             addr=abi.be32_of_ipv4(addr), port=abi.be16_of_port(port), proto=proto, scope=scope, slot=slot
         )
-    return abi.SvcKey6(
-        addr=abi.be32x4_of_ipv6(addr), port=abi.be16_of_port(port), proto=proto, scope=scope, slot=slot
-    )
+    return abi.SvcKey6(addr=abi.be32x4_of_ipv6(addr), port=abi.be16_of_port(port), proto=proto, scope=scope, slot=slot)
 
 
 def svc_master(count: int, rev_nat_id: int, flags: int, affinity_timeout: int) -> abi.SvcValue:
@@ -75,7 +74,7 @@ def u32(value: int) -> ctypes.c_uint32:
 # ---- decoding ----
 
 
-def addr_of(field: int | abi.Be32x4) -> str:
+def addr_of(field: int | CData) -> str:
     return abi.ipv4_of_be32(field) if isinstance(field, int) else abi.ipv6_of_be32x4(field)
 
 

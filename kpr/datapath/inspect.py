@@ -59,8 +59,10 @@ def read_services(bpffs_dir: Path) -> list[FrontendRow]:
         for fam in ("4", "6"):
             backends = {int(k.value): codec.decode_backend(v) for k, v in writer.items(f"backends{fam}")}
             entries = {codec.decode_svc_key(k): v for k, v in writer.items(f"services{fam}")}
-            masters = sorted((k for k in entries if k.slot == 0 and k.scope == abi.SCOPE_DEFAULT),
-                             key=lambda k: (k.addr, k.port, k.protocol))
+            masters = sorted(
+                (k for k in entries if k.slot == 0 and k.scope == abi.SCOPE_DEFAULT),
+                key=lambda k: (k.addr, k.port, k.protocol),
+            )
             for key in masters:
                 master = entries[key]
                 name = names.get(master.rev_nat_id)
@@ -80,20 +82,26 @@ def read_services(bpffs_dir: Path) -> list[FrontendRow]:
                         if b is None:
                             row.problems.append(f"slot {slot}: backend {s.backend_id} missing")
                             continue
-                        row.backends.append(BackendRow(
-                            s.backend_id, _fmt(b.addr, b.port, b.protocol),
-                            "terminating" if b.terminating else "active", b.node_local,
-                        ))
+                        row.backends.append(
+                            BackendRow(
+                                s.backend_id,
+                                _fmt(b.addr, b.port, b.protocol),
+                                "terminating" if b.terminating else "active",
+                                b.node_local,
+                            )
+                        )
                     scopes.append(row)
-                rows.append(FrontendRow(
-                    service=f"{name.namespace}/{name.name}" if name else "(unknown)",
-                    port_name=name.port_name if name else "",
-                    kind=name.kind if name else "?",
-                    frontend=_fmt(key.addr, key.port, key.protocol),
-                    rev_nat_id=master.rev_nat_id,
-                    affinity_timeout=master.affinity_timeout,
-                    scopes=scopes,
-                ))
+                rows.append(
+                    FrontendRow(
+                        service=f"{name.namespace}/{name.name}" if name else "(unknown)",
+                        port_name=name.port_name if name else "",
+                        kind=name.kind if name else "?",
+                        frontend=_fmt(key.addr, key.port, key.protocol),
+                        rev_nat_id=master.rev_nat_id,
+                        affinity_timeout=master.affinity_timeout,
+                        scopes=scopes,
+                    )
+                )
         rows.sort(key=lambda r: (r.service, r.port_name, r.frontend))
         return rows
     finally:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,8 +170,6 @@ def unpin_all(bpffs_dir: Path) -> list[str]:
 
 def pinned_maps(bpffs_dir: Path) -> list[str]:
     return sorted(n for n in abi.MAPS if (bpffs_dir / n).exists())
-
-
 
 
 def default_cgroup_root() -> Path:

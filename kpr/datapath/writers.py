@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from kpr.datapath import abi
+from kpr.datapath.abi import CData
 from kpr.datapath.bpfsys import BpfError, Map
 
 
@@ -28,12 +28,12 @@ class MapWriteError(Exception):
 
 
 class MapWriter(Protocol):
-    def update(self, map_name: str, key: ctypes._CData, value: ctypes._CData) -> None: ...
+    def update(self, map_name: str, key: CData, value: CData) -> None: ...
 
-    def delete(self, map_name: str, key: ctypes._CData) -> None:
+    def delete(self, map_name: str, key: CData) -> None:
         """Delete; a missing key is success."""
 
-    def items(self, map_name: str) -> list[tuple[ctypes._CData, ctypes._CData]]: ...
+    def items(self, map_name: str) -> list[tuple[CData, CData]]: ...
 
     def capacity(self, map_name: str) -> int: ...
 
@@ -57,19 +57,19 @@ class PinnedMapWriter:
             m.close()
         self.maps.clear()
 
-    def update(self, map_name: str, key: ctypes._CData, value: ctypes._CData) -> None:
+    def update(self, map_name: str, key: CData, value: CData) -> None:
         try:
             self.maps[map_name].update(key, value)
         except BpfError as e:
             raise MapWriteError(map_name, e.errno or errno.EIO) from e
 
-    def delete(self, map_name: str, key: ctypes._CData) -> None:
+    def delete(self, map_name: str, key: CData) -> None:
         try:
             self.maps[map_name].delete(key)
         except BpfError as e:
             raise MapWriteError(map_name, e.errno or errno.EIO) from e
 
-    def items(self, map_name: str) -> list[tuple[ctypes._CData, ctypes._CData]]:
+    def items(self, map_name: str) -> list[tuple[CData, CData]]:
         return self.maps[map_name].items()
 
     def capacity(self, map_name: str) -> int:
@@ -84,7 +84,7 @@ class MemoryMapWriter:
         self.capacities = {name: 1 << 20 for name in abi.MAPS} | (capacities or {})
         self.ops = 0  # every update and delete, for "one change costs O(1) operations" assertions
 
-    def update(self, map_name: str, key: ctypes._CData, value: ctypes._CData) -> None:
+    def update(self, map_name: str, key: CData, value: CData) -> None:
         spec = abi.MAPS[map_name]
         assert type(key) is spec.key and type(value) is spec.value, f"{map_name}: wrong key/value type"
         table = self.tables[map_name]
@@ -94,12 +94,12 @@ class MemoryMapWriter:
         self.ops += 1
         table[raw] = bytes(value)
 
-    def delete(self, map_name: str, key: ctypes._CData) -> None:
+    def delete(self, map_name: str, key: CData) -> None:
         assert type(key) is abi.MAPS[map_name].key, f"{map_name}: wrong key type"
         self.ops += 1
         self.tables[map_name].pop(bytes(key), None)
 
-    def items(self, map_name: str) -> list[tuple[ctypes._CData, ctypes._CData]]:
+    def items(self, map_name: str) -> list[tuple[CData, CData]]:
         spec = abi.MAPS[map_name]
         return [
             (spec.key.from_buffer_copy(k), spec.value.from_buffer_copy(v)) for k, v in self.tables[map_name].items()
@@ -123,15 +123,15 @@ class FaultyMapWriter:
         if err is not None:
             raise MapWriteError(map_name, err, "injected")
 
-    def update(self, map_name: str, key: ctypes._CData, value: ctypes._CData) -> None:
+    def update(self, map_name: str, key: CData, value: CData) -> None:
         self._maybe_fail(map_name)
         self.inner.update(map_name, key, value)
 
-    def delete(self, map_name: str, key: ctypes._CData) -> None:
+    def delete(self, map_name: str, key: CData) -> None:
         self._maybe_fail(map_name)
         self.inner.delete(map_name, key)
 
-    def items(self, map_name: str) -> list[tuple[ctypes._CData, ctypes._CData]]:
+    def items(self, map_name: str) -> list[tuple[CData, CData]]:
         return self.inner.items(map_name)
 
     def capacity(self, map_name: str) -> int:

@@ -40,9 +40,7 @@ def service(
         "clusterIP": cluster_ips[0],
         "clusterIPs": list(cluster_ips),
         "ipFamilies": ["IPv6" if ":" in ip else "IPv4" for ip in cluster_ips],
-        "ports": [
-            {"name": n, "port": p, "targetPort": t, "protocol": proto} for n, p, t, proto in ports
-        ],
+        "ports": [{"name": n, "port": p, "targetPort": t, "protocol": proto} for n, p, t, proto in ports],
     }
     body.update(spec)
     return {
@@ -119,10 +117,12 @@ def wait_until(check: Callable[[], T | None], timeout: float, what: str, interva
             value = check()
             if value:
                 return value
-        except Exception as e:  # noqa: BLE001 - maps may not exist yet while the agent starts
+        except Exception as e:
             last_error = e
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}" + (f" ({last_error})" if last_error else ""))
+            raise TimeoutError(
+                f"timed out after {timeout}s waiting for {what}" + (f" ({last_error})" if last_error else "")
+            )
         time.sleep(interval)
 
 
@@ -143,9 +143,20 @@ class LabAgent:
 
     def start(self) -> LabAgent:
         argv = self.kpr_argv(
-            "agent", "--manifests", str(self.manifests), "--node-name", self.node.name,
-            "--cgroup-root", str(self.node.cgroup), "--bpffs-dir", str(self.node.bpffs_dir),
-            "--log-format", "json", "--min-sync-period", "0.05", *self.extra_args,
+            "agent",
+            "--manifests",
+            str(self.manifests),
+            "--node-name",
+            self.node.name,
+            "--cgroup-root",
+            str(self.node.cgroup),
+            "--bpffs-dir",
+            str(self.node.bpffs_dir),
+            "--log-format",
+            "json",
+            "--min-sync-period",
+            "0.05",
+            *self.extra_args,
         )
         self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
@@ -155,8 +166,11 @@ class LabAgent:
     def wait_started(self, timeout: float = 60) -> None:
         """Until the agent has attached its programs and made its first full sync."""
         # The agent logs "watching manifests" once programs are attached and the first full sync is done.
-        wait_until(lambda: self._check_alive() and '"watching manifests"' in self.log(this_run=True), timeout,
-                   f"the agent on {self.node.name} to start")
+        wait_until(
+            lambda: self._check_alive() and '"watching manifests"' in self.log(this_run=True),
+            timeout,
+            f"the agent on {self.node.name} to start",
+        )
 
     def _check_alive(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:

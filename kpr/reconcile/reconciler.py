@@ -12,11 +12,12 @@ and the error is raised: a service is never left half-programmed. In-memory stat
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from kpr.datapath import abi, codec
+from kpr.datapath.abi import CData
 from kpr.datapath.writers import MapWriteError, MapWriter
 from kpr.model.types import Backend, Frontend, ServiceKey
 from kpr.reconcile.ids import IdAllocator
@@ -28,9 +29,9 @@ Address = tuple[str, int, str]  # (addr, port, protocol)
 @dataclass(frozen=True, slots=True)
 class MapOp:
     map: str
-    key: ctypes._CData
-    value: ctypes._CData | None  # None: delete
-    prev: ctypes._CData | None  # what the entry held before (None: absent), to undo
+    key: CData
+    value: CData | None  # None: delete
+    prev: CData | None  # what the entry held before (None: absent), to undo
 
     def inverse(self) -> MapOp:
         return MapOp(self.map, self.key, self.prev, self.value)
@@ -131,10 +132,8 @@ class Reconciler:
                 done.append(op)
         except MapWriteError as e:
             for op in reversed(done):
-                try:
+                with contextlib.suppress(MapWriteError):  # the undo of a write that just worked
                     self._write(op.inverse())
-                except MapWriteError:  # pragma: no cover - the undo of a write that just worked
-                    pass
             plan.abort()
             raise ServiceSyncError(service, e) from e
         plan.commit(service)
@@ -182,8 +181,12 @@ class Reconciler:
                 }
                 owner = ServiceKey(name.namespace, name.name) if name else None
                 fe = AppliedFrontend(
-                    address, owner, name.port_name if name else "", name.kind if name else "?",
-                    default.rev_nat_id, scopes,
+                    address,
+                    owner,
+                    name.port_name if name else "",
+                    name.kind if name else "?",
+                    default.rev_nat_id,
+                    scopes,
                 )
                 self.frontends[address] = fe
                 self.rev_nat_ids.reserve(default.rev_nat_id)
@@ -267,7 +270,14 @@ class Reconciler:
 
 # The maps whose whole content the reconciler owns, in make-before-break order (deletions run in reverse).
 _MAKE_ORDER = [
-    "backends4", "backends6", "rev_nat4", "rev_nat6", "svc_names", "affinity_match", "services4", "services6",
+    "backends4",
+    "backends6",
+    "rev_nat4",
+    "rev_nat6",
+    "svc_names",
+    "affinity_match",
+    "services4",
+    "services6",
 ]
 _STATE_MAPS = _MAKE_ORDER
 
@@ -338,9 +348,7 @@ class _Plan:
             prev = None
         else:
             entry = BackendEntry(current.id, b.terminating, b.node_local, current.refs)
-            prev = codec.backend_value(
-                *b.identity, terminating=current.terminating, node_local=current.node_local
-            )
+            prev = codec.backend_value(*b.identity, terminating=current.terminating, node_local=current.node_local)
         self.new_backends[b.identity] = entry
         self.new_backend_ids[entry.id] = b.identity
         self.make_backend.append(MapOp(backends_map, codec.u32(entry.id), value, prev))
@@ -382,7 +390,8 @@ class _Plan:
         name = codec.svc_name_value(f.kind, service.namespace, service.name, f.port_name)
         if old is None or (old.service, old.port_name, old.kind) != (service, f.port_name, str(f.kind)):
             prev_name = (
-                None if old is None or old.service is None
+                None
+                if old is None or old.service is None
                 else codec.svc_name_value(old.kind, old.service.namespace, old.service.name, old.port_name)
             )
             self.make_frontend.append(MapOp("svc_names", codec.u32(rev_nat_id), name, prev_name))
@@ -419,7 +428,7 @@ class _Plan:
         old_scopes = old.scopes if old else {}
         new_scopes = new.scopes if new else {}
 
-        def key(scope: int, slot: int) -> ctypes._CData:
+        def key(scope: int, slot: int) -> CData:
             return codec.svc_key(addr, port, protocol, scope, slot)
 
         def master(s: ScopeState) -> abi.SvcValue:
@@ -442,7 +451,9 @@ class _Plan:
                     prev = codec.svc_slot(old_slots[i]) if i < len(old_slots) else None
                     self.make_slots.append(MapOp(services_map, key(scope, i + 1), codec.svc_slot(backend_id), prev))
             if was is None or (len(was.slots), was.flags, was.affinity_timeout) != (
-                len(s.slots), s.flags, s.affinity_timeout
+                len(s.slots),
+                s.flags,
+                s.affinity_timeout,
             ):
                 prev = master(was) if was else None
                 self.make_slots.append(MapOp(services_map, key(scope, 0), master(s), prev))
@@ -450,9 +461,9 @@ class _Plan:
         # Break: the default scope (and its TWO_SCOPES flag) changed above, so surplus can go now.
         for scope in sorted(old_scopes):
             was = old_scopes[scope]
-            s = new_scopes.get(scope)
-            keep = len(s.slots) if s else 0
-            if s is None:
+            kept = new_scopes.get(scope)
+            keep = len(kept.slots) if kept else 0
+            if kept is None:
                 self.break_slots.append(MapOp(services_map, key(scope, 0), None, master(was)))
             for i in range(keep, len(was.slots)):
                 self.break_slots.append(MapOp(services_map, key(scope, i + 1), None, codec.svc_slot(was.slots[i])))
@@ -502,14 +513,14 @@ class _Plan:
             rec.backends[identity] = entry
             rec._backend_by_id[entry.id] = identity
         for identity, delta in self.ref_delta.items():
-            entry = rec.backends.get(identity)
-            if entry is None:
+            held = rec.backends.get(identity)
+            if held is None:
                 continue
-            entry.refs += delta
-            if entry.refs <= 0:
+            held.refs += delta
+            if held.refs <= 0:
                 del rec.backends[identity]
-                rec._backend_by_id.pop(entry.id, None)
-                rec.backend_ids.release(entry.id)
+                rec._backend_by_id.pop(held.id, None)
+                rec.backend_ids.release(held.id)
         for address in self.removed:
             fe = rec.frontends.pop(address)
             rec.rev_nat_ids.release(fe.rev_nat_id)

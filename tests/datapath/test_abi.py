@@ -60,9 +60,12 @@ def test_attach_type_numbers_match_bcc() -> None:
     from bcc import BPFAttachType
 
     bcc_names = {
-        "connect4": BPFAttachType.CGROUP_INET4_CONNECT, "connect6": BPFAttachType.CGROUP_INET6_CONNECT,
-        "sendmsg4": BPFAttachType.CGROUP_UDP4_SENDMSG, "sendmsg6": BPFAttachType.CGROUP_UDP6_SENDMSG,
-        "recvmsg4": BPFAttachType.CGROUP_UDP4_RECVMSG, "recvmsg6": BPFAttachType.CGROUP_UDP6_RECVMSG,
+        "connect4": BPFAttachType.CGROUP_INET4_CONNECT,
+        "connect6": BPFAttachType.CGROUP_INET6_CONNECT,
+        "sendmsg4": BPFAttachType.CGROUP_UDP4_SENDMSG,
+        "sendmsg6": BPFAttachType.CGROUP_UDP6_SENDMSG,
+        "recvmsg4": BPFAttachType.CGROUP_UDP4_RECVMSG,
+        "recvmsg6": BPFAttachType.CGROUP_UDP6_RECVMSG,
         "getpeername4": BPFAttachType.CGROUP_INET4_GETPEERNAME,
         "getpeername6": BPFAttachType.CGROUP_INET6_GETPEERNAME,
     }

@@ -30,10 +30,14 @@ def node_with_agent(tmp_path: Path) -> Iterator[tuple[Lab, LabAgent]]:
         node = lab.add_node("node1")
         pods = [lab.add_pod(node, n) for n in ("pod-a", "pod-b", "pod-c")]
         lab.add_pod(node, "client", echo=False)
-        write_manifest(tmp_path, "web.yaml", [
-            service("web", [VIP], [("http", 80, 8080, "TCP")]),
-            endpoint_slice("web", pod_endpoints(pods), [("http", 8080, "TCP")]),
-        ])
+        write_manifest(
+            tmp_path,
+            "web.yaml",
+            [
+                service("web", [VIP], [("http", 80, 8080, "TCP")]),
+                endpoint_slice("web", pod_endpoints(pods), [("http", 8080, "TCP")]),
+            ],
+        )
         agent = LabAgent(lab, node, tmp_path).start()
         agent.wait_started()
         wait_until(lambda: any(r.frontend == FRONTEND for r in read_services(node.bpffs_dir)), 15, "web")
@@ -46,8 +50,21 @@ def node_with_agent(tmp_path: Path) -> Iterator[tuple[Lab, LabAgent]]:
 def start_client_loop(lab: Lab, seconds: float) -> subprocess.Popen[str]:
     from kpr.lab.topology import CLIENT_PATH
 
-    argv = [sys.executable, "-I", "-S", str(CLIENT_PATH), "tcp", VIP, "80",
-            "--duration", str(seconds), "--interval", "0.002", "--timeout", "2"]
+    argv = [
+        sys.executable,
+        "-I",
+        "-S",
+        str(CLIENT_PATH),
+        "tcp",
+        VIP,
+        "80",
+        "--duration",
+        str(seconds),
+        "--interval",
+        "0.002",
+        "--timeout",
+        "2",
+    ]
     return lab.spawn(lab.pods["client"], argv, stdout=subprocess.PIPE, text=True)
 
 

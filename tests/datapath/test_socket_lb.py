@@ -47,13 +47,16 @@ class Cluster:
         self.wait_programmed(*frontends)
 
     def programmed(self) -> dict[str, list[str]]:
-        return {r.frontend: [b.address for s in r.scopes[:1] for b in s.backends]
-                for r in read_services(self.agent.node.bpffs_dir)}
+        return {
+            r.frontend: [b.address for s in r.scopes[:1] for b in s.backends]
+            for r in read_services(self.agent.node.bpffs_dir)
+        }
 
     def wait_programmed(self, *frontends: str, backends: int | None = None) -> None:
         def ready() -> bool:
             have = self.programmed()
             return all(f in have and (backends is None or len(have[f]) == backends) for f in frontends)
+
         wait_until(ready, 15, f"{frontends} to be programmed")
 
     def counters(self) -> dict[str, int]:
@@ -92,8 +95,9 @@ def fmt(addr: str, port: int) -> str:
 @pytest.mark.parametrize("family", [4, 6])
 def test_every_backend_serves_and_the_client_sees_the_cluster_ip(cluster: Cluster, proto: str, family: int) -> None:
     v4, v6 = "10.96.1.10", "fd00:96::1:10"
-    cluster.apply("spread.yaml", three_backend_service("spread", v4, v6, cluster.pods),
-                  fmt(v4, 80) + "/TCP", fmt(v6, 80) + "/TCP")
+    cluster.apply(
+        "spread.yaml", three_backend_service("spread", v4, v6, cluster.pods), fmt(v4, 80) + "/TCP", fmt(v6, 80) + "/TCP"
+    )
     vip = v4 if family == 4 else v6
     port = TCP_PORT if proto == "tcp" else UDP_PORT
     result = cluster.lab.client(cluster.client, proto, vip, port, count=300)
@@ -130,9 +134,14 @@ def test_no_endpoints_is_refused_within_100ms(cluster: Cluster, proto: str) -> N
 
 def test_destinations_that_are_not_frontends_are_untouched(cluster: Cluster) -> None:
     v4 = "10.96.1.13"
-    cluster.apply("untouched.yaml", [service("udp-only", [v4], [("dns", 53, 8080, "UDP")]),
-                                     endpoint_slice("udp-only", pod_endpoints(cluster.pods[:1]), [("dns", 8080, "UDP")])],
-                  fmt(v4, 53) + "/UDP")
+    cluster.apply(
+        "untouched.yaml",
+        [
+            service("udp-only", [v4], [("dns", 53, 8080, "UDP")]),
+            endpoint_slice("udp-only", pod_endpoints(cluster.pods[:1]), [("dns", 8080, "UDP")]),
+        ],
+        fmt(v4, 53) + "/UDP",
+    )
     before = cluster.counters()
     direct = cluster.lab.client(cluster.client, "tcp", cluster.pods[1].ipv4, 8080, count=50)
     assert direct["served"] == {"pod-b": 50}  # a pod IP is not a frontend: no translation
@@ -147,10 +156,18 @@ def test_destinations_that_are_not_frontends_are_untouched(cluster: Cluster) -> 
 
 def test_client_ip_affinity_keeps_one_backend_until_the_timeout(cluster: Cluster) -> None:
     v4, v6 = "10.96.1.14", "fd00:96::1:14"
-    cluster.apply("sticky.yaml", three_backend_service(
-        "sticky", v4, v6, cluster.pods, sessionAffinity="ClientIP",
-        sessionAffinityConfig={"clientIP": {"timeoutSeconds": 1}},
-    ), fmt(v4, 80) + "/TCP")
+    cluster.apply(
+        "sticky.yaml",
+        three_backend_service(
+            "sticky",
+            v4,
+            v6,
+            cluster.pods,
+            sessionAffinity="ClientIP",
+            sessionAffinityConfig={"clientIP": {"timeoutSeconds": 1}},
+        ),
+        fmt(v4, 80) + "/TCP",
+    )
     before = cluster.counters()
     result = cluster.lab.client(cluster.client, "tcp", v4, TCP_PORT, count=40, sequence=True)
     assert result["ok"] == 40 and len(set(result["sequence"])) == 1, result["sequence"]
@@ -208,12 +225,12 @@ def test_serving_terminating_endpoints_are_used_only_when_none_is_ready(cluster:
     v4 = "10.96.1.17"
     a, b, _ = cluster.pods
     terminating = endpoint(b.ipv4, b.node, ready=False, serving=True, terminating=True)
-    objects = [service("term", [v4], PORTS),
-               endpoint_slice("term", [*pod_endpoints([a]), terminating], SLICE_PORTS)]
+    objects = [service("term", [v4], PORTS), endpoint_slice("term", [*pod_endpoints([a]), terminating], SLICE_PORTS)]
     cluster.apply("term.yaml", objects, fmt(v4, 80) + "/TCP")
     assert cluster.lab.client(cluster.client, "tcp", v4, TCP_PORT, count=30)["served"] == {"pod-a": 30}
-    objects[1] = endpoint_slice("term", [endpoint(a.ipv4, a.node, ready=False, serving=False), terminating],
-                                SLICE_PORTS)
+    objects[1] = endpoint_slice(
+        "term", [endpoint(a.ipv4, a.node, ready=False, serving=False), terminating], SLICE_PORTS
+    )
     write_manifest(cluster.manifests, "term.yaml", objects)
     wait_until(lambda: cluster.programmed().get(fmt(v4, 80) + "/TCP") == [f"{b.ipv4}:8080/TCP"], 15, "fallback")
     assert cluster.lab.client(cluster.client, "tcp", v4, TCP_PORT, count=30)["served"] == {"pod-b": 30}
@@ -223,8 +240,10 @@ def test_an_invalid_edit_keeps_the_last_good_service(cluster: Cluster) -> None:
     v4, v6 = "10.96.1.18", "fd00:96::1:18"
     good = three_backend_service("edit", v4, v6, cluster.pods)
     cluster.apply("edit.yaml", good, fmt(v4, 80) + "/TCP")
-    bad = [dict(good[0], spec=dict(good[0]["spec"], ports=[{"name": "http", "port": 70000, "protocol": "TCP"}])),
-           *good[1:]]
+    bad = [
+        dict(good[0], spec=dict(good[0]["spec"], ports=[{"name": "http", "port": 70000, "protocol": "TCP"}])),
+        *good[1:],
+    ]
     write_manifest(cluster.manifests, "edit.yaml", bad)
     wait_until(lambda: "70000" in cluster.agent.log(), 10, "the agent to report the bad port")
     time.sleep(0.5)
@@ -235,14 +254,19 @@ def test_an_invalid_edit_keeps_the_last_good_service(cluster: Cluster) -> None:
 def test_kpr_services_shows_what_the_maps_hold(cluster: Cluster) -> None:
     v4, v6 = "10.96.1.19", "fd00:96::1:19"
     cluster.apply("show.yaml", three_backend_service("show", v4, v6, cluster.pods), fmt(v6, 80) + "/TCP")
-    text = cluster.agent.kpr("services", "--bpffs-dir", str(cluster.agent.node.bpffs_dir), "--service",
-                             "default/show").stdout
+    text = cluster.agent.kpr(
+        "services", "--bpffs-dir", str(cluster.agent.node.bpffs_dir), "--service", "default/show"
+    ).stdout
     assert "default/show:http" in text and fmt(v6, 80) + "/TCP" in text
     for pod in cluster.pods:
         assert f"{pod.ipv4}:8080/TCP (active, local)" in text
     import json
 
-    rows = json.loads(cluster.agent.kpr("services", "--bpffs-dir", str(cluster.agent.node.bpffs_dir),
-                                        "-o", "json", "--service", "default/show").stdout)
-    assert {r["frontend"] for r in rows} == {fmt(a, p) + f"/{proto}" for a in (v4, v6)
-                                             for p, proto in ((80, "TCP"), (53, "UDP"))}
+    rows = json.loads(
+        cluster.agent.kpr(
+            "services", "--bpffs-dir", str(cluster.agent.node.bpffs_dir), "-o", "json", "--service", "default/show"
+        ).stdout
+    )
+    assert {r["frontend"] for r in rows} == {
+        fmt(a, p) + f"/{proto}" for a in (v4, v6) for p, proto in ((80, "TCP"), (53, "UDP"))
+    }

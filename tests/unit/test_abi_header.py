@@ -32,8 +32,11 @@ def test_flag_scope_and_state_constants_match() -> None:
 
 
 def test_every_counter_is_mirrored_with_its_index() -> None:
-    header = {k.removeprefix("KPR_CNT_").lower(): v for k, v in DEFINES.items()
-              if k.startswith("KPR_CNT_") and k != "KPR_CNT_MAX"}
+    header = {
+        k.removeprefix("KPR_CNT_").lower(): v
+        for k, v in DEFINES.items()
+        if k.startswith("KPR_CNT_") and k != "KPR_CNT_MAX"
+    }
     assert header == abi.COUNTERS
     assert max(header.values()) < abi.CNT_MAX
 

@@ -53,8 +53,14 @@ def datapath_view(w: MemoryMapWriter) -> dict[tuple[str, int, str, int], frozens
                 continue
             reach = set()
             for slot in range(1, master.count + 1):
-                s = next((v for k, v in entries.items() if k.address == key.address
-                          and k.scope == key.scope and k.slot == slot), None)
+                s = next(
+                    (
+                        v
+                        for k, v in entries.items()
+                        if k.address == key.address and k.scope == key.scope and k.slot == slot
+                    ),
+                    None,
+                )
                 assert s is not None, f"{key}: slot {slot} of {master.count} missing"
                 assert s.backend_id in be, f"{key}: slot {slot} names unknown backend {s.backend_id}"
                 reach.add(be[s.backend_id])
@@ -141,7 +147,7 @@ def test_one_endpoint_change_costs_constant_operations_whatever_the_service_size
         rec.sync_service(SVC, [frontend(bs[1:])])  # one endpoint gone
         removed = w.ops - before
         before = w.ops
-        rec.sync_service(SVC, [frontend(bs[1:] + (Backend("10.9.9.9", 80, "TCP"),))])  # one endpoint added
+        rec.sync_service(SVC, [frontend((*bs[1:], Backend("10.9.9.9", 80, "TCP")))])  # one endpoint added
         added = w.ops - before
         costs.append((removed, added))
     assert costs[0] == costs[1] == costs[2], costs
@@ -187,7 +193,9 @@ def test_two_scopes_are_made_and_broken_in_order() -> None:
 
 
 def test_affinity_match_follows_slots() -> None:
-    w, rec = run_steps([[frontend(backends(1, 2), affinity_timeout=10)], [frontend(backends(2, 3), affinity_timeout=10)]])
+    w, rec = run_steps(
+        [[frontend(backends(1, 2), affinity_timeout=10)], [frontend(backends(2, 3), affinity_timeout=10)]]
+    )
     fe = rec.frontends[("10.96.0.10", 80, "TCP")]
     ids = {rec.backends[b.identity].id for b in backends(2, 3)}
     match = {(k.backend_id, k.rev_nat_id) for k, _ in w.items("affinity_match")}
@@ -214,7 +222,9 @@ def test_frontend_claimed_by_another_service_is_reported_not_stolen() -> None:
     rec = Reconciler(w)
     rec.sync_service(SVC, [frontend(backends(1))])
     thief = ServiceKey("default", "thief")
-    result = rec.sync_service(thief, [Frontend(thief, "", FrontendKind.EXTERNAL_IP, "10.96.0.10", 80, "TCP", backends(9))])
+    result = rec.sync_service(
+        thief, [Frontend(thief, "", FrontendKind.EXTERNAL_IP, "10.96.0.10", 80, "TCP", backends(9))]
+    )
     assert result.conflicts and "default/web" in result.conflicts[0]
     assert rec.frontends[("10.96.0.10", 80, "TCP")].service == SVC
 
@@ -256,10 +266,13 @@ def test_full_backend_map_is_an_error_not_a_partial_service() -> None:
 def test_restore_adopts_the_maps_and_the_next_sync_writes_nothing() -> None:
     w = MemoryMapWriter()
     first = Reconciler(w)
-    v6 = Frontend(SVC, "http", FrontendKind.CLUSTER_IP, "fd00:96::10", 80, "TCP",
-                  (Backend("fd00:244:1::11", 8080, "TCP"),))
-    desired = [frontend(backends(1, 2, local=(1,)), affinity_timeout=5,
-                        internal_backends=backends(1, 2, 3, local=(1,))), v6]
+    v6 = Frontend(
+        SVC, "http", FrontendKind.CLUSTER_IP, "fd00:96::10", 80, "TCP", (Backend("fd00:244:1::11", 8080, "TCP"),)
+    )
+    desired = [
+        frontend(backends(1, 2, local=(1,)), affinity_timeout=5, internal_backends=backends(1, 2, 3, local=(1,))),
+        v6,
+    ]
     first.sync_service(SVC, desired)
     second = Reconciler(w)
     report = second.restore()
@@ -279,8 +292,9 @@ def test_prune_removes_services_gone_while_the_agent_was_down_and_garbage() -> N
     gone = ServiceKey("default", "gone")
     first.sync_service(SVC, [frontend(backends(1))])
     first.sync_service(gone, [Frontend(gone, "", FrontendKind.CLUSTER_IP, "10.96.0.99", 53, "UDP", backends(9))])
-    w.update("backends4", codec.u32(4242), codec.backend_value("10.9.9.9", 1, "TCP", terminating=False,
-                                                               node_local=False))  # garbage
+    w.update(
+        "backends4", codec.u32(4242), codec.backend_value("10.9.9.9", 1, "TCP", terminating=False, node_local=False)
+    )  # garbage
     second = Reconciler(w)
     second.restore()
     second.sync_service(SVC, [frontend(backends(1))])
