@@ -1,27 +1,33 @@
 """The agent: sources -> store -> model -> reconciler -> maps, one coalesced batch at a time.
 
-At start it loads and attaches the programs (replacing a previous agent's atomically), adopts the pinned maps,
-reads every source once, programs every service and only then prunes what no longer exists, so a restarting agent
-never removes a backend it simply has not seen yet. On SIGTERM it stops and leaves programs and maps in place.
+At start it loads and attaches the programs (replacing a previous agent's atomically) and adopts the pinned maps.
+It programs nothing until the first list of every kind is in, so a restarting agent never removes a backend it
+simply has not seen yet (until then the maps keep serving what they hold). The first full sync programs every
+service and then prunes what no longer exists. After that, every change marks its services dirty; dirty services
+are synced once `min_sync_period` has passed since the first of them, so bursts of events cost one write each.
+A periodic drift check compares the maps with the reconciler's state and repairs differences.
+On SIGTERM it stops and leaves programs and maps in place.
 """
 
 from __future__ import annotations
 
+import queue
 import signal
+import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kpr import log
 from kpr.agent.metrics import Metrics
 from kpr.agent.store import Store
 from kpr.datapath.loader import SocketLB
-from kpr.datapath.writers import MapWriter, PinnedMapWriter
+from kpr.datapath.writers import MapWriteError, MapWriter, PinnedMapWriter
 from kpr.model.translate import translate
-from kpr.model.types import NodeInfo, ServiceKey
+from kpr.model.types import EndpointSliceSpec, NodeInfo, ServiceKey
 from kpr.reconcile.reconciler import Reconciler, ServiceSyncError
-from kpr.sources.manifests import ManifestSource, Snapshot
+from kpr.sources.events import KINDS, Event, Replace, SourceError, Upsert
 
 RETRY_BACKOFF = (0.5, 1, 2, 5, 10, 30)  # seconds before a failed service is tried again
 
@@ -29,12 +35,15 @@ RETRY_BACKOFF = (0.5, 1, 2, 5, 10, 30)  # seconds before a failed service is tri
 @dataclass
 class AgentConfig:
     node_name: str
-    manifests: Path
     cgroup_root: Path
     bpffs_dir: Path
+    manifests: Path | None = None
+    kubeconfig: str | None = None  # with manifests None: this file, or in-cluster config when None
     map_sizes: dict[str, int] = field(default_factory=dict)
     min_sync_period: float = 0.1
     poll_interval: float = 0.2
+    drift_check_period: float = 300.0
+    watch_idle_timeout: float = 90.0
     nodeport_cidrs: list[str] | None = None
 
 
@@ -44,94 +53,133 @@ class Agent:
         self.metrics = metrics or Metrics()
         self.log = log.get("kpr.agent").bind(node=config.node_name)
         self.store = Store(NodeInfo(config.node_name))
-        self.source = ManifestSource(config.manifests, config.node_name, config.nodeport_cidrs)
+        self.events: queue.Queue[Event] = queue.Queue()
+        self.stop_event = threading.Event()
+        self.synced_kinds: set[str] = set()
+        self.programming = False  # True once the first full sync is done
         self.dirty: set[ServiceKey] = set()
         self.dirty_since: float | None = None
         self.retry_at: dict[ServiceKey, tuple[float, int]] = {}  # service -> (when, attempt)
-        self.stopping = False
-        self._reported_errors: set[str] = set()
+        self.trigger_times: dict[ServiceKey, float] = {}  # oldest unapplied EndpointSlice change per service
+        self.next_drift_check = time.monotonic() + config.drift_check_period
         self.reconciler: Reconciler | None = None
+        self.source: Any = None
+        self.last_sync_wall = 0.0
+        self.last_sync_seconds = 0.0
 
     # ---- lifecycle ----
 
     def start(self, writer: MapWriter | None = None) -> None:
-        """Attach programs (unless a writer is given, as in tests without BPF), adopt maps, first full sync."""
+        """Attach programs (unless a writer is given, as in tests without BPF), adopt the maps, start the source."""
         if writer is None:
             lb = SocketLB(self.config.bpffs_dir, self.config.cgroup_root, self.config.map_sizes)
             programs = lb.load_and_attach()
             self.log.info(
-                "programs attached",
-                cgroup=str(self.config.cgroup_root),
-                programs=len(programs),
-                compile_seconds=round(lb.compile_seconds, 2),
-                bpffs=str(self.config.bpffs_dir),
+                "programs attached", cgroup=str(self.config.cgroup_root), programs=len(programs),
+                compile_seconds=round(lb.compile_seconds, 2), bpffs=str(self.config.bpffs_dir),
             )
             writer = PinnedMapWriter(self.config.bpffs_dir)
         self.reconciler = Reconciler(writer)
         restored = self.reconciler.restore()
-        self.log.info(
-            "maps adopted",
-            frontends=restored.frontends,
-            backends=restored.backends,
-            services=restored.services,
-            orphans=restored.orphans,
-        )
-        snapshot = self.source.poll() or self.source.snapshot()
-        self._take(snapshot)
-        self.sync(set(self.store.services) | self.reconciler.services())
-        pruned = self.reconciler.prune(self.store.services)
-        if pruned:
-            self.log.info("pruned entries left from before", operations=pruned)
+        self.log.info("maps adopted", frontends=restored.frontends, backends=restored.backends,
+                      services=restored.services, orphans=restored.orphans)
         self._update_gauges()
+        self.source = self._make_source()
+        self.source.start()
+
+    def _make_source(self) -> Any:
+        if self.config.manifests is not None:
+            from kpr.sources.manifests import ManifestPoller, ManifestSource
+
+            source = ManifestSource(self.config.manifests, self.config.node_name, self.config.nodeport_cidrs)
+            self.log.info("watching manifests", directory=str(self.config.manifests))
+            return ManifestPoller(source, self.events, self.stop_event, self.config.poll_interval)
+        from kpr.k8s.watch import ApiSource, api_client
+
+        self.log.info("watching the Kubernetes API", kubeconfig=self.config.kubeconfig or "in-cluster")
+        return ApiSource(api_client(self.config.kubeconfig), self.config.node_name, self.events,
+                         nodeport_cidrs=self.config.nodeport_cidrs, idle_timeout=self.config.watch_idle_timeout)
 
     def run(self, install_signals: bool = True) -> None:
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
-        self.log.info("watching manifests", directory=str(self.config.manifests))
-        while not self.stopping:
-            self.step()
-            time.sleep(self._idle_time())
+        while not self.stop_event.is_set():
+            self.step(self._idle_time())
         self.log.info("stopped; programs stay attached and maps pinned so traffic keeps flowing")
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.log.info("signal received", signal=signal.Signals(signum).name)
-        self.stopping = True
+        self.stop()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.source is not None and hasattr(self.source, "close"):
+            self.source.close()
 
     # ---- one turn of the loop ----
 
-    def step(self, now: Callable[[], float] = time.monotonic) -> None:
-        snapshot = self.source.poll()
-        if snapshot is not None:
-            self._take(snapshot)
-        t = now()
-        due = {svc for svc, (when, _) in self.retry_at.items() if when <= t}
-        if self.dirty and self.dirty_since is not None and t - self.dirty_since >= self.config.min_sync_period:
+    def step(self, wait: float = 0.0) -> None:
+        """Take every queued event (waiting up to `wait` for the first), then sync what is due."""
+        try:
+            event = self.events.get(timeout=wait) if wait > 0 else self.events.get_nowait()
+        except queue.Empty:
+            event = None
+        while event is not None:
+            self._take(event)
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                event = None
+        now = time.monotonic()
+        if not self.programming:
+            if set(KINDS) <= self.synced_kinds:
+                self._first_sync()
+            return
+        due = {svc for svc, (when, _) in self.retry_at.items() if when <= now}
+        if self.dirty and self.dirty_since is not None and now - self.dirty_since >= self.config.min_sync_period:
             due |= self.dirty
         if due:
             self.sync(due)
+        if now >= self.next_drift_check:
+            self.check_drift()
 
     def _idle_time(self) -> float:
-        """Sleep until the next poll, or less when a coalesced sync or a retry falls due sooner."""
+        """Wait for events until a coalesced sync, a retry or a drift check falls due."""
         now = time.monotonic()
-        deadlines = [now + self.config.poll_interval]
+        deadlines = [now + 1.0, self.next_drift_check]
         if self.dirty and self.dirty_since is not None:
             deadlines.append(self.dirty_since + self.config.min_sync_period)
         deadlines.extend(when for when, _ in self.retry_at.values())
         return max(0.0, min(deadlines) - now)
 
-    def _take(self, snapshot: Snapshot) -> None:
-        for error in snapshot.errors:
-            if error not in self._reported_errors:
-                self.log.error("invalid manifest; the last good version stays in effect", error=error)
+    def _take(self, event: Event) -> None:
+        if isinstance(event, SourceError):
+            self.metrics.source_errors.labels(kind=event.kind or "manifest", reason=event.reason).inc()
+            if event.reason == "invalid":
                 self.metrics.invalid_objects.inc()
-        self._reported_errors = set(snapshot.errors)
-        node = snapshot.node or NodeInfo(self.config.node_name)
-        touched = self.store.replace_all(snapshot.services, snapshot.slices, node)
+                self.log.error("invalid object ignored; its last good version stays in effect", error=event.message)
+            return
+        if isinstance(event, Upsert) and isinstance(event.obj, EndpointSliceSpec) and event.obj.trigger_time:
+            key = event.obj.service_key
+            self.trigger_times[key] = min(self.trigger_times.get(key, event.obj.trigger_time), event.obj.trigger_time)
+        touched = self.store.apply(event)
+        if isinstance(event, Replace) and event.kind not in self.synced_kinds:
+            self.synced_kinds.add(event.kind)
+            self.log.info("initial list in", kind=event.kind)
         if touched:
             if not self.dirty:
                 self.dirty_since = time.monotonic()
             self.dirty |= touched
+
+    def _first_sync(self) -> None:
+        assert self.reconciler is not None
+        started = time.monotonic()
+        self.sync(set(self.store.services) | self.reconciler.services())
+        pruned = self.reconciler.prune(self.store.services)
+        self.programming = True
+        self.log.info("first full sync done", services=len(self.store.services), pruned_operations=pruned,
+                      seconds=round(time.monotonic() - started, 3))
 
     def sync(self, services: set[ServiceKey]) -> None:
         assert self.reconciler is not None
@@ -141,9 +189,11 @@ class Agent:
             self.dirty.discard(key)
             self._sync_one(key)
         self.dirty_since = time.monotonic() if self.dirty else None
-        self.metrics.sync_duration.observe(time.monotonic() - started)
+        self.last_sync_seconds = time.monotonic() - started
+        self.last_sync_wall = time.time()
+        self.metrics.sync_duration.observe(self.last_sync_seconds)
         self.metrics.map_operations.inc(self.reconciler.ops_applied - ops_before)
-        self.metrics.last_sync.set_to_current_time()
+        self.metrics.last_sync.set(self.last_sync_wall)
         self._update_gauges()
 
     def _sync_one(self, key: ServiceKey) -> None:
@@ -161,16 +211,32 @@ class Agent:
             slog.error("service not programmed; previous state kept", error=str(e), retry_in=delay)
             return
         self.retry_at.pop(key, None)
+        trigger = self.trigger_times.pop(key, None)
+        if trigger is not None:
+            self.metrics.programming_latency.observe(max(0.0, time.time() - trigger))
         for conflict in result.conflicts:
             self.metrics.sync_errors.labels(reason="conflict").inc()
             slog.warning("frontend conflict", detail=conflict)
         if result.ops:
-            slog.info(
-                "service programmed",
-                frontends=len(frontends),
-                operations=result.ops,
-                backends=sum(len(f.backends) for f in frontends),
-            )
+            slog.info("service programmed", frontends=len(frontends), operations=result.ops,
+                      backends=sum(len(f.backends) for f in frontends))
+
+    def check_drift(self) -> None:
+        """Compare the maps with the state and repair what differs (something outside kpr changed them)."""
+        assert self.reconciler is not None
+        self.next_drift_check = time.monotonic() + self.config.drift_check_period
+        drift = {name: counts for name, counts in self.reconciler.drift().items() if any(counts)}
+        if not drift:
+            return
+        self.log.warning("maps drifted from the agent's state; repairing",
+                         drift={k: dict(zip(("missing", "different", "unexpected"), v, strict=True))
+                                for k, v in drift.items()})
+        for name in drift:
+            self.metrics.drift_repairs.labels(map=name).inc()
+        try:
+            self.reconciler.repair()
+        except MapWriteError as e:
+            self.log.error("drift repair failed", error=str(e))
 
     def _update_gauges(self) -> None:
         assert self.reconciler is not None

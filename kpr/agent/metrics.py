@@ -31,6 +31,18 @@ class Metrics:
         self.invalid_objects = Counter(
             "kpr_invalid_objects_total", "Objects rejected as malformed (the last good version stays)", registry=r
         )
+        self.source_errors = Counter(
+            "kpr_source_errors_total", "Problems reading the sources (invalid objects, interrupted watches)",
+            ["kind", "reason"], registry=r,
+        )
+        self.programming_latency = Histogram(
+            "kpr_network_programming_duration_seconds",
+            "From an EndpointSlice's last-change-trigger-time to its service's map write", registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.drift_repairs = Counter(
+            "kpr_drift_repairs_total", "Maps found different from the agent's state and rewritten", ["map"], registry=r
+        )
         self.services = Gauge("kpr_services", "Services programmed", registry=r)
         self.frontends = Gauge("kpr_frontends", "Frontends programmed", registry=r)
         self.backends = Gauge("kpr_backends", "Backends programmed", registry=r)

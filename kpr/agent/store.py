@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kpr.model.types import EndpointSliceSpec, NodeInfo, ServiceKey, ServiceSpec
+from kpr.sources.events import Delete, Replace, Upsert
 
 SliceKey = tuple[str, str]  # (namespace, name)
 
@@ -62,21 +63,44 @@ class Store:
         self.node = node
         return set(self.services)
 
-    def replace_all(
-        self, services: Iterable[ServiceSpec], slices: Iterable[EndpointSliceSpec], node: NodeInfo | None
-    ) -> set[ServiceKey]:
-        """Make the store hold exactly these objects (a relist); returns every service whose inputs changed."""
+    def replace_services(self, services: Iterable[ServiceSpec]) -> set[ServiceKey]:
+        """Make the store hold exactly these Services (a relist); returns the services that changed."""
         touched: set[ServiceKey] = set()
-        if node is not None:
-            touched |= self.set_node(node)
-        new_services = {s.key: s for s in services}
-        for service_key in set(self.services) - set(new_services):
-            touched |= self.delete_service(service_key)
-        for service in new_services.values():
-            touched |= self.upsert_service(service)
-        new_slices = {(s.namespace, s.name): s for s in slices}
-        for slice_key in set(self.slices) - set(new_slices):
-            touched |= self.delete_slice(slice_key)
-        for endpoint_slice in new_slices.values():
-            touched |= self.upsert_slice(endpoint_slice)
+        new = {s.key: s for s in services}
+        for key in set(self.services) - set(new):
+            touched |= self.delete_service(key)
+        for spec in new.values():
+            touched |= self.upsert_service(spec)
         return touched
+
+    def replace_slices(self, slices: Iterable[EndpointSliceSpec]) -> set[ServiceKey]:
+        """Make the store hold exactly these EndpointSlices; returns the services whose endpoints changed."""
+        touched: set[ServiceKey] = set()
+        new = {(s.namespace, s.name): s for s in slices}
+        for key in set(self.slices) - set(new):
+            touched |= self.delete_slice(key)
+        for spec in new.values():
+            touched |= self.upsert_slice(spec)
+        return touched
+
+    def apply(self, event: Upsert | Delete | Replace) -> set[ServiceKey]:
+        """Apply one source event; returns the services whose inputs changed."""
+        if isinstance(event, Replace):
+            if event.kind == "Service":
+                return self.replace_services(o for o in event.objects if isinstance(o, ServiceSpec))
+            if event.kind == "EndpointSlice":
+                return self.replace_slices(o for o in event.objects if isinstance(o, EndpointSliceSpec))
+            nodes = [o for o in event.objects if isinstance(o, NodeInfo) and o.name == self.node.name]
+            return self.set_node(nodes[0] if nodes else NodeInfo(self.node.name))
+        if isinstance(event, Upsert):
+            obj = event.obj
+            if isinstance(obj, ServiceSpec):
+                return self.upsert_service(obj)
+            if isinstance(obj, EndpointSliceSpec):
+                return self.upsert_slice(obj)
+            return self.set_node(obj) if obj.name == self.node.name else set()
+        if event.kind == "Service":
+            return self.delete_service(ServiceKey(event.namespace, event.name))
+        if event.kind == "EndpointSlice":
+            return self.delete_slice((event.namespace, event.name))
+        return self.set_node(NodeInfo(self.node.name)) if event.name == self.node.name else set()

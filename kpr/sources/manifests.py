@@ -8,6 +8,8 @@ in it, stays in effect (and the error is reported) until the file is fixed or th
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from kpr.k8s.convert import (
     service_from_dict,
 )
 from kpr.model.types import EndpointSliceSpec, NodeInfo, ServiceSpec
+from kpr.sources.events import Event, Replace, SourceError
 
 SUFFIXES = (".yaml", ".yml", ".json")
 ObjectId = tuple[str, str, str]  # (kind, namespace, name)
@@ -62,6 +65,7 @@ class ManifestSource:
         self._signatures: dict[Path, tuple[int, int, int]] = {}
         self._objects: dict[Path, dict[ObjectId, Parsed]] = {}  # last good objects per file
         self._errors: dict[Path, list[str]] = {}
+        self._polled = False
 
     def _scan(self) -> dict[Path, tuple[int, int, int]]:
         found = {}
@@ -81,8 +85,9 @@ class ManifestSource:
     def poll(self) -> Snapshot | None:
         """A full snapshot when anything changed since the last poll, else None."""
         current = self._scan()
-        if current == self._signatures:
+        if current == self._signatures and self._polled:
             return None
+        self._polled = True
         for path in set(self._objects) - set(current):
             self._objects.pop(path, None)
             self._errors.pop(path, None)
@@ -146,3 +151,40 @@ class ManifestSource:
                     node = obj
         errors = [e for path in sorted(self._errors) for e in self._errors[path]]
         return Snapshot(list(services.values()), list(slices.values()), node, errors)
+
+
+class ManifestPoller:
+    """Polls a ManifestSource and turns each changed snapshot into Replace events (the directory is the whole set)."""
+
+    def __init__(
+        self, source: ManifestSource, out: queue.Queue[Event], stop: threading.Event, interval: float = 0.2
+    ) -> None:
+        self.source = source
+        self.out = out
+        self.stop = stop
+        self.interval = interval
+        self._reported: set[str] = set()
+        self.thread = threading.Thread(target=self._run, name="manifests", daemon=True)
+
+    def start(self) -> None:
+        self.poll_once()  # the first snapshot is in the queue before start() returns
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.interval):
+            try:
+                self.poll_once()
+            except OSError as e:
+                self.out.put(SourceError(None, f"{self.source.directory}: {e}", "read_failed"))
+
+    def poll_once(self) -> None:
+        snapshot = self.source.poll()
+        if snapshot is None:
+            return
+        for error in snapshot.errors:
+            if error not in self._reported:
+                self.out.put(SourceError(None, error, "invalid"))
+        self._reported = set(snapshot.errors)
+        self.out.put(Replace("Service", tuple(snapshot.services)))
+        self.out.put(Replace("EndpointSlice", tuple(snapshot.slices)))
+        self.out.put(Replace("Node", (snapshot.node,) if snapshot.node else ()))
