@@ -69,8 +69,12 @@ class Agent:
 
     # ---- lifecycle ----
 
-    def start(self, writer: MapWriter | None = None) -> None:
-        """Attach programs (unless a writer is given, as in tests without BPF), adopt the maps, start the source."""
+    def start(self, writer: MapWriter | None = None, source: Any = None) -> None:
+        """Attach programs and adopt the maps, then start the source.
+
+        Tests without BPF pass a `writer` (the maps are then not attached to anything) and may pass a `source`
+        (anything with start(); events are put on `self.events` directly).
+        """
         if writer is None:
             lb = SocketLB(self.config.bpffs_dir, self.config.cgroup_root, self.config.map_sizes)
             programs = lb.load_and_attach()
@@ -84,7 +88,7 @@ class Agent:
         self.log.info("maps adopted", frontends=restored.frontends, backends=restored.backends,
                       services=restored.services, orphans=restored.orphans)
         self._update_gauges()
-        self.source = self._make_source()
+        self.source = source if source is not None else self._make_source()
         self.source.start()
 
     def _make_source(self) -> Any:
@@ -218,8 +222,10 @@ class Agent:
             self.metrics.sync_errors.labels(reason="conflict").inc()
             slog.warning("frontend conflict", detail=conflict)
         if result.ops:
-            slog.info("service programmed", frontends=len(frontends), operations=result.ops,
-                      backends=sum(len(f.backends) for f in frontends))
+            # The first full sync logs one summary line instead of one per service.
+            emit = slog.info if self.programming else slog.debug
+            emit("service programmed", frontends=len(frontends), operations=result.ops,
+                 backends=sum(len(f.backends) for f in frontends))
 
     def check_drift(self) -> None:
         """Compare the maps with the state and repair what differs (something outside kpr changed them)."""

@@ -90,6 +90,7 @@ class Reconciler:
         self.backend_ids = IdAllocator(writer.capacity("backends4") + writer.capacity("backends6"), "backend ids")
         self.rev_nat_ids = IdAllocator(writer.capacity("rev_nat4") + writer.capacity("rev_nat6"), "rev_nat ids")
         self.ops_applied = 0
+        self.restored_entries = 0  # map entries found at restore: when 0 there is nothing left over to prune
 
     def _backend_identity(self, backend_id: int) -> Address | None:
         return self._backend_by_id.get(backend_id)
@@ -151,16 +152,20 @@ class Reconciler:
     def restore(self) -> RestoreReport:
         """Adopt what a previous agent left in the maps, so the first sync only writes differences."""
         report = RestoreReport()
-        names = {int(k.value): codec.decode_svc_name(v) for k, v in self.writer.items("svc_names")}
+        contents = {name: self.writer.items(name) for name in _STATE_MAPS}
+        self.restored_entries = sum(len(entries) for entries in contents.values())
+        if not self.restored_entries:
+            return report
+        names = {int(k.value): codec.decode_svc_name(v) for k, v in contents["svc_names"]}
         for fam in ("4", "6"):
-            for k, v in self.writer.items(f"backends{fam}"):
+            for k, v in contents[f"backends{fam}"]:
                 b = codec.decode_backend(v)
                 self.backends[b.address] = BackendEntry(int(k.value), b.terminating, b.node_local)
                 self._backend_by_id[int(k.value)] = b.address
                 self.backend_ids.reserve(int(k.value))
             masters: dict[Address, dict[int, abi.SvcValue]] = {}
             slots: dict[tuple[Address, int], dict[int, int]] = {}
-            for k, v in self.writer.items(f"services{fam}"):
+            for k, v in contents[f"services{fam}"]:
                 d = codec.decode_svc_key(k)
                 if d.slot == 0:
                     masters.setdefault(d.address, {})[d.scope] = v
@@ -218,7 +223,9 @@ class Reconciler:
             plan = _Plan(self)
             plan.remove(address)
             ops += self._apply(ServiceKey("", "(orphan)"), plan)
-        return ops + self.repair(delete_only=True)
+        if self.restored_entries:  # entries from before the restart that no service explains
+            ops += self.repair(delete_only=True)
+        return ops
 
     # ---- drift: compare the maps with what the state says they hold ----
 

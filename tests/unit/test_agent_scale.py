@@ -1,0 +1,99 @@
+"""The agent's whole pipeline (events -> store -> translate -> reconciler) against in-memory maps, at 10k services."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kpr.agent.agent import Agent, AgentConfig
+from kpr.datapath.writers import MemoryMapWriter
+from kpr.model.types import Endpoint, EndpointPort, EndpointSliceSpec, ServiceKey, ServicePort, ServiceSpec
+from kpr.sources.events import Delete, Replace, Upsert
+
+pytestmark = pytest.mark.unit
+
+
+class NoSource:
+    def start(self) -> None:
+        pass
+
+
+def make_service(i: int) -> ServiceSpec:
+    return ServiceSpec(
+        key=ServiceKey("bulk", f"svc{i}"),
+        cluster_ips=(f"10.{96 + i // 65536}.{i // 256 % 256}.{i % 256}",),
+        ports=(ServicePort("http", "TCP", 80, 8080),),
+    )
+
+
+def make_slice(i: int, endpoints: int, first: int = 0) -> EndpointSliceSpec:
+    return EndpointSliceSpec(
+        namespace="bulk",
+        name=f"svc{i}-abc",
+        service_name=f"svc{i}",
+        address_type="IPv4",
+        endpoints=tuple(
+            Endpoint((f"10.{200 + (i * 16 + e) // 65536}.{(i * 16 + e) // 256 % 256}.{(i * 16 + e) % 256}",),
+                     node_name="node1")
+            for e in range(first, first + endpoints)
+        ),
+        ports=(EndpointPort("http", "TCP", 8080),),
+    )
+
+
+def started_agent(services: int, endpoints: int) -> tuple[Agent, MemoryMapWriter]:
+    writer = MemoryMapWriter()
+    agent = Agent(AgentConfig(node_name="node1", cgroup_root=Path("/"), bpffs_dir=Path("/"), min_sync_period=0))
+    agent.start(writer=writer, source=NoSource())
+    agent.events.put(Replace("Service", tuple(make_service(i) for i in range(services))))
+    agent.events.put(Replace("EndpointSlice", tuple(make_slice(i, endpoints) for i in range(services))))
+    agent.events.put(Replace("Node", ()))
+    agent.step()
+    assert agent.programming
+    return agent, writer
+
+
+def test_nothing_is_programmed_before_every_kind_is_listed() -> None:
+    writer = MemoryMapWriter()
+    agent = Agent(AgentConfig(node_name="node1", cgroup_root=Path("/"), bpffs_dir=Path("/"), min_sync_period=0))
+    agent.start(writer=writer, source=NoSource())
+    agent.events.put(Replace("Service", (make_service(1),)))
+    agent.events.put(Replace("EndpointSlice", (make_slice(1, 3),)))
+    agent.step()
+    assert writer.ops == 0 and not agent.programming  # the Node list is not in yet
+    agent.events.put(Replace("Node", ()))
+    agent.step()
+    assert agent.programming and writer.ops > 0
+
+
+@pytest.mark.slow
+def test_one_endpoint_change_at_10k_services_costs_a_constant_number_of_map_operations() -> None:
+    agent, writer = started_agent(10_000, 10)
+    assert len(agent.reconciler.frontends) == 10_000  # type: ignore[union-attr]
+    assert len(writer.tables["backends4"]) == 100_000
+
+    costs = []
+    for i in (7, 5_000, 9_999):
+        before = writer.ops
+        agent.events.put(Upsert("EndpointSlice", make_slice(i, 9, first=1)))  # endpoint 0 gone
+        agent.step()
+        removed = writer.ops - before
+        before = writer.ops
+        agent.events.put(Upsert("EndpointSlice", make_slice(i, 10)))  # endpoint 0 back
+        agent.step()
+        costs.append((removed, writer.ops - before))
+    # Removal: one slot rewritten, the master shrunk, the surplus slot and the backend deleted.
+    # Addition: the backend, one slot, the master.
+    assert costs == [(4, 3)] * 3
+
+
+def test_a_deleted_slice_removes_the_backends_and_a_deleted_service_everything() -> None:
+    agent, writer = started_agent(3, 4)
+    agent.events.put(Delete("EndpointSlice", "bulk", "svc1-abc"))
+    agent.step()
+    assert len(writer.tables["backends4"]) == 8
+    for i in range(3):
+        agent.events.put(Delete("Service", "bulk", f"svc{i}"))
+    agent.step()
+    assert all(not writer.tables[m] for m in ("services4", "backends4", "rev_nat4", "svc_names"))
