@@ -11,6 +11,7 @@ import ctypes
 import ipaddress
 import socket
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +221,7 @@ MAPS: dict[str, MapSpec] = {
 # ---- conversions at the edge: text addresses and host-order ports <-> network-order fields ----
 
 
+@lru_cache(maxsize=1 << 17)
 def be32_of_ipv4(addr: str) -> int:
     """The u32 whose in-memory bytes are the address in network order (what the kernel compares)."""
     return int.from_bytes(socket.inet_aton(addr), "little")
@@ -230,8 +232,13 @@ def ipv4_of_be32(value: int) -> str:
 
 
 def be32x4_of_ipv6(addr: str) -> CData:
+    return Be32x4(*_ipv6_words(addr))
+
+
+@lru_cache(maxsize=1 << 17)
+def _ipv6_words(addr: str) -> tuple[int, int, int, int]:
     packed = ipaddress.IPv6Address(addr).packed
-    return Be32x4(*(int.from_bytes(packed[i : i + 4], "little") for i in range(0, 16, 4)))
+    return tuple(int.from_bytes(packed[i : i + 4], "little") for i in range(0, 16, 4))  # type: ignore[return-value]
 
 
 def ipv6_of_be32x4(words: CData) -> str:

@@ -139,11 +139,12 @@ class _MapInfo(ctypes.Structure):
     ]
 
 
-def _bpf(cmd: int, attr: ctypes.Structure, what: str) -> int:
+def _bpf(cmd: int, attr: ctypes.Structure, action: str, obj: str = "") -> int:
+    """One bpf(2) call; the error message ("<action> <obj>: <strerror>") is only built when it fails."""
     ret = _libc.syscall(_NR_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
     if ret < 0:
         err = ctypes.get_errno()
-        raise BpfError(err, f"{what}: {os.strerror(err)}")
+        raise BpfError(err, f"{action} {obj}: {os.strerror(err)}".replace(" :", ":"))
     return int(ret)
 
 
@@ -198,6 +199,7 @@ class Map:
         self.key_type = key_type
         self.value_type = value_type
         self.percpu = percpu
+        self.label = os.path.basename(path)
         self.fd = obj_get(path)
         self.info = map_info(self.fd)
         want_value = ctypes.sizeof(value_type)
@@ -225,13 +227,13 @@ class Map:
 
     @property
     def name(self) -> str:
-        return os.path.basename(self.path)
+        return self.label
 
     def lookup(self, key: CData) -> CData | None:
         buf = ctypes.create_string_buffer(self._value_buf_size)
         attr = _MapElemAttr(map_fd=self.fd, key=_addr(key), value=_addr(buf))
         try:
-            _bpf(BPF_MAP_LOOKUP_ELEM, attr, f"lookup in {self.name}")
+            _bpf(BPF_MAP_LOOKUP_ELEM, attr, "lookup in", self.label)
         except BpfError as e:
             if e.errno == errno.ENOENT:
                 return None
@@ -241,7 +243,7 @@ class Map:
     def lookup_percpu(self, key: CData) -> list[CData]:
         buf = ctypes.create_string_buffer(self._value_buf_size)
         attr = _MapElemAttr(map_fd=self.fd, key=_addr(key), value=_addr(buf))
-        _bpf(BPF_MAP_LOOKUP_ELEM, attr, f"lookup in {self.name}")
+        _bpf(BPF_MAP_LOOKUP_ELEM, attr, "lookup in", self.label)
         size = ctypes.sizeof(self.value_type)
         return [
             self.value_type.from_buffer_copy(buf.raw[i * self._slot : i * self._slot + size])
@@ -250,13 +252,13 @@ class Map:
 
     def update(self, key: CData, value: CData) -> None:
         attr = _MapElemAttr(map_fd=self.fd, key=_addr(key), value=_addr(value), flags=BPF_ANY)
-        _bpf(BPF_MAP_UPDATE_ELEM, attr, f"update in {self.name}")
+        _bpf(BPF_MAP_UPDATE_ELEM, attr, "update in", self.label)
 
     def delete(self, key: CData) -> bool:
         """Delete a key; False when it was not there (ENOENT on delete is success for a reconciler)."""
         attr = _MapElemAttr(map_fd=self.fd, key=_addr(key))
         try:
-            _bpf(BPF_MAP_DELETE_ELEM, attr, f"delete in {self.name}")
+            _bpf(BPF_MAP_DELETE_ELEM, attr, "delete in", self.label)
         except BpfError as e:
             if e.errno == errno.ENOENT:
                 return False
@@ -269,7 +271,7 @@ class Map:
         attr = _MapElemAttr(map_fd=self.fd, key=0, value=_addr(next_key))
         while True:
             try:
-                _bpf(BPF_MAP_GET_NEXT_KEY, attr, f"iterate {self.name}")
+                _bpf(BPF_MAP_GET_NEXT_KEY, attr, "iterate", self.label)
             except BpfError as e:
                 if e.errno == errno.ENOENT:
                     return
@@ -281,7 +283,7 @@ class Map:
     def items(self, chunk: int = 4096) -> list[tuple[CData, CData]]:
         """Every entry, read in batches (BPF_MAP_LOOKUP_BATCH) with a key-by-key fallback."""
         if self.percpu:
-            raise BpfError(errno.EINVAL, f"{self.name} is per-CPU; use lookup_percpu")
+            raise BpfError(errno.EINVAL, f"{self.label} is per-CPU; use lookup_percpu")
         try:
             return self._items_batched(chunk)
         except BpfError as e:
@@ -312,7 +314,7 @@ class Map:
             )
             done = False
             try:
-                _bpf(BPF_MAP_LOOKUP_BATCH, attr, f"read {self.name}")
+                _bpf(BPF_MAP_LOOKUP_BATCH, attr, "read", self.label)
             except BpfError as e:
                 if e.errno != errno.ENOENT:
                     raise
@@ -331,14 +333,22 @@ class Map:
             ctypes.memmove(token_in, token_out, len(token_in))
             first = False
 
-    def update_batch(self, pairs: list[tuple[CData, CData]]) -> None:
-        """Write many entries in one system call; on failure nothing after the failing entry is written."""
-        if not pairs:
+    def update_batch(self, keys: list[CData], values: list[CData]) -> None:
+        """Write many entries in one system call, in order (BPF_MAP_UPDATE_BATCH).
+
+        On failure the BpfError carries `done`: the kernel stops at the first failing entry and reports how many
+        entries before it were written.
+        """
+        if not keys:
             return
-        keys = (self.key_type * len(pairs))(*(k for k, _ in pairs))
-        values = (self.value_type * len(pairs))(*(v for _, v in pairs))
-        attr = _BatchAttr(keys=_addr(keys), values=_addr(values), count=len(pairs), map_fd=self.fd)
-        _bpf(BPF_MAP_UPDATE_BATCH, attr, f"batch update in {self.name}")
+        key_array = (self.key_type * len(keys))(*keys)
+        value_array = (self.value_type * len(values))(*values)
+        attr = _BatchAttr(keys=_addr(key_array), values=_addr(value_array), count=len(keys), map_fd=self.fd)
+        try:
+            _bpf(BPF_MAP_UPDATE_BATCH, attr, "batch update in", self.label)
+        except BpfError as e:
+            e.done = int(attr.count)  # type: ignore[attr-defined]
+            raise
 
 
 # ---- programs attached to a cgroup ----

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kpr.datapath import abi
@@ -18,12 +19,18 @@ def family_of(addr: str) -> int:
 
 
 def svc_key(addr: str, port: int, protocol: str, scope: int, slot: int) -> abi.SvcKey4 | abi.SvcKey6:
+    return svc_key_maker(addr, port, protocol)(scope, slot)
+
+
+def svc_key_maker(addr: str, port: int, protocol: str) -> Callable[[int, int], abi.SvcKey4 | abi.SvcKey6]:
+    """make(scope, slot) -> the key, with the frontend's fields encoded once (a frontend has many slots)."""
     proto = PROTOCOL_NUMBERS[protocol]
+    be_port = abi.be16_of_port(port)
     if family_of(addr) == 4:
-        return abi.SvcKey4(
-            addr=abi.be32_of_ipv4(addr), port=abi.be16_of_port(port), proto=proto, scope=scope, slot=slot
-        )
-    return abi.SvcKey6(addr=abi.be32x4_of_ipv6(addr), port=abi.be16_of_port(port), proto=proto, scope=scope, slot=slot)
+        be_addr = abi.be32_of_ipv4(addr)
+        return lambda scope, slot: abi.SvcKey4(be_addr, be_port, proto, scope, slot)
+    words = abi.be32x4_of_ipv6(addr)
+    return lambda scope, slot: abi.SvcKey6(words, be_port, proto, scope, slot)
 
 
 def svc_master(count: int, rev_nat_id: int, flags: int, affinity_timeout: int) -> abi.SvcValue:

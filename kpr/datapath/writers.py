@@ -20,15 +20,19 @@ from kpr.datapath.bpfsys import BpfError, Map
 
 
 class MapWriteError(Exception):
-    def __init__(self, map_name: str, err: int, detail: str = "") -> None:
+    def __init__(self, map_name: str, err: int, detail: str = "", done: int = 0) -> None:
         self.map_name = map_name
         self.errno = err
+        self.done = done  # for update_many: how many entries were written before the failure
         reason = "map is full" if err == errno.E2BIG else os.strerror(err)
         super().__init__(f"{map_name}: {reason}{': ' + detail if detail else ''}")
 
 
 class MapWriter(Protocol):
     def update(self, map_name: str, key: CData, value: CData) -> None: ...
+
+    def update_many(self, map_name: str, keys: list[CData], values: list[CData]) -> None:
+        """Write entries in order; on failure MapWriteError.done says how many were written."""
 
     def delete(self, map_name: str, key: CData) -> None:
         """Delete; a missing key is success."""
@@ -63,6 +67,12 @@ class PinnedMapWriter:
         except BpfError as e:
             raise MapWriteError(map_name, e.errno or errno.EIO) from e
 
+    def update_many(self, map_name: str, keys: list[CData], values: list[CData]) -> None:
+        try:
+            self.maps[map_name].update_batch(keys, values)
+        except BpfError as e:
+            raise MapWriteError(map_name, e.errno or errno.EIO, done=getattr(e, "done", 0)) from e
+
     def delete(self, map_name: str, key: CData) -> None:
         try:
             self.maps[map_name].delete(key)
@@ -93,6 +103,14 @@ class MemoryMapWriter:
             raise MapWriteError(map_name, errno.E2BIG)
         self.ops += 1
         table[raw] = bytes(value)
+
+    def update_many(self, map_name: str, keys: list[CData], values: list[CData]) -> None:
+        for done, (key, value) in enumerate(zip(keys, values, strict=True)):
+            try:
+                self.update(map_name, key, value)
+            except MapWriteError as e:
+                e.done = done
+                raise
 
     def delete(self, map_name: str, key: CData) -> None:
         assert type(key) is abi.MAPS[map_name].key, f"{map_name}: wrong key type"
@@ -126,6 +144,14 @@ class FaultyMapWriter:
     def update(self, map_name: str, key: CData, value: CData) -> None:
         self._maybe_fail(map_name)
         self.inner.update(map_name, key, value)
+
+    def update_many(self, map_name: str, keys: list[CData], values: list[CData]) -> None:
+        for done, (key, value) in enumerate(zip(keys, values, strict=True)):
+            try:
+                self.update(map_name, key, value)
+            except MapWriteError as e:
+                e.done = done
+                raise
 
     def delete(self, map_name: str, key: CData) -> None:
         self._maybe_fail(map_name)

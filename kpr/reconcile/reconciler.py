@@ -15,9 +15,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from kpr.datapath import abi, codec
-from kpr.datapath.abi import CData
+from kpr.datapath.abi import U32, CData
 from kpr.datapath.writers import MapWriteError, MapWriter
 from kpr.model.types import Backend, Frontend, ServiceKey
 from kpr.reconcile.ids import IdAllocator
@@ -26,8 +27,7 @@ from kpr.reconcile.slots import assign_slots
 Address = tuple[str, int, str]  # (addr, port, protocol)
 
 
-@dataclass(frozen=True, slots=True)
-class MapOp:
+class MapOp(NamedTuple):  # a tuple: a full sync builds hundreds of thousands of these
     map: str
     key: CData
     value: CData | None  # None: delete
@@ -128,9 +128,18 @@ class Reconciler:
         ops = plan.ops()
         done: list[MapOp] = []
         try:
-            for op in ops:
-                self._write(op)
-                done.append(op)
+            for group in _runs(ops):
+                if len(group) == 1 or group[0].value is None:
+                    for op in group:
+                        self._write(op)
+                        done.append(op)
+                    continue
+                try:  # consecutive updates of one map: one system call, applied in order
+                    self.writer.update_many(group[0].map, [op.key for op in group], [op.value for op in group])
+                except MapWriteError as e:
+                    done.extend(group[: e.done])
+                    raise
+                done.extend(group)
         except MapWriteError as e:
             for op in reversed(done):
                 with contextlib.suppress(MapWriteError):  # the undo of a write that just worked
@@ -289,6 +298,17 @@ _MAKE_ORDER = [
 _STATE_MAPS = _MAKE_ORDER
 
 
+def _runs(ops: list[MapOp]) -> list[list[MapOp]]:
+    """Split ops into runs of consecutive operations of the same kind (update or delete) on the same map."""
+    runs: list[list[MapOp]] = []
+    for op in ops:
+        if runs and runs[-1][0].map == op.map and (runs[-1][0].value is None) == (op.value is None):
+            runs[-1].append(op)
+        else:
+            runs.append([op])
+    return runs
+
+
 @dataclass(slots=True)
 class RestoreReport:
     frontends: int = 0
@@ -342,23 +362,23 @@ class _Plan:
 
     def _backend_id(self, b: Backend) -> int:
         """The id for `b`, creating or updating its entry when needed."""
-        staged = self.new_backends.get(b.identity)
+        identity = (b.addr, b.port, b.protocol)
+        staged = self.new_backends.get(identity)
         if staged is not None:
             return staged.id
-        current = self.rec.backends.get(b.identity)
-        if current is not None and (current.terminating, current.node_local) == (b.terminating, b.node_local):
+        current = self.rec.backends.get(identity)
+        if current is not None and current.terminating == b.terminating and current.node_local == b.node_local:
             return current.id
-        _, backends_map, _ = codec.maps_for(b.addr)
-        value = codec.backend_value(*b.identity, terminating=b.terminating, node_local=b.node_local)
+        value = codec.backend_value(b.addr, b.port, b.protocol, terminating=b.terminating, node_local=b.node_local)
         if current is None:
             entry = BackendEntry(self.rec.backend_ids.allocate(), b.terminating, b.node_local)
             prev = None
         else:
             entry = BackendEntry(current.id, b.terminating, b.node_local, current.refs)
-            prev = codec.backend_value(*b.identity, terminating=current.terminating, node_local=current.node_local)
-        self.new_backends[b.identity] = entry
-        self.new_backend_ids[entry.id] = b.identity
-        self.make_backend.append(MapOp(backends_map, codec.u32(entry.id), value, prev))
+            prev = codec.backend_value(*identity, terminating=current.terminating, node_local=current.node_local)
+        self.new_backends[identity] = entry
+        self.new_backend_ids[entry.id] = identity
+        self.make_backend.append(MapOp("backends6" if ":" in b.addr else "backends4", U32(entry.id), value, prev))
         return entry.id
 
     def _identity_of(self, backend_id: int) -> Address | None:
@@ -435,8 +455,7 @@ class _Plan:
         old_scopes = old.scopes if old else {}
         new_scopes = new.scopes if new else {}
 
-        def key(scope: int, slot: int) -> CData:
-            return codec.svc_key(addr, port, protocol, scope, slot)
+        key = codec.svc_key_maker(addr, port, protocol)
 
         def master(s: ScopeState) -> abi.SvcValue:
             return codec.svc_master(len(s.slots), rev_nat_id, s.flags, s.affinity_timeout)
