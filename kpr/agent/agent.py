@@ -79,14 +79,22 @@ class Agent:
             lb = SocketLB(self.config.bpffs_dir, self.config.cgroup_root, self.config.map_sizes)
             programs = lb.load_and_attach()
             self.log.info(
-                "programs attached", cgroup=str(self.config.cgroup_root), programs=len(programs),
-                compile_seconds=round(lb.compile_seconds, 2), bpffs=str(self.config.bpffs_dir),
+                "programs attached",
+                cgroup=str(self.config.cgroup_root),
+                programs=len(programs),
+                compile_seconds=round(lb.compile_seconds, 2),
+                bpffs=str(self.config.bpffs_dir),
             )
             writer = PinnedMapWriter(self.config.bpffs_dir)
         self.reconciler = Reconciler(writer)
         restored = self.reconciler.restore()
-        self.log.info("maps adopted", frontends=restored.frontends, backends=restored.backends,
-                      services=restored.services, orphans=restored.orphans)
+        self.log.info(
+            "maps adopted",
+            frontends=restored.frontends,
+            backends=restored.backends,
+            services=restored.services,
+            orphans=restored.orphans,
+        )
         self._update_gauges()
         self.source = source if source is not None else self._make_source()
         self.source.start()
@@ -101,8 +109,13 @@ class Agent:
         from kpr.k8s.watch import ApiSource, api_client
 
         self.log.info("watching the Kubernetes API", kubeconfig=self.config.kubeconfig or "in-cluster")
-        return ApiSource(api_client(self.config.kubeconfig), self.config.node_name, self.events,
-                         nodeport_cidrs=self.config.nodeport_cidrs, idle_timeout=self.config.watch_idle_timeout)
+        return ApiSource(
+            api_client(self.config.kubeconfig),
+            self.config.node_name,
+            self.events,
+            nodeport_cidrs=self.config.nodeport_cidrs,
+            idle_timeout=self.config.watch_idle_timeout,
+        )
 
     def run(self, install_signals: bool = True) -> None:
         if install_signals:
@@ -182,8 +195,12 @@ class Agent:
         self.sync(set(self.store.services) | self.reconciler.services())
         pruned = self.reconciler.prune(self.store.services)
         self.programming = True
-        self.log.info("first full sync done", services=len(self.store.services), pruned_operations=pruned,
-                      seconds=round(time.monotonic() - started, 3))
+        self.log.info(
+            "first full sync done",
+            services=len(self.store.services),
+            pruned_operations=pruned,
+            seconds=round(time.monotonic() - started, 3),
+        )
 
     def sync(self, services: set[ServiceKey]) -> None:
         assert self.reconciler is not None
@@ -224,8 +241,12 @@ class Agent:
         if result.ops:
             # The first full sync logs one summary line instead of one per service.
             emit = slog.info if self.programming else slog.debug
-            emit("service programmed", frontends=len(frontends), operations=result.ops,
-                 backends=sum(len(f.backends) for f in frontends))
+            emit(
+                "service programmed",
+                frontends=len(frontends),
+                operations=result.ops,
+                backends=sum(len(f.backends) for f in frontends),
+            )
 
     def check_drift(self) -> None:
         """Compare the maps with the state and repair what differs (something outside kpr changed them)."""
@@ -234,9 +255,10 @@ class Agent:
         drift = {name: counts for name, counts in self.reconciler.drift().items() if any(counts)}
         if not drift:
             return
-        self.log.warning("maps drifted from the agent's state; repairing",
-                         drift={k: dict(zip(("missing", "different", "unexpected"), v, strict=True))
-                                for k, v in drift.items()})
+        self.log.warning(
+            "maps drifted from the agent's state; repairing",
+            drift={k: dict(zip(("missing", "different", "unexpected"), v, strict=True)) for k, v in drift.items()},
+        )
         for name in drift:
             self.metrics.drift_repairs.labels(map=name).inc()
         try:

@@ -32,12 +32,15 @@ class Metrics:
             "kpr_invalid_objects_total", "Objects rejected as malformed (the last good version stays)", registry=r
         )
         self.source_errors = Counter(
-            "kpr_source_errors_total", "Problems reading the sources (invalid objects, interrupted watches)",
-            ["kind", "reason"], registry=r,
+            "kpr_source_errors_total",
+            "Problems reading the sources (invalid objects, interrupted watches)",
+            ["kind", "reason"],
+            registry=r,
         )
         self.programming_latency = Histogram(
             "kpr_network_programming_duration_seconds",
-            "From an EndpointSlice's last-change-trigger-time to its service's map write", registry=r,
+            "From an EndpointSlice's last-change-trigger-time to its service's map write",
+            registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
         self.drift_repairs = Counter(

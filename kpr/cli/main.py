@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import click
+from prometheus_client import CollectorRegistry
 
 from kpr import log
 
@@ -61,8 +62,16 @@ def _map_sizes(values: tuple[str, ...]) -> dict[str, int]:
 @click.option(
     "--manifests",
     type=click.Path(path_type=Path, file_okay=False),
-    required=True,
-    help="Directory of Service, EndpointSlice and Node manifests (YAML/JSON, multi-document), re-read when it changes.",
+    default=None,
+    help="Read Services, EndpointSlices and Nodes from this directory of manifests (YAML/JSON, multi-document) "
+    "instead of the Kubernetes API; re-read when it changes.",
+)
+@click.option(
+    "--kubeconfig",
+    type=click.Path(dir_okay=False),
+    default=None,
+    envvar="KUBECONFIG",
+    help="kubeconfig of the API server to watch; without it (and without --manifests) the in-cluster config.",
 )
 @click.option(
     "--node-name",
@@ -81,6 +90,32 @@ def _map_sizes(values: tuple[str, ...]) -> dict[str, int]:
     help="Seconds to coalesce changes before writing the maps.",
 )
 @click.option(
+    "--drift-check-period",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="Seconds between comparisons of the maps with the agent's state (differences are repaired).",
+)
+@click.option(
+    "--watch-idle-timeout",
+    type=float,
+    default=90.0,
+    show_default=True,
+    help="Restart a watch that has sent nothing, not even a bookmark, for this many seconds.",
+)
+@click.option(
+    "--nodeport-addresses",
+    default="",
+    metavar="CIDR[,CIDR...]",
+    help="Serve NodePorts only on node addresses inside these CIDRs (like kube-proxy's flag); default: all.",
+)
+@click.option(
+    "--metrics-bind-address",
+    default="127.0.0.1:10249",
+    show_default=True,
+    help="Where to serve Prometheus metrics (/metrics); empty to disable.",
+)
+@click.option(
     "--map-size",
     "map_sizes",
     multiple=True,
@@ -92,39 +127,64 @@ def _map_sizes(values: tuple[str, ...]) -> dict[str, int]:
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
 )
 def agent(
-    manifests: Path,
+    manifests: Path | None,
+    kubeconfig: str | None,
     node_name: str,
     cgroup_root: Path | None,
     bpffs_dir: Path,
     min_sync_period: float,
+    drift_check_period: float,
+    watch_idle_timeout: float,
+    nodeport_addresses: str,
+    metrics_bind_address: str,
     map_sizes: tuple[str, ...],
     log_format: str,
     log_level: str,
 ) -> None:
     """Run the agent in the foreground: program Services into the BPF maps and keep them in step.
 
+    Sources: the Kubernetes API (--kubeconfig, or in-cluster), or a directory of manifests (--manifests).
     On SIGTERM it exits and leaves programs attached and maps pinned, so traffic keeps flowing and the next agent
     picks up where this one stopped. `kpr cleanup` removes everything.
     """
     from kpr.agent.agent import Agent, AgentConfig
     from kpr.datapath.loader import DatapathError
+    from kpr.k8s.convert import InvalidObject, parse_cidrs
 
     log.configure(log_format, log_level)
+    try:
+        cidrs = list(parse_cidrs(c for c in nodeport_addresses.split(",") if c.strip())) or None
+    except InvalidObject as e:
+        raise click.BadParameter(str(e), param_hint="--nodeport-addresses") from e
     config = AgentConfig(
         node_name=node_name,
         manifests=manifests,
+        kubeconfig=kubeconfig,
         cgroup_root=cgroup_root or _default_cgroup_root(),
         bpffs_dir=bpffs_dir,
         map_sizes=_map_sizes(map_sizes),
         min_sync_period=min_sync_period,
+        drift_check_period=drift_check_period,
+        watch_idle_timeout=watch_idle_timeout,
+        nodeport_cidrs=cidrs,
     )
     a = Agent(config)
     try:
+        if metrics_bind_address:
+            serve_metrics(metrics_bind_address, a.metrics.registry)
         a.start()
-    except (DatapathError, FileNotFoundError) as e:
+    except (DatapathError, OSError) as e:
         log.get("kpr.agent").error("cannot start", error=str(e))
         sys.exit(1)
     a.run()
+
+
+def serve_metrics(address: str, registry: CollectorRegistry) -> None:
+    """Serve /metrics from a daemon thread (prometheus_client's own server)."""
+    from prometheus_client import start_http_server
+
+    host, _, port = address.rpartition(":")
+    start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry)
 
 
 @main.command()

@@ -6,11 +6,14 @@ watches. `LabAgent` runs the real `kpr agent` process inside a lab node's networ
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -21,6 +24,7 @@ import yaml
 from kpr.lab.topology import Lab, Node, Pod
 
 T = TypeVar("T")
+CLONE_NEWNET = 0x40000000
 
 Port = tuple[str, int, int | str, str]  # (name, port, targetPort, protocol)
 
@@ -117,7 +121,7 @@ def wait_until(check: Callable[[], T | None], timeout: float, what: str, interva
             value = check()
             if value:
                 return value
-        except Exception as e:
+        except (OSError, LookupError) as e:  # maps or entries may not exist yet while the agent starts
             last_error = e
         if time.monotonic() > deadline:
             raise TimeoutError(
@@ -126,13 +130,57 @@ def wait_until(check: Callable[[], T | None], timeout: float, what: str, interva
         time.sleep(interval)
 
 
+def listen_in(netns: str, host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A listening TCP socket that lives in a lab namespace, for an in-process server the lab's agents can reach.
+
+    A socket belongs to the namespace it was created in, so a short-lived thread enters the namespace (setns only
+    affects the calling thread), makes the socket and ends; this process and the host network are untouched.
+    """
+    made: list[socket.socket] = []
+    errors: list[BaseException] = []
+
+    def create() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns into {netns}")
+            finally:
+                os.close(fd)
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(128)
+            made.append(sock)
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=create, name=f"netns-{netns}")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return made[0]
+
+
 class LabAgent:
     """The real `kpr agent` process for one lab node."""
 
-    def __init__(self, lab: Lab, node: Node, manifests: Path, extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        lab: Lab,
+        node: Node,
+        manifests: Path | None = None,
+        extra_args: Sequence[str] = (),
+        *,
+        kubeconfig: Path | None = None,
+    ) -> None:
+        if (manifests is None) == (kubeconfig is None):
+            raise ValueError("give the agent either a manifests directory or a kubeconfig")
         self.lab = lab
         self.node = node
-        self.manifests = manifests
+        self.source_args = ["--manifests", str(manifests)] if manifests else ["--kubeconfig", str(kubeconfig)]
         self.extra_args = list(extra_args)
         self.log_path = lab.run_dir / f"agent-{node.name}.log"
         self.proc: subprocess.Popen[Any] | None = None
@@ -144,8 +192,7 @@ class LabAgent:
     def start(self) -> LabAgent:
         argv = self.kpr_argv(
             "agent",
-            "--manifests",
-            str(self.manifests),
+            *self.source_args,
             "--node-name",
             self.node.name,
             "--cgroup-root",
@@ -164,13 +211,15 @@ class LabAgent:
         return self
 
     def wait_started(self, timeout: float = 60) -> None:
-        """Until the agent has attached its programs and made its first full sync."""
-        # The agent logs "watching manifests" once programs are attached and the first full sync is done.
-        wait_until(
-            lambda: self._check_alive() and '"watching manifests"' in self.log(this_run=True),
-            timeout,
-            f"the agent on {self.node.name} to start",
-        )
+        """Until the agent has attached its programs, listed every kind and made its first full sync."""
+        try:
+            wait_until(
+                lambda: self._check_alive() and '"first full sync done"' in self.log(this_run=True),
+                timeout,
+                f"the agent on {self.node.name} to start",
+            )
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}; its log ends with:\n{self.log()[-3000:]}") from None
 
     def _check_alive(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
