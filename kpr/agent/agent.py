@@ -11,6 +11,8 @@ On SIGTERM it stops and leaves programs and maps in place.
 
 from __future__ import annotations
 
+import collections
+import os
 import queue
 import signal
 import threading
@@ -22,7 +24,7 @@ from typing import Any
 from kpr import log
 from kpr.agent.metrics import Metrics
 from kpr.agent.store import Store
-from kpr.datapath.loader import SocketLB
+from kpr.datapath.loader import load_and_attach_isolated
 from kpr.datapath.writers import MapWriteError, MapWriter, PinnedMapWriter
 from kpr.model.translate import translate
 from kpr.model.types import EndpointSliceSpec, NodeInfo, ServiceKey
@@ -43,6 +45,7 @@ class AgentConfig:
     min_sync_period: float = 0.1
     poll_interval: float = 0.2
     drift_check_period: float = 300.0
+    sync_period: float = 30.0  # a queued change older than twice this makes /healthz fail, as in kube-proxy
     watch_idle_timeout: float = 90.0
     nodeport_cidrs: list[str] | None = None
 
@@ -60,12 +63,16 @@ class Agent:
         self.dirty: set[ServiceKey] = set()
         self.dirty_since: float | None = None
         self.retry_at: dict[ServiceKey, tuple[float, int]] = {}  # service -> (when, attempt)
+        self.failing_since: dict[ServiceKey, float] = {}  # service -> its first failure in a row
         self.trigger_times: dict[ServiceKey, float] = {}  # oldest unapplied EndpointSlice change per service
         self.next_drift_check = time.monotonic() + config.drift_check_period
         self.reconciler: Reconciler | None = None
         self.source: Any = None
         self.last_sync_wall = 0.0
         self.last_sync_seconds = 0.0
+        self.started_wall = time.time()
+        self.loop_beat = time.monotonic()  # the main loop's last turn, for /livez
+        self.recent_errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
 
     # ---- lifecycle ----
 
@@ -76,13 +83,14 @@ class Agent:
         (anything with start(); events are put on `self.events` directly).
         """
         if writer is None:
-            lb = SocketLB(self.config.bpffs_dir, self.config.cgroup_root, self.config.map_sizes)
-            programs = lb.load_and_attach()
+            programs, compile_seconds = load_and_attach_isolated(
+                self.config.bpffs_dir, self.config.cgroup_root, self.config.map_sizes
+            )
             self.log.info(
                 "programs attached",
                 cgroup=str(self.config.cgroup_root),
                 programs=len(programs),
-                compile_seconds=round(lb.compile_seconds, 2),
+                compile_seconds=round(compile_seconds, 2),
                 bpffs=str(self.config.bpffs_dir),
             )
             writer = PinnedMapWriter(self.config.bpffs_dir)
@@ -103,19 +111,20 @@ class Agent:
         if self.config.manifests is not None:
             from kpr.sources.manifests import ManifestPoller, ManifestSource
 
-            source = ManifestSource(self.config.manifests, self.config.node_name, self.config.nodeport_cidrs)
+            manifests = ManifestSource(self.config.manifests, self.config.node_name, self.config.nodeport_cidrs)
             self.log.info("watching manifests", directory=str(self.config.manifests))
-            return ManifestPoller(source, self.events, self.stop_event, self.config.poll_interval)
+            return ManifestPoller(manifests, self.events, self.stop_event, self.config.poll_interval)
         from kpr.k8s.watch import ApiSource, api_client
 
-        self.log.info("watching the Kubernetes API", kubeconfig=self.config.kubeconfig or "in-cluster")
-        return ApiSource(
+        source = ApiSource(
             api_client(self.config.kubeconfig),
             self.config.node_name,
             self.events,
             nodeport_cidrs=self.config.nodeport_cidrs,
             idle_timeout=self.config.watch_idle_timeout,
         )
+        self.log.info("watching the Kubernetes API", kubeconfig=self.config.kubeconfig or "in-cluster")
+        return source
 
     def run(self, install_signals: bool = True) -> None:
         if install_signals:
@@ -138,6 +147,7 @@ class Agent:
 
     def step(self, wait: float = 0.0) -> None:
         """Take every queued event (waiting up to `wait` for the first), then sync what is due."""
+        self.loop_beat = time.monotonic()
         try:
             event = self.events.get(timeout=wait) if wait > 0 else self.events.get_nowait()
         except queue.Empty:
@@ -173,6 +183,7 @@ class Agent:
     def _take(self, event: Event) -> None:
         if isinstance(event, SourceError):
             self.metrics.source_errors.labels(kind=event.kind or "manifest", reason=event.reason).inc()
+            self._remember_error(f"{event.kind or 'manifest'}: {event.message}")
             if event.reason == "invalid":
                 self.metrics.invalid_objects.inc()
                 self.log.error("invalid object ignored; its last good version stays in effect", error=event.message)
@@ -228,10 +239,13 @@ class Agent:
             _, attempt = self.retry_at.get(key, (0.0, 0))
             delay = RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)]
             self.retry_at[key] = (time.monotonic() + delay, attempt + 1)
+            self.failing_since.setdefault(key, time.monotonic())
             self.metrics.sync_errors.labels(reason=e.cause.map_name).inc()
+            self._remember_error(str(e))
             slog.error("service not programmed; previous state kept", error=str(e), retry_in=delay)
             return
         self.retry_at.pop(key, None)
+        self.failing_since.pop(key, None)
         trigger = self.trigger_times.pop(key, None)
         if trigger is not None:
             self.metrics.programming_latency.observe(max(0.0, time.time() - trigger))
@@ -265,6 +279,57 @@ class Agent:
             self.reconciler.repair()
         except MapWriteError as e:
             self.log.error("drift repair failed", error=str(e))
+
+    # ---- health and status (read from the HTTP thread; plain attribute reads) ----
+
+    def _remember_error(self, message: str) -> None:
+        self.recent_errors.append({"time": time.time(), "error": message})
+
+    def healthy(self) -> tuple[bool, str]:
+        """kube-proxy's rule: healthy once synced, unless a queued change waits longer than twice the sync period."""
+        now = time.monotonic()
+        limit = 2 * self.config.sync_period
+        if not self.programming:
+            return False, "waiting for the first list of every kind"
+        if self.dirty and self.dirty_since is not None and now - self.dirty_since > limit:
+            return False, f"{len(self.dirty)} service change(s) queued for more than {limit:.0f}s"
+        failing = [key for key, since in self.failing_since.items() if now - since > limit]
+        if failing:
+            return False, f"{len(failing)} service(s) failing to program for more than {limit:.0f}s"
+        return True, "ok"
+
+    def alive(self) -> bool:
+        return time.monotonic() - self.loop_beat < max(10.0, 2 * self.config.sync_period)
+
+    def status(self) -> dict[str, Any]:
+        healthy, reason = self.healthy()
+        source: dict[str, Any] = (
+            {"kind": "manifests", "directory": str(self.config.manifests)}
+            if self.config.manifests is not None
+            else {"kind": "kubernetes-api", "kubeconfig": self.config.kubeconfig or "in-cluster"}
+        )
+        if self.source is not None and hasattr(self.source, "state"):
+            source["watches"] = self.source.state()
+        rec = self.reconciler
+        return {
+            "node": self.config.node_name,
+            "pid": os.getpid(),
+            "started": self.started_wall,
+            "healthy": healthy,
+            "health": reason,
+            "synced": self.programming,
+            "source": source,
+            "cgroup_root": str(self.config.cgroup_root),
+            "bpffs_dir": str(self.config.bpffs_dir),
+            "last_sync": self.last_sync_wall or None,
+            "last_sync_seconds": round(self.last_sync_seconds, 4),
+            "queued_services": len(self.dirty),
+            "failing_services": sorted(str(k) for k in self.retry_at),
+            "services": len(rec.by_service) if rec else 0,
+            "frontends": len(rec.frontends) if rec else 0,
+            "backends": len(rec.backends) if rec else 0,
+            "recent_errors": list(self.recent_errors),
+        }
 
     def _update_gauges(self) -> None:
         assert self.reconciler is not None

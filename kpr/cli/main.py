@@ -6,14 +6,16 @@ import json
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import click
-from prometheus_client import CollectorRegistry
 
 from kpr import log
 
 DEFAULT_BPFFS_DIR = Path("/sys/fs/bpf/kpr")
+T = TypeVar("T")
 
 
 def _default_cgroup_root() -> Path:
@@ -110,10 +112,23 @@ def _map_sizes(values: tuple[str, ...]) -> dict[str, int]:
     help="Serve NodePorts only on node addresses inside these CIDRs (like kube-proxy's flag); default: all.",
 )
 @click.option(
+    "--sync-period",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="/healthz fails when a queued change has waited longer than twice this (kube-proxy's rule).",
+)
+@click.option(
+    "--healthz-bind-address",
+    default="0.0.0.0:10256",
+    show_default=True,
+    help="Where to serve /healthz, /livez and /status (what `kpr status` reads); empty to disable.",
+)
+@click.option(
     "--metrics-bind-address",
     default="127.0.0.1:10249",
     show_default=True,
-    help="Where to serve Prometheus metrics (/metrics); empty to disable.",
+    help="Where to serve /metrics (Prometheus) and /proxyMode; empty to disable.",
 )
 @click.option(
     "--map-size",
@@ -136,6 +151,8 @@ def agent(
     drift_check_period: float,
     watch_idle_timeout: float,
     nodeport_addresses: str,
+    sync_period: float,
+    healthz_bind_address: str,
     metrics_bind_address: str,
     map_sizes: tuple[str, ...],
     log_format: str,
@@ -147,6 +164,7 @@ def agent(
     On SIGTERM it exits and leaves programs attached and maps pinned, so traffic keeps flowing and the next agent
     picks up where this one stopped. `kpr cleanup` removes everything.
     """
+    from kpr.agent import http
     from kpr.agent.agent import Agent, AgentConfig
     from kpr.datapath.loader import DatapathError
     from kpr.k8s.convert import InvalidObject, parse_cidrs
@@ -167,11 +185,14 @@ def agent(
         drift_check_period=drift_check_period,
         watch_idle_timeout=watch_idle_timeout,
         nodeport_cidrs=cidrs,
+        sync_period=sync_period,
     )
     a = Agent(config)
     try:
         if metrics_bind_address:
-            serve_metrics(metrics_bind_address, a.metrics.registry)
+            http.serve(metrics_bind_address, http.metrics_routes(a.metrics.registry), "metrics")
+        if healthz_bind_address:
+            http.serve(healthz_bind_address, http.health_routes(a), "health")
         a.start()
     except (DatapathError, OSError) as e:
         log.get("kpr.agent").error("cannot start", error=str(e))
@@ -179,32 +200,37 @@ def agent(
     a.run()
 
 
-def serve_metrics(address: str, registry: CollectorRegistry) -> None:
-    """Serve /metrics from a daemon thread (prometheus_client's own server)."""
-    from prometheus_client import start_http_server
+def _read_maps(bpffs_dir: Path, read: Callable[[Path], T]) -> T:
+    from kpr.datapath.bpfsys import BpfError
 
-    host, _, port = address.rpartition(":")
-    start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry)
+    try:
+        return read(bpffs_dir)
+    except BpfError as e:
+        raise click.ClickException(
+            f"cannot read kpr's maps in {bpffs_dir}: {e.strerror}. Is the agent set up there (see --bpffs-dir)?"
+        ) from e
 
 
 @main.command()
 @bpffs_option
 @output_option
-@click.option("--service", "service_filter", default=None, metavar="NS/NAME", help="Only this service.")
-def services(bpffs_dir: Path, output: str, service_filter: str | None) -> None:
-    """Frontends and their backends, read straight from the pinned maps."""
-    from kpr.cli.render import services_table
-    from kpr.datapath.bpfsys import BpfError
-    from kpr.datapath.inspect import read_services
+@click.option("-n", "--namespace", default=None, help="Only services of this namespace.")
+@click.option("--service", "service_filter", default=None, metavar="[NS/]NAME", help="Only this service.")
+@click.option("--address", default=None, help="Only frontends with this address, or with a backend on it.")
+def services(
+    bpffs_dir: Path, output: str, namespace: str | None, service_filter: str | None, address: str | None
+) -> None:
+    """Frontends and their backends, read straight from the pinned maps (works while the agent is down).
 
-    try:
-        rows = read_services(bpffs_dir)
-    except BpfError as e:
-        raise click.ClickException(
-            f"cannot read kpr's maps in {bpffs_dir}: {e.strerror}. Is the agent set up there (see --bpffs-dir)?"
-        ) from e
-    if service_filter:
-        rows = [r for r in rows if r.service == service_filter]
+    \b
+    SERVICE           TYPE       FRONTEND           SCOPE    FLAGS  BACKENDS
+    default/web:http  ClusterIP  10.96.0.10:80/TCP  default         10.244.1.11:8080/TCP (active, local)
+                                                                    10.244.1.12:8080/TCP (active, local)
+    """
+    from kpr.cli.render import services_table
+    from kpr.datapath.inspect import filter_services, read_services
+
+    rows = filter_services(_read_maps(bpffs_dir, read_services), namespace, service_filter, address)
     if output == "json":
         click.echo(json.dumps([r.as_dict() for r in rows], indent=2))
     else:
@@ -212,10 +238,101 @@ def services(bpffs_dir: Path, output: str, service_filter: str | None) -> None:
 
 
 @main.command()
+@bpffs_option
+@output_option
+@click.option("--address", default=None, help="Only backends on this address.")
+def backends(bpffs_dir: Path, output: str, address: str | None) -> None:
+    """Every backend in the maps with its state and the frontends that use it.
+
+    \b
+    ID  BACKEND               STATE   LOCAL  USED BY
+    1   10.244.1.11:8080/TCP  active  yes    default/web 10.96.0.10:80/TCP
+    """
+    from kpr.cli.render import backends_table
+    from kpr.datapath.inspect import read_backends
+
+    rows = _read_maps(bpffs_dir, read_backends)
+    if address:
+        rows = [b for b in rows if b.address.rsplit(":", 1)[0].strip("[]") == address]
+    if output == "json":
+        click.echo(json.dumps([b.as_dict() for b in rows], indent=2))
+    else:
+        click.echo(backends_table(rows))
+
+
+@main.command()
+@bpffs_option
+@output_option
+@click.option("--external", is_flag=True, help="The flow arrives from outside the node (default: it starts on it).")
+@click.argument("source")
+@click.argument("destination", metavar="DST:PORT[/PROTO]")
+def explain(bpffs_dir: Path, output: str, external: bool, source: str, destination: str) -> None:
+    """What kpr would do with a new flow from SOURCE to DST:PORT/PROTO, from the live maps.
+
+    \b
+    $ kpr explain 10.244.1.20 10.96.0.10:80/TCP
+    10.244.1.20 -> 10.96.0.10:80/TCP: load-balanced
+      1. The flow starts on this node (a pod or the host); kpr looks up 10.96.0.10:80/TCP in services4.
+      2. It matches the ClusterIP frontend of default/web:http.
+      3. One of 3 backend(s) is picked at random (33% each): ...
+    """
+    from kpr.cli.explain import BadTarget, explanation_text
+    from kpr.cli.explain import explain as explain_flow
+    from kpr.datapath.inspect import read_services
+
+    rows = _read_maps(bpffs_dir, read_services)
+    try:
+        result = explain_flow(rows, source, destination, external=external)
+    except BadTarget as e:
+        raise click.BadParameter(str(e)) from e
+    click.echo(json.dumps(result.as_dict(), indent=2) if output == "json" else explanation_text(result))
+
+
+@main.command()
 @cgroup_option
 @bpffs_option
-def cleanup(cgroup_root: Path | None, bpffs_dir: Path) -> None:
-    """Detach kpr's programs from the cgroup and unpin its maps. Safe to run twice."""
+@output_option
+@click.option("-v", "--verbose", is_flag=True, help="Every counter, program id and the agent's recent errors.")
+@click.option(
+    "--agent-address",
+    default="127.0.0.1:10256",
+    show_default=True,
+    envvar="KPR_HEALTHZ_ADDRESS",
+    help="The agent's health endpoint (its --healthz-bind-address).",
+)
+def status(cgroup_root: Path | None, bpffs_dir: Path, output: str, verbose: bool, agent_address: str) -> None:
+    """Health of the agent and the datapath: programs, maps and their fill, counters, API watches, errors.
+
+    Works from the pinned maps when the agent is down, and says so.
+    """
+    import time
+
+    from kpr.cli.render import status_text
+    from kpr.cli.status import collect
+
+    report = collect(bpffs_dir, cgroup_root or _default_cgroup_root(), agent_address).as_dict()
+    if output == "json":
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(status_text(report, time.time(), verbose))
+
+
+@main.command()
+@cgroup_option
+@bpffs_option
+@click.option(
+    "--kube-proxy",
+    "kube_proxy",
+    is_flag=True,
+    help="Also remove kube-proxy's iptables chains (KUBE-*, nft and legacy, v4 and v6), its nftables tables and "
+    "the IPVS device, so a node switches from kube-proxy in one step.",
+)
+def cleanup(cgroup_root: Path | None, bpffs_dir: Path, kube_proxy: bool) -> None:
+    """Detach kpr's programs from the cgroup and unpin its maps. Safe to run twice.
+
+    Programs of other tools on the same cgroup and other pins are left alone.
+    """
+    from kpr.datapath.kube_proxy import clean_kube_proxy
     from kpr.datapath.loader import DatapathError, detach_all, unpin_all
 
     if os.geteuid() != 0:
@@ -231,6 +348,13 @@ def cleanup(cgroup_root: Path | None, bpffs_dir: Path) -> None:
         + (f" ({', '.join(p.hook for p in detached)})" if detached else "")
     )
     click.echo(f"unpinned {len(unpinned)} map(s) from {bpffs_dir}")
+    if kube_proxy:
+        report = clean_kube_proxy()
+        click.echo(f"removed {len(report.removed)} piece(s) of kube-proxy state")
+        for line in report.removed:
+            click.echo(f"  {line}")
+        if report.errors:
+            raise click.ClickException("could not remove:\n  " + "\n  ".join(report.errors))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from kpr.datapath.inspect import FrontendRow
+from kpr.datapath.inspect import BackendListing, FrontendRow
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -45,3 +46,100 @@ def services_table(frontends: Sequence[FrontendRow]) -> str:
     if not rows:
         return "no services programmed"
     return table(["SERVICE", "TYPE", "FRONTEND", "SCOPE", "FLAGS", "BACKENDS"], rows)
+
+
+def backends_table(backends: Sequence[BackendListing]) -> str:
+    rows = [
+        [str(b.id), b.address, b.state, "yes" if b.node_local else "no", ", ".join(b.frontends) or "(none)"]
+        for b in backends
+    ]
+    if not rows:
+        return "no backends programmed"
+    return table(["ID", "BACKEND", "STATE", "LOCAL", "USED BY"], rows)
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "NO"
+
+
+def status_text(s: dict[str, Any], now: float, verbose: bool = False) -> str:
+    """`kpr status` as text, from the plain dict of kpr.cli.status.Status (so JSON and text show the same facts)."""
+    lines: list[str] = []
+
+    def row(label: str, text: str) -> None:
+        lines.append(f"{label + ':':<13} {text}")
+
+    agent = s["agent"]
+    if agent is None:
+        row("Agent", f"DOWN ({s['agent_error']})")
+    else:
+        state = "healthy" if agent["healthy"] else f"UNHEALTHY: {agent['health']}"
+        row("Agent", f"{state} (pid {agent['pid']}, node {agent['node']}, up {_ago(now - agent['started'])})")
+        source = agent["source"]
+        where = source.get("directory") or source.get("kubeconfig")
+        text = f"{source['kind']} ({where})"
+        watches = source.get("watches")
+        if watches:
+            text += "; " + ", ".join(
+                f"{kind} {w['state']} at rv {w['resource_version'] or '-'}" for kind, w in watches.items()
+            )
+        row("Source", text)
+        if agent["last_sync"]:
+            row(
+                "Last sync",
+                f"{_ago(now - agent['last_sync'])} ago, took {agent['last_sync_seconds'] * 1000:.1f} ms; "
+                f"{agent['queued_services']} queued, {len(agent['failing_services'])} failing",
+            )
+        else:
+            row("Last sync", "not yet (waiting for the first list of every kind)")
+        row("Programmed", ", ".join(_count(agent[k], k[:-1]) for k in ("services", "frontends", "backends")))
+    hooks = len(s["programs"])
+    total = hooks + len(s["missing_hooks"])
+    mode = "full" if hooks and not s["missing_hooks"] else ("partial" if hooks else "off")
+    row("Socket LB", f"{mode}: {hooks}/{total} hooks attached to {s['cgroup']}")
+    row("North-south", "not configured")
+    k = s["kernel"]
+    row(
+        "Kernel",
+        f"{k['release']}; BTF {_yes(k['btf'])}, bpffs {_yes(k['bpffs'])}, cgroup2 {_yes(k['cgroup2'])}, "
+        f"bpf_set_retval {_yes(k['bpf_set_retval'])}, batch map ops {_yes(k['batch_map_ops'])}, "
+        f"headers for BCC {_yes(k['kernel_headers_for_bcc'])}",
+    )
+    if s["maps"]:
+        lines.append(f"Maps ({s['bpffs_dir']}):")
+        for m in s["maps"]:
+            flag = "  <- over 90%" if m["fill"] >= 0.9 else ""
+            lines.append(f"  {m['name']:<15} {m['entries']:>8} / {m['max_entries']:<8} {m['fill']:6.1%}{flag}")
+    c = s["counters"]
+    if c:
+        row(
+            "Datapath",
+            f"translated {c.get('xlate_fwd', 0)}, shown as frontend {c.get('xlate_rev', 0)}, "
+            f"refused {c.get('reject_no_backend', 0)}, dropped (no local backend) {c.get('drop_no_local_backend', 0)}, "
+            f"affinity {c.get('affinity_hit', 0)} hits / {c.get('affinity_new', 0)} new",
+        )
+        if verbose:
+            for name, value in c.items():
+                lines.append(f"  {name:<24} {value}")
+    if verbose:
+        for p in s["programs"]:
+            lines.append(f"  program {p['name']:<16} id {p['id']:<6} on {p['hook']}")
+        for e in (agent or {}).get("recent_errors", []):
+            lines.append(f"  error {_ago(now - e['time'])} ago: {e['error']}")
+    if s["warnings"]:
+        lines.append("Warnings:")
+        lines.extend(f"  - {w}" for w in s["warnings"])
+    return "\n".join(lines)

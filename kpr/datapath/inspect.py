@@ -8,7 +8,7 @@ from typing import Any
 
 from kpr.datapath import abi, codec
 from kpr.datapath.bpfsys import BpfError, Map
-from kpr.datapath.writers import PinnedMapWriter
+from kpr.datapath.writers import MapWriter, PinnedMapWriter
 
 
 @dataclass
@@ -54,58 +54,63 @@ def _flags(flags: int) -> list[str]:
 def read_services(bpffs_dir: Path) -> list[FrontendRow]:
     writer = PinnedMapWriter(bpffs_dir)
     try:
-        names = {int(k.value): codec.decode_svc_name(v) for k, v in writer.items("svc_names")}
-        rows = []
-        for fam in ("4", "6"):
-            backends = {int(k.value): codec.decode_backend(v) for k, v in writer.items(f"backends{fam}")}
-            entries = {codec.decode_svc_key(k): v for k, v in writer.items(f"services{fam}")}
-            masters = sorted(
-                (k for k in entries if k.slot == 0 and k.scope == abi.SCOPE_DEFAULT),
-                key=lambda k: (k.addr, k.port, k.protocol),
-            )
-            for key in masters:
-                master = entries[key]
-                name = names.get(master.rev_nat_id)
-                scopes = []
-                for scope in (abi.SCOPE_DEFAULT, abi.SCOPE_INTERNAL):
-                    skey = codec.DecodedSvcKey(key.addr, key.port, key.protocol, scope, 0)
-                    m = entries.get(skey)
-                    if m is None:
-                        continue
-                    row = ScopeRow("default" if scope == abi.SCOPE_DEFAULT else "internal", _flags(m.flags), [])
-                    for slot in range(1, m.count + 1):
-                        s = entries.get(codec.DecodedSvcKey(key.addr, key.port, key.protocol, scope, slot))
-                        if s is None:
-                            row.problems.append(f"slot {slot} missing")
-                            continue
-                        b = backends.get(s.backend_id)
-                        if b is None:
-                            row.problems.append(f"slot {slot}: backend {s.backend_id} missing")
-                            continue
-                        row.backends.append(
-                            BackendRow(
-                                s.backend_id,
-                                _fmt(b.addr, b.port, b.protocol),
-                                "terminating" if b.terminating else "active",
-                                b.node_local,
-                            )
-                        )
-                    scopes.append(row)
-                rows.append(
-                    FrontendRow(
-                        service=f"{name.namespace}/{name.name}" if name else "(unknown)",
-                        port_name=name.port_name if name else "",
-                        kind=name.kind if name else "?",
-                        frontend=_fmt(key.addr, key.port, key.protocol),
-                        rev_nat_id=master.rev_nat_id,
-                        affinity_timeout=master.affinity_timeout,
-                        scopes=scopes,
-                    )
-                )
-        rows.sort(key=lambda r: (r.service, r.port_name, r.frontend))
-        return rows
+        return services_from(writer)
     finally:
         writer.close()
+
+
+def services_from(writer: MapWriter) -> list[FrontendRow]:
+    """Frontend rows from any map writer (the pinned maps, or in-memory ones in tests)."""
+    names = {int(k.value): codec.decode_svc_name(v) for k, v in writer.items("svc_names")}
+    rows = []
+    for fam in ("4", "6"):
+        backends = {int(k.value): codec.decode_backend(v) for k, v in writer.items(f"backends{fam}")}
+        entries = {codec.decode_svc_key(k): v for k, v in writer.items(f"services{fam}")}
+        masters = sorted(
+            (k for k in entries if k.slot == 0 and k.scope == abi.SCOPE_DEFAULT),
+            key=lambda k: (k.addr, k.port, k.protocol),
+        )
+        for key in masters:
+            master = entries[key]
+            name = names.get(master.rev_nat_id)
+            scopes = []
+            for scope in (abi.SCOPE_DEFAULT, abi.SCOPE_INTERNAL):
+                skey = codec.DecodedSvcKey(key.addr, key.port, key.protocol, scope, 0)
+                m = entries.get(skey)
+                if m is None:
+                    continue
+                row = ScopeRow("default" if scope == abi.SCOPE_DEFAULT else "internal", _flags(m.flags), [])
+                for slot in range(1, m.count + 1):
+                    s = entries.get(codec.DecodedSvcKey(key.addr, key.port, key.protocol, scope, slot))
+                    if s is None:
+                        row.problems.append(f"slot {slot} missing")
+                        continue
+                    b = backends.get(s.backend_id)
+                    if b is None:
+                        row.problems.append(f"slot {slot}: backend {s.backend_id} missing")
+                        continue
+                    row.backends.append(
+                        BackendRow(
+                            s.backend_id,
+                            _fmt(b.addr, b.port, b.protocol),
+                            "terminating" if b.terminating else "active",
+                            b.node_local,
+                        )
+                    )
+                scopes.append(row)
+            rows.append(
+                FrontendRow(
+                    service=f"{name.namespace}/{name.name}" if name else "(unknown)",
+                    port_name=name.port_name if name else "",
+                    kind=name.kind if name else "?",
+                    frontend=_fmt(key.addr, key.port, key.protocol),
+                    rev_nat_id=master.rev_nat_id,
+                    affinity_timeout=master.affinity_timeout,
+                    scopes=scopes,
+                )
+            )
+    rows.sort(key=lambda r: (r.service, r.port_name, r.frontend))
+    return rows
 
 
 def read_counters(bpffs_dir: Path) -> dict[str, int]:
@@ -117,3 +122,69 @@ def read_counters(bpffs_dir: Path) -> dict[str, int]:
         return {}
     with m:
         return {name: sum(int(v.value) for v in m.lookup_percpu(abi.U32(idx))) for name, idx in abi.COUNTERS.items()}
+
+
+@dataclass
+class BackendListing:
+    id: int
+    address: str
+    state: str
+    node_local: bool
+    frontends: list[str]  # "ns/name:port frontend" of every frontend with a slot on it
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_backends(bpffs_dir: Path) -> list[BackendListing]:
+    """Every backend entry, with the frontends whose slots point at it (none: garbage the agent will prune)."""
+    users: dict[int, list[str]] = {}
+    for row in read_services(bpffs_dir):
+        for scope in row.scopes:
+            for b in scope.backends:
+                label = f"{row.service} {row.frontend}"
+                if label not in users.setdefault(b.id, []):
+                    users[b.id].append(label)
+    writer = PinnedMapWriter(bpffs_dir, ["backends4", "backends6"])
+    try:
+        out = []
+        for fam in ("4", "6"):
+            for k, v in writer.items(f"backends{fam}"):
+                decoded = codec.decode_backend(v)
+                out.append(
+                    BackendListing(
+                        int(k.value),
+                        _fmt(decoded.addr, decoded.port, decoded.protocol),
+                        "terminating" if decoded.terminating else "active",
+                        decoded.node_local,
+                        users.get(int(k.value), []),
+                    )
+                )
+        return sorted(out, key=lambda listing: listing.id)
+    finally:
+        writer.close()
+
+
+def filter_services(
+    rows: list[FrontendRow], namespace: str | None = None, service: str | None = None, address: str | None = None
+) -> list[FrontendRow]:
+    """Rows of one namespace, one service (NAME or NS/NAME) and/or touching an address (frontend or backend)."""
+    out = []
+    for r in rows:
+        ns, _, name = r.service.partition("/")
+        if namespace and ns != namespace:
+            continue
+        if service and service not in (r.service, name):
+            continue
+        if address and not (
+            _host(r.frontend) == address or any(_host(b.address) == address for s in r.scopes for b in s.backends)
+        ):
+            continue
+        out.append(r)
+    return out
+
+
+def _host(formatted: str) -> str:
+    """The address part of "a.b.c.d:port/PROTO" or "[v6]:port/PROTO"."""
+    host = formatted.rsplit(":", 1)[0]
+    return host.strip("[]")

@@ -7,8 +7,13 @@ the bpffs directory and reused (contents included) by the next load.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
+import dataclasses
+import json
 import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +50,7 @@ class DatapathError(RuntimeError):
     """Something about the node stops kpr from loading; the message says what and how to fix it."""
 
 
-def _fs_magic(path: Path) -> int:
+def fs_magic(path: Path) -> int:
     buf = ctypes.create_string_buffer(128)  # struct statfs; f_type is the first long
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.statfs(str(path).encode(), buf) != 0:
@@ -56,7 +61,7 @@ def _fs_magic(path: Path) -> int:
 
 def check_bpffs(bpffs_dir: Path) -> None:
     parent = bpffs_dir if bpffs_dir.exists() else bpffs_dir.parent
-    if _fs_magic(parent) != BPF_FS_MAGIC:
+    if fs_magic(parent) != BPF_FS_MAGIC:
         raise DatapathError(
             f"{parent} is not on a bpf filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf` "
             "(or pass --bpffs-dir under an existing bpffs mount)"
@@ -64,7 +69,7 @@ def check_bpffs(bpffs_dir: Path) -> None:
 
 
 def check_cgroup2(cgroup: Path) -> None:
-    if _fs_magic(cgroup) != CGROUP2_SUPER_MAGIC:
+    if fs_magic(cgroup) != CGROUP2_SUPER_MAGIC:
         raise DatapathError(f"{cgroup} is not a cgroup v2 directory; pass the cgroup2 mount (or a directory in it)")
 
 
@@ -180,3 +185,53 @@ def default_cgroup_root() -> Path:
             if len(fields) > 2 and fields[2] == "cgroup2":
                 return Path(fields[1])
     return Path("/sys/fs/cgroup")
+
+
+def load_and_attach_isolated(
+    bpffs_dir: Path, cgroup: Path, map_sizes: dict[str, int]
+) -> tuple[list[bpfsys.AttachedProgram], float]:
+    """Compile and attach in a child process, so BCC and LLVM (~130 MiB) never stay resident in the agent.
+
+    The attachments and pinned maps outlive the child; the agent only ever touches them through bpf(2).
+    """
+    argv = [
+        sys.executable,
+        "-m",
+        "kpr.datapath.loader",
+        "--bpffs-dir",
+        str(bpffs_dir),
+        "--cgroup",
+        str(cgroup),
+        "--map-sizes",
+        json.dumps(map_sizes),
+    ]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    lines = proc.stdout.strip().splitlines()
+    try:
+        result = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        result = {}
+    if proc.returncode != 0 or "programs" not in result:
+        raise DatapathError(result.get("error") or f"loading the BPF programs failed: {proc.stderr.strip()[-2000:]}")
+    programs = [bpfsys.AttachedProgram(**p) for p in result["programs"]]
+    return programs, float(result["compile_seconds"])
+
+
+def _child_main() -> int:
+    parser = argparse.ArgumentParser(description="compile and attach kpr's socket programs (used by the agent)")
+    parser.add_argument("--bpffs-dir", type=Path, required=True)
+    parser.add_argument("--cgroup", type=Path, required=True)
+    parser.add_argument("--map-sizes", default="{}")
+    args = parser.parse_args()
+    lb = SocketLB(args.bpffs_dir, args.cgroup, json.loads(args.map_sizes))
+    try:
+        programs = lb.load_and_attach()
+    except DatapathError as e:
+        print(json.dumps({"error": str(e)}))
+        return 1
+    print(json.dumps({"programs": [dataclasses.asdict(p) for p in programs], "compile_seconds": lb.compile_seconds}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())

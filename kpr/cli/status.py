@@ -1,0 +1,130 @@
+"""What `kpr status` gathers: the agent's /status (when it answers), the pinned maps, the attached programs and the
+kernel facts kpr depends on. Rendering lives in render.py; this module only collects plain data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kpr.datapath import abi, bpfsys
+from kpr.datapath.inspect import read_counters
+from kpr.datapath.loader import (
+    BPF_FS_MAGIC,
+    CGROUP2_SUPER_MAGIC,
+    PROGRAM_PREFIX,
+    SOCKET_HOOKS,
+    DatapathError,
+    attached_programs,
+    fs_magic,
+)
+
+FULL_WARNING = 0.9  # a map this full is flagged
+
+
+@dataclass
+class MapFill:
+    name: str
+    entries: int
+    max_entries: int
+
+    @property
+    def fill(self) -> float:
+        return self.entries / self.max_entries if self.max_entries else 0.0
+
+
+@dataclass
+class Status:
+    agent: dict[str, Any] | None  # the agent's /status, None when it does not answer
+    agent_error: str
+    bpffs_dir: str
+    cgroup: str
+    maps: list[MapFill] = field(default_factory=list)
+    programs: list[dict[str, Any]] = field(default_factory=list)
+    missing_hooks: list[str] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+    kernel: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["maps"] = [dict(asdict(m), fill=round(m.fill, 4)) for m in self.maps]
+        return out
+
+
+def fetch_agent_status(address: str, timeout: float = 2.0) -> tuple[dict[str, Any] | None, str]:
+    host, _, port = address.rpartition(":")
+    host = "127.0.0.1" if host in ("", "0.0.0.0", "[::]", "::") else host
+    url = f"http://{host}:{port}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return json.loads(response.read()), ""
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        return None, f"no answer from {url}: {getattr(e, 'reason', e)}"
+
+
+def map_fill(bpffs_dir: Path) -> list[MapFill]:
+    fills = []
+    for name, spec in abi.MAPS.items():
+        if spec.percpu or not (bpffs_dir / name).exists():
+            continue
+        with bpfsys.Map(str(bpffs_dir / name), spec.key, spec.value) as m:
+            fills.append(MapFill(name, len(m.items()), m.info.max_entries))
+    return fills
+
+
+def kernel_facts(bpffs_dir: Path, cgroup: Path) -> dict[str, Any]:
+    release = os.uname().release
+    major, minor = (int(x) for x in release.split(".")[:2])
+
+    def magic_is(path: Path, magic: int) -> bool:
+        try:
+            return fs_magic(path) == magic
+        except DatapathError:
+            return False
+
+    return {
+        "release": release,
+        "btf": Path("/sys/kernel/btf/vmlinux").exists(),
+        "kernel_headers_for_bcc": (Path("/lib/modules") / release / "build").exists(),
+        "bpffs": magic_is(bpffs_dir if bpffs_dir.exists() else bpffs_dir.parent, BPF_FS_MAGIC),
+        "cgroup2": magic_is(cgroup, CGROUP2_SUPER_MAGIC),
+        # bpf_set_retval (a refused connect() gets ECONNREFUSED) arrived in 5.18; batch map ops in 5.6.
+        "bpf_set_retval": (major, minor) >= (5, 18),
+        "batch_map_ops": (major, minor) >= (5, 6),
+    }
+
+
+def collect(bpffs_dir: Path, cgroup: Path, agent_address: str) -> Status:
+    agent, agent_error = fetch_agent_status(agent_address) if agent_address else (None, "not asked")
+    status = Status(agent, agent_error, str(bpffs_dir), str(cgroup))
+    status.kernel = kernel_facts(bpffs_dir, cgroup)
+    if bpffs_dir.exists():
+        status.maps = map_fill(bpffs_dir)
+        status.counters = read_counters(bpffs_dir)
+    else:
+        status.warnings.append(f"{bpffs_dir} does not exist: kpr has not run here (or was cleaned up)")
+    if cgroup.exists():
+        ours = [p for p in attached_programs(cgroup) if p.name.startswith(PROGRAM_PREFIX)]
+        status.programs = [asdict(p) for p in ours]
+        status.missing_hooks = [hook for hook in SOCKET_HOOKS if hook not in {p.hook for p in ours}]
+    for m in status.maps:
+        if m.fill >= FULL_WARNING:
+            status.warnings.append(
+                f"map {m.name} is {m.fill:.0%} full ({m.entries}/{m.max_entries}); raise it with --map-size"
+            )
+    if status.programs and status.missing_hooks:
+        status.warnings.append(f"socket hooks without a kpr program: {', '.join(status.missing_hooks)}")
+    if agent is not None and not agent.get("healthy"):
+        status.warnings.append(f"agent unhealthy: {agent.get('health')}")
+    if agent is None and status.maps:
+        status.warnings.append("the agent does not answer; the maps keep serving what they hold")
+    for name, value in status.counters.items():
+        if name.startswith("err_") and value:
+            status.warnings.append(f"datapath counter {name} = {value} (should stay 0; see `kpr status -v`)")
+    return status
