@@ -3,13 +3,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test unit datapath lint clean
+.PHONY: help setup demo test unit lint bench clean
 
 help:
 	@echo "make demo   - set up, then load balance a Service in the lab namespaces and show kpr services"
 	@echo "make test   - set up, then lint and run the unit, datapath and agent tests"
 	@echo "make unit   - the tests that need no root"
 	@echo "make lint   - ruff and mypy"
+	@echo "make bench  - control-plane benchmark (10k Services x 10 endpoints); BENCH_ARGS=--quick for 1k"
 	@echo "make clean  - remove the venv and any lab left behind by a killed run"
 
 setup:
@@ -25,8 +26,11 @@ unit: setup
 	$(PY) -m pytest -m unit $(PYTEST_ARGS) tests
 
 lint: setup
-	$(PY) -m ruff check kpr tests
+	$(PY) -m ruff check kpr tests bench
 	$(PY) -m mypy kpr
+
+bench: setup
+	$(PY) bench/controlplane.py $(BENCH_ARGS)
 
 clean:
 	-[ -x $(PY) ] && $(PY) -c 'from kpr.lab import sweep_stale; sweep_stale()'

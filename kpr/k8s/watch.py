@@ -56,15 +56,21 @@ def resources(api_client: Any, node_name: str, nodeport_cidrs: list[str] | None)
     discovery = client.DiscoveryV1Api(api_client)
     return [
         Resource(
-            "Service", core.list_service_for_all_namespaces, service_from_dict,
+            "Service",
+            core.list_service_for_all_namespaces,
+            service_from_dict,
             {"label_selector": PROXYABLE_SELECTOR},
         ),
         Resource(
-            "EndpointSlice", discovery.list_endpoint_slice_for_all_namespaces, endpoint_slice_from_dict,
+            "EndpointSlice",
+            discovery.list_endpoint_slice_for_all_namespaces,
+            endpoint_slice_from_dict,
             {"label_selector": PROXYABLE_SELECTOR},
         ),
         Resource(
-            "Node", core.list_node, lambda d: node_from_dict(d, nodeport_cidrs),
+            "Node",
+            core.list_node,
+            lambda d: node_from_dict(d, nodeport_cidrs),
             {"field_selector": f"metadata.name={node_name}"},
         ),
     ]
@@ -175,6 +181,7 @@ class Reflector:
                 self._handle(orjson.loads(line))
                 delivered += 1
         finally:
+            response.close()  # first: release_conn() alone would pool a connection still carrying a stream
             response.release_conn()
         # The server ended the watch (its timeoutSeconds passed): resume at once, unless it ended immediately
         # without a single event, which would otherwise become a busy loop against a misbehaving server.
@@ -239,8 +246,13 @@ class Reflector:
             delay = max(delay, retry_after)
         self._failures += 1
         reason = f"HTTP {e.status}" if isinstance(e, ApiException) else type(e).__name__
-        self.log.warning("watch interrupted; resuming", reason=reason, detail=str(e)[:300], retry_in=round(delay, 2),
-                         resource_version=self.resource_version)
+        self.log.warning(
+            "watch interrupted; resuming",
+            reason=reason,
+            detail=str(e)[:300],
+            retry_in=round(delay, 2),
+            resource_version=self.resource_version,
+        )
         self.out.put(SourceError(self.resource.kind, f"{reason}: {str(e)[:200]}", "watch_failed"))
         self.stop.wait(delay)
 
@@ -262,7 +274,12 @@ class ApiSource:
     """The three reflectors of one agent, feeding one queue."""
 
     def __init__(
-        self, api_client: Any, node_name: str, out: queue.Queue[Event], *, nodeport_cidrs: list[str] | None = None,
+        self,
+        api_client: Any,
+        node_name: str,
+        out: queue.Queue[Event],
+        *,
+        nodeport_cidrs: list[str] | None = None,
         idle_timeout: float = 90.0,
     ) -> None:
         self.stop = threading.Event()
@@ -280,8 +297,12 @@ class ApiSource:
 
     def state(self) -> dict[str, dict[str, Any]]:
         return {
-            r.resource.kind: {"state": r.state, "resource_version": r.resource_version, "lists": r.lists,
-                              "watches": r.watches}
+            r.resource.kind: {
+                "state": r.state,
+                "resource_version": r.resource_version,
+                "lists": r.lists,
+                "watches": r.watches,
+            }
             for r in self.reflectors
         }
 

@@ -34,8 +34,10 @@ def make_slice(i: int, endpoints: int, first: int = 0) -> EndpointSliceSpec:
         service_name=f"svc{i}",
         address_type="IPv4",
         endpoints=tuple(
-            Endpoint((f"10.{200 + (i * 16 + e) // 65536}.{(i * 16 + e) // 256 % 256}.{(i * 16 + e) % 256}",),
-                     node_name="node1")
+            Endpoint(
+                (f"10.{200 + (i * 16 + e) // 65536}.{(i * 16 + e) // 256 % 256}.{(i * 16 + e) % 256}",),
+                node_name="node1",
+            )
             for e in range(first, first + endpoints)
         ),
         ports=(EndpointPort("http", "TCP", 8080),),
