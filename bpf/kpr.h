@@ -35,6 +35,23 @@
 #ifndef KPR_AFFINITY_MAX
 #define KPR_AFFINITY_MAX 65536
 #endif
+#ifndef KPR_CT_MAX
+#define KPR_CT_MAX 262144 /* per family; each translated flow takes two entries (original + reply) */
+#endif
+#ifndef KPR_SRC_RANGES_MAX
+#define KPR_SRC_RANGES_MAX 16384
+#endif
+
+/* Source ports the tc path uses when it masquerades to the node address. Outside the kernel's default
+ * ip_local_port_range (32768-60999) and the NodePort range (30000-32767), so never a node's own connection. */
+#define KPR_SNAT_PORT_MIN 61000
+#define KPR_SNAT_PORT_MAX 65535
+#define KPR_SNAT_TRIES 16
+
+/* Conntrack lifetimes (tc path), refreshed by every packet; an LRU evicts the oldest under pressure. */
+#define KPR_CT_TCP_LIFETIME_S 21600 /* established TCP: 6 h, like nf_conntrack's 5 days but bounded */
+#define KPR_CT_CLOSING_LIFETIME_S 10 /* after a FIN or RST */
+#define KPR_CT_UDP_LIFETIME_S 60
 
 /* Service lookup scopes (svc_key.scope). Every lookup starts at the default scope; a master entry flagged
  * TWO_SCOPES sends traffic that starts inside the cluster (sockets on the node, pods) to the internal scope. */
@@ -45,6 +62,8 @@
 #define KPR_SVC_F_AFFINITY 0x01   /* sessionAffinity ClientIP, timeout in affinity_timeout */
 #define KPR_SVC_F_TWO_SCOPES 0x02 /* in-cluster traffic uses the KPR_SCOPE_INTERNAL entry */
 #define KPR_SVC_F_EMPTY_DROP 0x04 /* no backend in this scope but some elsewhere: drop instead of reject */
+#define KPR_SVC_F_EXTERNAL 0x08 /* NodePort, LoadBalancer or externalIP: the tc path serves it */
+#define KPR_SVC_F_SOURCE_RANGES 0x10 /* loadBalancerSourceRanges: sources must match src_ranges4/6 */
 
 /* Backend states and flags (backend.state, backend.flags). */
 #define KPR_BACKEND_ACTIVE 0
@@ -67,6 +86,18 @@
 #define KPR_CNT_AFFINITY_HIT 8           /* ClientIP affinity reused a backend */
 #define KPR_CNT_AFFINITY_NEW 9           /* ClientIP affinity picked (again) after a miss or timeout */
 #define KPR_CNT_ERR_SCOPE_MISSING 10     /* TWO_SCOPES without an internal entry (should never happen) */
+#define KPR_CNT_TC_DNAT 11               /* tc: a packet sent on to its backend */
+#define KPR_CNT_TC_CT_NEW 12             /* tc: a new flow recorded in conntrack */
+#define KPR_CNT_TC_REVNAT 13             /* tc: a reply shown as coming from the frontend */
+#define KPR_CNT_TC_SNAT 14               /* tc: a new flow masqueraded to the node address */
+#define KPR_CNT_TC_REJECT_TCP 15         /* tc: no backend, answered with a TCP reset */
+#define KPR_CNT_TC_REJECT_UDP 16         /* tc: no backend, answered with ICMP port unreachable */
+#define KPR_CNT_TC_DROP_NO_LOCAL 17      /* tc: externalTrafficPolicy=Local without a local backend */
+#define KPR_CNT_TC_DROP_SOURCE_RANGE 18  /* tc: source outside loadBalancerSourceRanges */
+#define KPR_CNT_TC_DROP_SNAT_PORTS 19    /* tc: no free masquerade port */
+#define KPR_CNT_TC_DROP_FIB 20           /* tc: no route to send a translated packet on */
+#define KPR_CNT_TC_DROP_CT_FULL 21       /* tc: could not record a flow */
+#define KPR_CNT_TC_CT_STALE 22           /* tc: a flow's backend is gone; picked again */
 #define KPR_CNT_MAX 32
 
 /* services4/6 key: a frontend address:port/proto, its scope, and slot (0 = master, 1..count = backends). */
@@ -190,6 +221,74 @@ struct svc_name {
 	char port_name[16];
 };
 
+/* ct4/6: the tc path's flows. ORIGINAL entries are keyed by what the client sent (client -> frontend); REPLY entries by
+ * what the backend sends back (backend -> client, or backend -> node address when masqueraded). */
+#define KPR_CT_ORIGINAL 0
+#define KPR_CT_REPLY 1
+#define KPR_CT_F_SNAT 0x01    /* masqueraded to the node address */
+#define KPR_CT_F_CLOSING 0x02 /* a FIN or RST was seen */
+
+struct ct_key4 {
+	__be32 src;
+	__be32 dst;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 dir; /* KPR_CT_* */
+	__u16 pad;
+};
+
+struct ct_key6 {
+	__be32 src[4];
+	__be32 dst[4];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 dir;
+	__u16 pad;
+};
+
+/* ORIGINAL: the backend and, when masqueraded, the node address:port used. REPLY: the client to restore (when
+ * masqueraded) and the frontend (rev_nat_id) to show as the source. */
+struct ct_value4 {
+	__u64 last_seen_ns;
+	__u32 backend_id;
+	__u32 rev_nat_id;
+	__be32 addr;
+	__be16 port;
+	__u8 flags; /* KPR_CT_F_* */
+	__u8 pad;
+};
+
+struct ct_value6 {
+	__u64 last_seen_ns;
+	__u32 backend_id;
+	__u32 rev_nat_id;
+	__be32 addr[4];
+	__be16 port;
+	__u8 flags;
+	__u8 pad;
+};
+
+/* src_ranges4/6 (LPM trie): {rev_nat_id, source prefix} present = allowed (loadBalancerSourceRanges). */
+struct src_range_key4 {
+	__u32 prefixlen; /* 32 (rev_nat_id) + the CIDR's bits */
+	__be32 rev_nat_id;
+	__be32 addr;
+};
+
+struct src_range_key6 {
+	__u32 prefixlen;
+	__be32 rev_nat_id;
+	__be32 addr[4];
+};
+
+/* devices: the node devices the tc programs serve, by ifindex, with the addresses masquerading uses. */
+struct device_info {
+	__be32 addr4;
+	__be32 addr6[4];
+};
+
 #define KPR_PIN(name) KPR_PIN_DIR "/" name
 
 /* Control-plane-written maps are allocated on demand; the LRU maps are preallocated by the kernel. */
@@ -213,5 +312,19 @@ BPF_TABLE_PINNED("lru_hash", struct affinity_key, struct affinity_value, affinit
 BPF_TABLE_PINNED("hash", struct affinity_match_key, __u8, affinity_match, KPR_BACKENDS_MAX, KPR_PIN("affinity_match"),
 		 BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, counters, KPR_CNT_MAX, KPR_PIN("counters"));
+BPF_TABLE_PINNED("lru_hash", struct ct_key4, struct ct_value4, ct4, KPR_CT_MAX, KPR_PIN("ct4"));
+BPF_TABLE_PINNED("lru_hash", struct ct_key6, struct ct_value6, ct6, KPR_CT_MAX, KPR_PIN("ct6"));
+BPF_TABLE_PINNED("lpm_trie", struct src_range_key4, __u8, src_ranges4, KPR_SRC_RANGES_MAX, KPR_PIN("src_ranges4"),
+		 BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lpm_trie", struct src_range_key6, __u8, src_ranges6, KPR_SRC_RANGES_MAX, KPR_PIN("src_ranges6"),
+		 BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", __u32, struct device_info, devices, 64, KPR_PIN("devices"));
+
+/* tc_tails: the tc path's tail calls. Building a reject reply needs more stack than fits beside the forwarding
+ * path, so it runs as a program of its own. Pinned because the kernel empties a program array when its last
+ * user-space reference goes (the loader exits); a missing entry makes the caller drop instead. */
+#define KPR_TAIL_REJECT4 0
+#define KPR_TAIL_REJECT6 1
+BPF_TABLE_PINNED("prog", __u32, __u32, tc_tails, 2, KPR_PIN("tc_tails"));
 
 #endif /* KPR_H */

@@ -24,7 +24,7 @@ from typing import Any
 from kpr import log
 from kpr.agent.metrics import Metrics
 from kpr.agent.store import Store
-from kpr.datapath.loader import load_and_attach_isolated
+from kpr.datapath.loader import default_route_devices, load_and_attach_isolated
 from kpr.datapath.writers import MapWriteError, MapWriter, PinnedMapWriter
 from kpr.model.translate import translate
 from kpr.model.types import EndpointSliceSpec, NodeInfo, ServiceKey
@@ -48,6 +48,7 @@ class AgentConfig:
     sync_period: float = 30.0  # a queued change older than twice this makes /healthz fail, as in kube-proxy
     watch_idle_timeout: float = 90.0
     nodeport_cidrs: list[str] | None = None
+    devices: list[str] | None = None  # node devices for north-south traffic; None: those of the default routes
 
 
 class Agent:
@@ -68,6 +69,7 @@ class Agent:
         self.next_drift_check = time.monotonic() + config.drift_check_period
         self.reconciler: Reconciler | None = None
         self.source: Any = None
+        self.devices: list[str] = []
         self.last_sync_wall = 0.0
         self.last_sync_seconds = 0.0
         self.started_wall = time.time()
@@ -83,14 +85,18 @@ class Agent:
         (anything with start(); events are put on `self.events` directly).
         """
         if writer is None:
-            programs, compile_seconds = load_and_attach_isolated(
-                self.config.bpffs_dir, self.config.cgroup_root, self.config.map_sizes
+            devices = self.config.devices if self.config.devices is not None else default_route_devices()
+            attached = load_and_attach_isolated(
+                self.config.bpffs_dir, self.config.cgroup_root, self.config.map_sizes, devices
             )
+            self.devices = devices
             self.log.info(
                 "programs attached",
                 cgroup=str(self.config.cgroup_root),
-                programs=len(programs),
-                compile_seconds=round(compile_seconds, 2),
+                programs=len(attached.programs),
+                devices=devices or "none (socket LB only)",
+                tc_programs=len(attached.tc),
+                compile_seconds=round(attached.compile_seconds, 2),
                 bpffs=str(self.config.bpffs_dir),
             )
             writer = PinnedMapWriter(self.config.bpffs_dir)
@@ -320,6 +326,7 @@ class Agent:
             "synced": self.programming,
             "source": source,
             "cgroup_root": str(self.config.cgroup_root),
+            "devices": self.devices,
             "bpffs_dir": str(self.config.bpffs_dir),
             "last_sync": self.last_sync_wall or None,
             "last_sync_seconds": round(self.last_sync_seconds, 4),

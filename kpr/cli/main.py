@@ -106,6 +106,13 @@ def _map_sizes(values: tuple[str, ...]) -> dict[str, int]:
     help="Restart a watch that has sent nothing, not even a bookmark, for this many seconds.",
 )
 @click.option(
+    "--devices",
+    default=None,
+    metavar="DEV[,DEV...]",
+    help="Node devices where NodePort, LoadBalancer and externalIP traffic arrives (tc programs); default: the "
+    'devices of the default routes; "" for none (socket LB only).',
+)
+@click.option(
     "--nodeport-addresses",
     default="",
     metavar="CIDR[,CIDR...]",
@@ -150,6 +157,7 @@ def agent(
     min_sync_period: float,
     drift_check_period: float,
     watch_idle_timeout: float,
+    devices: str | None,
     nodeport_addresses: str,
     sync_period: float,
     healthz_bind_address: str,
@@ -186,6 +194,7 @@ def agent(
         watch_idle_timeout=watch_idle_timeout,
         nodeport_cidrs=cidrs,
         sync_period=sync_period,
+        devices=None if devices is None else [d.strip() for d in devices.split(",") if d.strip()],
     )
     a = Agent(config)
     try:
@@ -333,12 +342,13 @@ def cleanup(cgroup_root: Path | None, bpffs_dir: Path, kube_proxy: bool) -> None
     Programs of other tools on the same cgroup and other pins are left alone.
     """
     from kpr.datapath.kube_proxy import clean_kube_proxy
-    from kpr.datapath.loader import DatapathError, detach_all, unpin_all
+    from kpr.datapath.loader import DatapathError, detach_all, detach_tc, unpin_all
 
     if os.geteuid() != 0:
         raise click.ClickException("cleanup needs root (CAP_BPF and CAP_NET_ADMIN)")
     cgroup = cgroup_root or _default_cgroup_root()
     detached = detach_all(cgroup)
+    tc_removed = detach_tc()
     try:
         unpinned = unpin_all(bpffs_dir)
     except DatapathError as e:
@@ -347,6 +357,7 @@ def cleanup(cgroup_root: Path | None, bpffs_dir: Path, kube_proxy: bool) -> None
         f"detached {len(detached)} program(s) from {cgroup}"
         + (f" ({', '.join(p.hook for p in detached)})" if detached else "")
     )
+    click.echo(f"removed {len(tc_removed)} tc filter(s)" + (f" ({', '.join(tc_removed)})" if tc_removed else ""))
     click.echo(f"unpinned {len(unpinned)} map(s) from {bpffs_dir}")
     if kube_proxy:
         report = clean_kube_proxy()

@@ -110,7 +110,8 @@ def status_text(s: dict[str, Any], now: float, verbose: bool = False) -> str:
     total = hooks + len(s["missing_hooks"])
     mode = "full" if hooks and not s["missing_hooks"] else ("partial" if hooks else "off")
     row("Socket LB", f"{mode}: {hooks}/{total} hooks attached to {s['cgroup']}")
-    row("North-south", "not configured")
+    devices = (agent or {}).get("devices") or []
+    row("North-south", f"tc on {', '.join(devices)} (ingress and egress)" if devices else "not configured")
     k = s["kernel"]
     row(
         "Kernel",

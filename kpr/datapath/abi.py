@@ -24,6 +24,15 @@ SCOPE_INTERNAL = 1
 SVC_F_AFFINITY = 0x01
 SVC_F_TWO_SCOPES = 0x02
 SVC_F_EMPTY_DROP = 0x04
+SVC_F_EXTERNAL = 0x08
+SVC_F_SOURCE_RANGES = 0x10
+
+CT_ORIGINAL = 0
+CT_REPLY = 1
+CT_F_SNAT = 0x01
+CT_F_CLOSING = 0x02
+SNAT_PORT_MIN = 61000
+SNAT_PORT_MAX = 65535
 
 BACKEND_ACTIVE = 0
 BACKEND_TERMINATING = 1
@@ -45,6 +54,18 @@ COUNTERS = {
     "affinity_hit": 8,
     "affinity_new": 9,
     "err_scope_missing": 10,
+    "tc_dnat": 11,
+    "tc_ct_new": 12,
+    "tc_revnat": 13,
+    "tc_snat": 14,
+    "tc_reject_tcp": 15,
+    "tc_reject_udp": 16,
+    "tc_drop_no_local": 17,
+    "tc_drop_source_range": 18,
+    "tc_drop_snat_ports": 19,
+    "tc_drop_fib": 20,
+    "tc_drop_ct_full": 21,
+    "tc_ct_stale": 22,
 }
 CNT_MAX = 32
 
@@ -185,6 +206,66 @@ class SvcName(ctypes.Structure):
     ]
 
 
+class CtKey4(ctypes.Structure):
+    _fields_ = [
+        ("src", ctypes.c_uint32),
+        ("dst", ctypes.c_uint32),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("dir", ctypes.c_uint8),
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+class CtKey6(ctypes.Structure):
+    _fields_ = [
+        ("src", Be32x4),
+        ("dst", Be32x4),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("dir", ctypes.c_uint8),
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+class CtValue4(ctypes.Structure):
+    _fields_ = [
+        ("last_seen_ns", ctypes.c_uint64),
+        ("backend_id", ctypes.c_uint32),
+        ("rev_nat_id", ctypes.c_uint32),
+        ("addr", ctypes.c_uint32),
+        ("port", ctypes.c_uint16),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+    ]
+
+
+class CtValue6(ctypes.Structure):
+    _fields_ = [
+        ("last_seen_ns", ctypes.c_uint64),
+        ("backend_id", ctypes.c_uint32),
+        ("rev_nat_id", ctypes.c_uint32),
+        ("addr", Be32x4),
+        ("port", ctypes.c_uint16),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+    ]
+
+
+class SrcRangeKey4(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("rev_nat_id", ctypes.c_uint32), ("addr", ctypes.c_uint32)]
+
+
+class SrcRangeKey6(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("rev_nat_id", ctypes.c_uint32), ("addr", Be32x4)]
+
+
+class DeviceInfo(ctypes.Structure):
+    _fields_ = [("addr4", ctypes.c_uint32), ("addr6", Be32x4)]
+
+
 U32 = ctypes.c_uint32
 U8 = ctypes.c_uint8
 U64 = ctypes.c_uint64
@@ -196,6 +277,7 @@ class MapSpec:
     key: Any  # a ctypes type
     value: Any
     percpu: bool = False
+    programs: bool = False  # a program array: values are program fds, not data
 
 
 # Every map in kpr.h, by its pinned name; the key and value types are what the header declares.
@@ -214,6 +296,12 @@ MAPS: dict[str, MapSpec] = {
         MapSpec("affinity", AffinityKey, AffinityValue),
         MapSpec("affinity_match", AffinityMatchKey, U8),
         MapSpec("counters", U32, U64, percpu=True),
+        MapSpec("ct4", CtKey4, CtValue4),
+        MapSpec("ct6", CtKey6, CtValue6),
+        MapSpec("src_ranges4", SrcRangeKey4, U8),
+        MapSpec("src_ranges6", SrcRangeKey6, U8),
+        MapSpec("devices", U32, DeviceInfo),
+        MapSpec("tc_tails", U32, U32, programs=True),
     )
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -67,6 +68,22 @@ def svc_name_value(kind: str, namespace: str, name: str, port_name: str) -> abi.
         name=name.encode()[:63],
         port_name=port_name.encode()[:15],
     )
+
+
+def src_range_entry(rev_nat_id: int, cidr: str) -> tuple[str, abi.SrcRangeKey4 | abi.SrcRangeKey6]:
+    """The (map, LPM key) allowing `cidr` as a source of frontend `rev_nat_id` (32 bits of id, then the prefix)."""
+    network = ipaddress.ip_network(cidr, strict=False)
+    be_id = int.from_bytes(rev_nat_id.to_bytes(4, "big"), "little")  # network order in memory
+    if network.version == 4:
+        addr = abi.be32_of_ipv4(str(network.network_address))
+        return "src_ranges4", abi.SrcRangeKey4(prefixlen=32 + network.prefixlen, rev_nat_id=be_id, addr=addr)
+    words = abi.be32x4_of_ipv6(str(network.network_address))
+    return "src_ranges6", abi.SrcRangeKey6(prefixlen=32 + network.prefixlen, rev_nat_id=be_id, addr=words)
+
+
+def decode_src_range(key: abi.SrcRangeKey4 | abi.SrcRangeKey6) -> tuple[int, str]:
+    rev_nat_id = int.from_bytes(int(key.rev_nat_id).to_bytes(4, "little"), "big")
+    return rev_nat_id, f"{addr_of(key.addr)}/{key.prefixlen - 32}"
 
 
 def maps_for(addr: str) -> tuple[str, str, str]:

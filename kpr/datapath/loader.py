@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
+import errno
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -43,6 +45,8 @@ DEFAULT_MAP_SIZES = {
     "KPR_REV_NAT_MAX": 65536,
     "KPR_SOCK_REV_NAT_MAX": 262144,
     "KPR_AFFINITY_MAX": 65536,
+    "KPR_CT_MAX": 262144,
+    "KPR_SRC_RANGES_MAX": 16384,
 }
 
 
@@ -133,6 +137,143 @@ class SocketLB:
             os.close(cgroup_fd)
 
 
+# tc filters: (hook, protocol) -> (program, priority). One filter per family keeps each program's stack its own.
+TC_INGRESS, TC_EGRESS = 0xFFFFFFF2, 0xFFFFFFF3  # clsact's ingress and egress parents
+ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
+TC_FILTERS = {
+    ("ingress", ETH_P_IP): ("kpr_tc_in4", 10),
+    ("ingress", ETH_P_IPV6): ("kpr_tc_in6", 11),
+    ("egress", ETH_P_IP): ("kpr_tc_out4", 10),
+    ("egress", ETH_P_IPV6): ("kpr_tc_out6", 11),
+}
+TC_TAILS = {0: "kpr_tc_rej4", 1: "kpr_tc_rej6"}  # KPR_TAIL_REJECT4/6 in tc.c
+
+
+@dataclass
+class TcLB:
+    """The north-south programs of one node: compiled against the same pinned maps, attached to `devices`."""
+
+    bpffs_dir: Path
+    devices: list[str]
+    map_sizes: dict[str, int] = field(default_factory=dict)
+
+    def load_and_attach(self) -> list[dict[str, object]]:
+        import ctypes as ct
+
+        from bcc import BPF
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        cflags = [f'-DKPR_PIN_DIR="{self.bpffs_dir}"', f"-I{abi.BPF_DIR}", *map_size_flags(self.map_sizes)]
+        try:
+            bpf = BPF(src_file=str(abi.BPF_DIR / "tc.c"), cflags=cflags)
+        except Exception as e:  # BCC raises a bare Exception on compile or pin errors
+            raise DatapathError(f"compiling bpf/tc.c failed: {e}") from e
+        names = {name for name, _ in TC_FILTERS.values()} | set(TC_TAILS.values())
+        fns = {name: bpf.load_func(name, BPF.SCHED_CLS) for name in names}
+        tails = bpf.get_table("tc_tails")
+        for index, name in TC_TAILS.items():
+            tails[ct.c_int(index)] = ct.c_int(fns[name].fd)
+        attached: list[dict[str, object]] = []
+        devices_map = bpfsys.Map(str(self.bpffs_dir / "devices"), abi.U32, abi.DeviceInfo)
+        with IPRoute() as ipr, devices_map:
+            for device in self.devices:
+                found = ipr.link_lookup(ifname=device)
+                if not found:
+                    raise DatapathError(f"device {device!r} (from --devices) does not exist in this network namespace")
+                index = found[0]
+                try:
+                    ipr.tc("add", "clsact", index)
+                except NetlinkError as e:
+                    if e.code != errno.EEXIST:
+                        raise
+                for (hook, protocol), (name, prio) in TC_FILTERS.items():
+                    # replace-filter swaps the program in one step on an agent restart
+                    ipr.tc(
+                        "replace-filter",
+                        "bpf",
+                        index,
+                        handle=1,
+                        fd=fns[name].fd,
+                        name=name,
+                        parent=TC_INGRESS if hook == "ingress" else TC_EGRESS,
+                        protocol=protocol,
+                        prio=prio,
+                        classid=1,
+                        direct_action=True,
+                    )
+                    attached.append({"device": device, "hook": hook, "program": name})
+                devices_map.update(abi.U32(index), _device_info(ipr, index))
+        return attached
+
+
+def _device_info(ipr: object, index: int) -> abi.DeviceInfo:
+    """The addresses masquerading uses on a device: its first IPv4 and first global IPv6 address."""
+    import ipaddress
+
+    info = abi.DeviceInfo()
+    for msg in ipr.get_addr(index=index):  # type: ignore[attr-defined]
+        addr = msg.get_attr("IFA_ADDRESS")
+        ip = ipaddress.ip_address(addr)
+        if ip.version == 4 and not info.addr4:
+            info.addr4 = abi.be32_of_ipv4(addr)
+        elif ip.version == 6 and not ip.is_link_local and not any(info.addr6):
+            info.addr6 = abi.be32x4_of_ipv6(addr)
+    return info
+
+
+def default_route_devices() -> list[str]:
+    """The devices of the default routes (IPv4 and IPv6): where north-south traffic arrives by default."""
+    from pyroute2 import IPRoute
+
+    devices: list[str] = []
+    with IPRoute() as ipr:
+        for family in (2, 10):  # AF_INET, AF_INET6
+            for route in ipr.get_default_routes(family=family):
+                oif = route.get_attr("RTA_OIF")
+                if oif:
+                    name = ipr.get_links(oif)[0].get_attr("IFLA_IFNAME")
+                    if name not in devices:
+                        devices.append(name)
+    return devices
+
+
+def detach_tc(devices: list[str] | None = None) -> list[str]:
+    """Remove kpr's tc filters (from `devices`, or every device of this namespace) and their clsact when emptied."""
+    from pyroute2 import IPRoute
+
+    removed = []
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            name = link.get_attr("IFLA_IFNAME")
+            if devices is not None and name not in devices:
+                continue
+            index = link["index"]
+            left = 0
+            for parent in (TC_INGRESS, TC_EGRESS):
+                for msg in ipr.get_filters(index=index, parent=parent):
+                    options = msg.get_attr("TCA_OPTIONS")
+                    prog = options.get_attr("TCA_BPF_NAME") if options else None
+                    if prog is None:
+                        continue  # a chain header, not a filter
+                    if not prog.startswith(PROGRAM_PREFIX):
+                        left += 1
+                        continue
+                    ipr.tc(
+                        "del-filter",
+                        "bpf",
+                        index,
+                        parent=parent,
+                        prio=msg["info"] >> 16,
+                        protocol=socket.ntohs(msg["info"] & 0xFFFF),
+                        handle=1,
+                    )
+                    removed.append(f"{name} {'ingress' if parent == TC_INGRESS else 'egress'} {prog}")
+            if removed and not left and any(r.startswith(f"{name} ") for r in removed):
+                ipr.tc("del", "clsact", index)
+    return removed
+
+
 def attached_programs(cgroup: Path) -> list[bpfsys.AttachedProgram]:
     cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -187,12 +328,20 @@ def default_cgroup_root() -> Path:
     return Path("/sys/fs/cgroup")
 
 
+@dataclass
+class Attached:
+    programs: list[bpfsys.AttachedProgram]  # on the cgroup
+    tc: list[dict[str, object]]  # {"device", "hook", "program"}
+    compile_seconds: float
+
+
 def load_and_attach_isolated(
-    bpffs_dir: Path, cgroup: Path, map_sizes: dict[str, int]
-) -> tuple[list[bpfsys.AttachedProgram], float]:
+    bpffs_dir: Path, cgroup: Path, map_sizes: dict[str, int], devices: list[str] | None = None
+) -> Attached:
     """Compile and attach in a child process, so BCC and LLVM (~130 MiB) never stay resident in the agent.
 
     The attachments and pinned maps outlive the child; the agent only ever touches them through bpf(2).
+    `devices`: the node devices for the north-south tc programs (none: socket LB only).
     """
     argv = [
         sys.executable,
@@ -204,6 +353,8 @@ def load_and_attach_isolated(
         str(cgroup),
         "--map-sizes",
         json.dumps(map_sizes),
+        "--devices",
+        ",".join(devices or []),
     ]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     lines = proc.stdout.strip().splitlines()
@@ -214,22 +365,32 @@ def load_and_attach_isolated(
     if proc.returncode != 0 or "programs" not in result:
         raise DatapathError(result.get("error") or f"loading the BPF programs failed: {proc.stderr.strip()[-2000:]}")
     programs = [bpfsys.AttachedProgram(**p) for p in result["programs"]]
-    return programs, float(result["compile_seconds"])
+    return Attached(programs, result["tc"], float(result["compile_seconds"]))
 
 
 def _child_main() -> int:
-    parser = argparse.ArgumentParser(description="compile and attach kpr's socket programs (used by the agent)")
+    parser = argparse.ArgumentParser(description="compile and attach kpr's programs (used by the agent)")
     parser.add_argument("--bpffs-dir", type=Path, required=True)
     parser.add_argument("--cgroup", type=Path, required=True)
     parser.add_argument("--map-sizes", default="{}")
+    parser.add_argument("--devices", default="")
     args = parser.parse_args()
-    lb = SocketLB(args.bpffs_dir, args.cgroup, json.loads(args.map_sizes))
+    sizes = json.loads(args.map_sizes)
+    lb = SocketLB(args.bpffs_dir, args.cgroup, sizes)
     try:
         programs = lb.load_and_attach()
+        started = time.monotonic()
+        devices = [d for d in args.devices.split(",") if d]
+        tc = TcLB(args.bpffs_dir, devices, sizes).load_and_attach() if devices else []
+        compile_seconds = lb.compile_seconds + time.monotonic() - started
     except DatapathError as e:
         print(json.dumps({"error": str(e)}))
         return 1
-    print(json.dumps({"programs": [dataclasses.asdict(p) for p in programs], "compile_seconds": lb.compile_seconds}))
+    print(
+        json.dumps(
+            {"programs": [dataclasses.asdict(p) for p in programs], "tc": tc, "compile_seconds": compile_seconds}
+        )
+    )
     return 0
 
 

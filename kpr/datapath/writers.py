@@ -49,7 +49,7 @@ class PinnedMapWriter:
         self.bpffs_dir = Path(bpffs_dir)
         self.maps: dict[str, Map] = {}
         try:
-            for name in names or [n for n, spec in abi.MAPS.items() if not spec.percpu]:
+            for name in names or [n for n, spec in abi.MAPS.items() if not (spec.percpu or spec.programs)]:
                 spec = abi.MAPS[name]
                 self.maps[name] = Map(str(self.bpffs_dir / name), spec.key, spec.value, percpu=spec.percpu)
         except BaseException:

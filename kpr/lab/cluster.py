@@ -26,7 +26,8 @@ from kpr.lab.topology import Lab, Node, Pod
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
 
-Port = tuple[str, int, int | str, str]  # (name, port, targetPort, protocol)
+# (name, port, targetPort, protocol) or with a nodePort as fifth element
+Port = tuple[str, int, int | str, str] | tuple[str, int, int | str, str, int]
 
 
 def service(
@@ -44,7 +45,7 @@ def service(
         "clusterIP": cluster_ips[0],
         "clusterIPs": list(cluster_ips),
         "ipFamilies": ["IPv6" if ":" in ip else "IPv4" for ip in cluster_ips],
-        "ports": [{"name": n, "port": p, "targetPort": t, "protocol": proto} for n, p, t, proto in ports],
+        "ports": [_port(p) for p in ports],
     }
     body.update(spec)
     return {
@@ -53,6 +54,13 @@ def service(
         "metadata": {"name": name, "namespace": namespace, "labels": labels or {}},
         "spec": body,
     }
+
+
+def _port(p: Port) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": p[0], "port": p[1], "targetPort": p[2], "protocol": p[3]}
+    if len(p) == 5:
+        out["nodePort"] = p[4]
+    return out
 
 
 def endpoint(

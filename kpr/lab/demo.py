@@ -106,8 +106,9 @@ def main() -> int:
         print(agent.kpr("explain", "--bpffs-dir", str(node.bpffs_dir), client.ipv4, f"{V4}:80/TCP").stdout.rstrip())
 
         say("kpr status")
-        print(agent.kpr("status", "--cgroup-root", str(node.cgroup), "--bpffs-dir", str(node.bpffs_dir))
-              .stdout.rstrip())
+        print(
+            agent.kpr("status", "--cgroup-root", str(node.cgroup), "--bpffs-dir", str(node.bpffs_dir)).stdout.rstrip()
+        )
 
         say("kpr cleanup: detach the programs, unpin the maps")
         agent.stop()

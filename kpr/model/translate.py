@@ -260,6 +260,10 @@ def _family_frontends(
     ]
     if service.type == "LoadBalancer":
         ranges = tuple(cidr for cidr in service.load_balancer_source_ranges if _family(cidr) == family)
+        if ranges:  # the node itself may always reach its LoadBalancer IPs (health checks, hairpin traffic)
+            ranges += tuple(
+                f"{ip}/{32 if family == 'IPv4' else 128}" for ip in node.nodeport_addresses if _family(ip) == family
+            )
         out += [
             frontend(
                 FrontendKind.LOAD_BALANCER,

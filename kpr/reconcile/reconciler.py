@@ -20,7 +20,7 @@ from typing import NamedTuple
 from kpr.datapath import abi, codec
 from kpr.datapath.abi import U32, CData
 from kpr.datapath.writers import MapWriteError, MapWriter
-from kpr.model.types import Backend, Frontend, ServiceKey
+from kpr.model.types import Backend, Frontend, FrontendKind, ServiceKey
 from kpr.reconcile.ids import IdAllocator
 from kpr.reconcile.slots import assign_slots
 
@@ -52,6 +52,7 @@ class AppliedFrontend:
     kind: str
     rev_nat_id: int
     scopes: dict[int, ScopeState]
+    source_ranges: frozenset[str] = frozenset()  # loadBalancerSourceRanges CIDRs, canonical
 
     def affinity_backends(self) -> set[int]:
         if not self.scopes[abi.SCOPE_DEFAULT].flags & abi.SVC_F_AFFINITY:
@@ -208,6 +209,13 @@ class Reconciler:
                     self.by_service.setdefault(owner, set()).add(address)
                 else:
                     report.orphans += 1
+        ranges: dict[int, set[str]] = {}
+        for fam in ("4", "6"):
+            for k, _ in contents[f"src_ranges{fam}"]:
+                rev_nat_id, cidr = codec.decode_src_range(k)
+                ranges.setdefault(rev_nat_id, set()).add(cidr)
+        for fe in self.frontends.values():
+            fe.source_ranges = frozenset(ranges.get(fe.rev_nat_id, ()))
         by_id = {e.id: e for e in self.backends.values()}
         for fe in self.frontends.values():
             for scope in fe.scopes.values():
@@ -292,6 +300,8 @@ _MAKE_ORDER = [
     "rev_nat6",
     "svc_names",
     "affinity_match",
+    "src_ranges4",
+    "src_ranges6",
     "services4",
     "services6",
 ]
@@ -325,6 +335,10 @@ def _scope_plan(f: Frontend) -> dict[int, tuple[tuple[Backend, ...], int]]:
         default_flags |= abi.SVC_F_TWO_SCOPES
     if f.empty_drop and not f.backends:
         default_flags |= abi.SVC_F_EMPTY_DROP
+    if f.kind != FrontendKind.CLUSTER_IP:
+        default_flags |= abi.SVC_F_EXTERNAL  # the tc path serves it for traffic from outside the node
+    if f.source_ranges:
+        default_flags |= abi.SVC_F_SOURCE_RANGES
     scopes = {abi.SCOPE_DEFAULT: (f.backends, default_flags)}
     if f.internal_backends is not None:
         scopes[abi.SCOPE_INTERNAL] = (f.internal_backends, affinity)
@@ -429,7 +443,9 @@ class _Plan:
             old_slots = old_scopes[scope].slots if scope in old_scopes else []
             new_scopes[scope] = ScopeState(assign_slots(old_slots, ids), flags, f.affinity_timeout)
 
-        fe = AppliedFrontend(f.address, service, f.port_name, str(f.kind), rev_nat_id, new_scopes)
+        fe = AppliedFrontend(
+            f.address, service, f.port_name, str(f.kind), rev_nat_id, new_scopes, frozenset(f.source_ranges)
+        )
         self._diff_frontend(services_map, old, fe)
         self.new_frontends[f.address] = fe
 
@@ -465,6 +481,11 @@ class _Plan:
         for backend_id in sorted(new_match - old_match):
             k = abi.AffinityMatchKey(backend_id=backend_id, rev_nat_id=rev_nat_id)
             self.make_slots.append(MapOp("affinity_match", k, abi.U8(1), None))
+        # Allowed source ranges exist before the master's SOURCE_RANGES flag, and go after it is cleared.
+        old_ranges = old.source_ranges if old else frozenset()
+        new_ranges = new.source_ranges if new else frozenset()
+        for cidr in sorted(new_ranges - old_ranges):
+            self.make_slots.append(MapOp(*codec.src_range_entry(rev_nat_id, cidr), abi.U8(1), None))
 
         # Internal scope first: the default scope's TWO_SCOPES flag must never point at a missing entry.
         make_order = sorted(new_scopes, reverse=True)
@@ -496,6 +517,8 @@ class _Plan:
         for backend_id in sorted(old_match - new_match):
             k = abi.AffinityMatchKey(backend_id=backend_id, rev_nat_id=rev_nat_id)
             self.break_slots.append(MapOp("affinity_match", k, None, abi.U8(1)))
+        for cidr in sorted(old_ranges - new_ranges):
+            self.break_slots.append(MapOp(*codec.src_range_entry(rev_nat_id, cidr), None, abi.U8(1)))
 
         # Reference counts: one per (frontend, scope) that holds a backend.
         for s in old_scopes.values():
@@ -527,6 +550,8 @@ class _Plan:
         for backend_id in sorted(fe.affinity_backends()):
             k = abi.AffinityMatchKey(backend_id=backend_id, rev_nat_id=fe.rev_nat_id)
             out.append(MapOp("affinity_match", k, abi.U8(1), None))
+        for cidr in sorted(fe.source_ranges):
+            out.append(MapOp(*codec.src_range_entry(fe.rev_nat_id, cidr), abi.U8(1), None))
         return out
 
     # -- outcome --

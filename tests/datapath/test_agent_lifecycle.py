@@ -112,7 +112,7 @@ def test_cleanup_detaches_every_program_and_unpins_every_map_twice_over(
     agent.stop(signal.SIGTERM)
     args = ("cleanup", "--cgroup-root", str(node.cgroup), "--bpffs-dir", str(node.bpffs_dir))
     first = agent.kpr(*args)
-    assert "detached 8 program(s)" in first.stdout and "unpinned 12 map(s)" in first.stdout
+    assert "detached 8 program(s)" in first.stdout and "unpinned 18 map(s)" in first.stdout
     assert attached_programs(node.cgroup) == []
     assert not node.bpffs_dir.exists()
     second = agent.kpr(*args)  # idempotent

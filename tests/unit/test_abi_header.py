@@ -50,6 +50,7 @@ def test_every_pinned_map_is_mirrored() -> None:
     assert {name for *_, name in declared} == set(abi.MAPS)
     for kind, _key, _value, name in declared:
         assert abi.MAPS[name].percpu == (kind == "percpu_array"), name
+        assert abi.MAPS[name].programs == (kind == "prog"), name
 
 
 def test_socket_hook_programs_exist_and_fit_the_kernel_name_limit() -> None:

@@ -1,0 +1,1051 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * tc.c - north-south load balancing at tc (clsact, direct action) on node devices.
+ *
+ * Ingress: a packet of a known flow follows its conntrack entry; a new flow to an external frontend (NodePort,
+ * LoadBalancer IP, externalIP) picks a backend and is recorded. A node-local backend gets the packet DNATed and handed
+ * to the stack (routing delivers it to the pod); a backend on another node (externalTrafficPolicy=Cluster) also gets
+ * it masqueraded to the node address and redirected out directly (the stack would drop a packet arriving with the
+ * node's own source address). Replies to masqueraded flows come back here and are sent to the client.
+ * Egress: replies of node-local backends are shown as coming from the frontend.
+ * No usable backend: a TCP reset or an ICMP port unreachable goes back to the client (kube-proxy's REJECT);
+ * externalTrafficPolicy=Local without a local backend and sources outside loadBalancerSourceRanges are dropped.
+ */
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+#include <uapi/linux/icmp.h>
+#include <uapi/linux/icmpv6.h>
+#include <uapi/linux/pkt_cls.h>
+#include "kpr.h"
+
+/* Separate BPF functions (not inlined) for the big branches: each keeps its own stack frame under 512 bytes. */
+
+#define KPR_NSEC_PER_SEC 1000000000ULL
+#define IP4_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
+#define TCP_CSUM_OFF 16
+#define UDP_CSUM_OFF 6
+#define TCP_FLAGS_OFF 13
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
+
+struct flow4 {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 tcp_flags;
+	__u16 l4_off;
+};
+
+struct flow6 {
+	__be32 saddr[4];
+	__be32 daddr[4];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 tcp_flags;
+	__u16 l4_off;
+};
+
+/* BCC 0.26 declares bpf_redirect_neigh with an outdated prototype; call the helper with the kernel's own. */
+static long (*kpr_redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) = (void *)BPF_FUNC_redirect_neigh;
+
+static __always_inline long redirect_neigh(__u32 ifindex)
+{
+	return kpr_redirect_neigh(ifindex, NULL, 0, 0); /* the kernel resolves the next hop's MAC */
+}
+
+
+static __always_inline void counter_inc(__u32 idx)
+{
+	__u64 *value = counters.lookup(&idx);
+
+	if (value)
+		*value += 1;
+}
+
+static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, __u8 proto, __be16 *sport, __be16 *dport,
+				    __u8 *tcp_flags)
+{
+	__be16 ports[2];
+
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return -1;
+	if (bpf_skb_load_bytes(skb, off, ports, sizeof(ports)))
+		return -1;
+	*sport = ports[0];
+	*dport = ports[1];
+	*tcp_flags = 0;
+	if (proto == IPPROTO_TCP && bpf_skb_load_bytes(skb, off + TCP_FLAGS_OFF, tcp_flags, 1))
+		return -1;
+	return 0;
+}
+
+static __always_inline int parse4(struct __sk_buff *skb, struct flow4 *f)
+{
+	struct iphdr ip;
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)))
+		return -1;
+	if (ip.ihl != 5 || (ip.frag_off & bpf_htons(0x3fff)))
+		return -1; /* IP options and fragments are left to the stack */
+	f->saddr = ip.saddr;
+	f->daddr = ip.daddr;
+	f->proto = ip.protocol;
+	f->l4_off = ETH_HLEN + sizeof(struct iphdr);
+	return parse_l4(skb, f->l4_off, f->proto, &f->sport, &f->dport, &f->tcp_flags);
+}
+
+static __always_inline int parse6(struct __sk_buff *skb, struct flow6 *f)
+{
+	struct ipv6hdr ip;
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)))
+		return -1;
+	__builtin_memcpy(f->saddr, &ip.saddr, 16);
+	__builtin_memcpy(f->daddr, &ip.daddr, 16);
+	f->proto = ip.nexthdr; /* extension headers are left to the stack */
+	f->l4_off = ETH_HLEN + sizeof(struct ipv6hdr);
+	return parse_l4(skb, f->l4_off, f->proto, &f->sport, &f->dport, &f->tcp_flags);
+}
+
+static __always_inline __u32 l4_csum_off(__u8 proto, __u16 l4_off)
+{
+	return l4_off + (proto == IPPROTO_TCP ? TCP_CSUM_OFF : UDP_CSUM_OFF);
+}
+
+static __always_inline __u64 l4_csum_flags(__u8 proto)
+{
+	/* a UDP checksum of 0 means "none" and must stay so */
+	return proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+}
+
+/* Rewrite the source (dst = false) or destination address and port, fixing the L3 and L4 checksums. */
+static __always_inline int rewrite4(struct __sk_buff *skb, struct flow4 *f, bool dst, __be32 addr, __be16 port)
+{
+	__be32 old_addr = dst ? f->daddr : f->saddr;
+	__be16 old_port = dst ? f->dport : f->sport;
+	__u32 addr_off = ETH_HLEN + (dst ? offsetof(struct iphdr, daddr) : offsetof(struct iphdr, saddr));
+	__u32 port_off = f->l4_off + (dst ? 2 : 0);
+	__u32 csum_off = l4_csum_off(f->proto, f->l4_off);
+	__u64 mangled = l4_csum_flags(f->proto);
+
+	if (old_addr != addr) {
+		if (bpf_l4_csum_replace(skb, csum_off, old_addr, addr, BPF_F_PSEUDO_HDR | mangled | sizeof(addr)) ||
+		    bpf_l3_csum_replace(skb, IP4_CSUM_OFF, old_addr, addr, sizeof(addr)) ||
+		    bpf_skb_store_bytes(skb, addr_off, &addr, sizeof(addr), 0))
+			return -1;
+	}
+	if (old_port != port) {
+		if (bpf_l4_csum_replace(skb, csum_off, old_port, port, mangled | sizeof(port)) ||
+		    bpf_skb_store_bytes(skb, port_off, &port, sizeof(port), 0))
+			return -1;
+	}
+	if (dst) {
+		f->daddr = addr;
+		f->dport = port;
+	} else {
+		f->saddr = addr;
+		f->sport = port;
+	}
+	return 0;
+}
+
+static __always_inline int rewrite6(struct __sk_buff *skb, struct flow6 *f, bool dst, const __be32 *addr, __be16 port)
+{
+	__be32 *old_addr = dst ? f->daddr : f->saddr;
+	__be16 old_port = dst ? f->dport : f->sport;
+	__u32 addr_off = ETH_HLEN + (dst ? offsetof(struct ipv6hdr, daddr) : offsetof(struct ipv6hdr, saddr));
+	__u32 port_off = f->l4_off + (dst ? 2 : 0);
+	__u32 csum_off = l4_csum_off(f->proto, f->l4_off);
+	__u64 mangled = l4_csum_flags(f->proto);
+	__be32 from[4], to[4];
+	__s64 diff;
+
+	__builtin_memcpy(from, old_addr, 16);
+	__builtin_memcpy(to, addr, 16);
+	diff = bpf_csum_diff(from, 16, to, 16, 0);
+	if (diff < 0 || bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | mangled) ||
+	    bpf_skb_store_bytes(skb, addr_off, to, 16, 0))
+		return -1;
+	if (old_port != port) {
+		if (bpf_l4_csum_replace(skb, csum_off, old_port, port, mangled | sizeof(port)) ||
+		    bpf_skb_store_bytes(skb, port_off, &port, sizeof(port), 0))
+			return -1;
+	}
+	__builtin_memcpy(old_addr, to, 16);
+	if (dst)
+		f->dport = port;
+	else
+		f->sport = port;
+	return 0;
+}
+
+/* Send a rewritten packet straight out of the device that routes to its destination. */
+static __always_inline int redirect4(struct __sk_buff *skb, const struct flow4 *f)
+{
+	struct bpf_fib_lookup p = {};
+	int rc;
+
+	p.family = AF_INET;
+	p.l4_protocol = f->proto;
+	p.sport = f->sport;
+	p.dport = f->dport;
+	p.tot_len = skb->len - ETH_HLEN;
+	p.ipv4_src = f->saddr;
+	p.ipv4_dst = f->daddr;
+	p.ifindex = skb->ingress_ifindex ? skb->ingress_ifindex : skb->ifindex;
+	rc = bpf_fib_lookup(skb, &p, sizeof(p), BPF_FIB_LOOKUP_OUTPUT);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		if (bpf_skb_store_bytes(skb, 0, p.dmac, ETH_ALEN, 0) ||
+		    bpf_skb_store_bytes(skb, ETH_ALEN, p.smac, ETH_ALEN, 0))
+			return TC_ACT_SHOT;
+		return bpf_redirect(p.ifindex, 0);
+	}
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return redirect_neigh(p.ifindex);
+	counter_inc(KPR_CNT_TC_DROP_FIB);
+	return TC_ACT_SHOT;
+}
+
+static __always_inline int redirect6(struct __sk_buff *skb, const struct flow6 *f)
+{
+	struct bpf_fib_lookup p = {};
+	int rc;
+
+	p.family = AF_INET6;
+	p.l4_protocol = f->proto;
+	p.sport = f->sport;
+	p.dport = f->dport;
+	p.tot_len = skb->len - ETH_HLEN;
+	__builtin_memcpy(p.ipv6_src, f->saddr, 16);
+	__builtin_memcpy(p.ipv6_dst, f->daddr, 16);
+	p.ifindex = skb->ingress_ifindex ? skb->ingress_ifindex : skb->ifindex;
+	rc = bpf_fib_lookup(skb, &p, sizeof(p), BPF_FIB_LOOKUP_OUTPUT);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		if (bpf_skb_store_bytes(skb, 0, p.dmac, ETH_ALEN, 0) ||
+		    bpf_skb_store_bytes(skb, ETH_ALEN, p.smac, ETH_ALEN, 0))
+			return TC_ACT_SHOT;
+		return bpf_redirect(p.ifindex, 0);
+	}
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return redirect_neigh(p.ifindex);
+	counter_inc(KPR_CNT_TC_DROP_FIB);
+	return TC_ACT_SHOT;
+}
+
+static __always_inline __u16 csum_fold(__s64 sum)
+{
+	__u32 s = (__u32)sum;
+
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)~s;
+}
+
+static __always_inline int swap_macs(struct __sk_buff *skb)
+{
+	__u8 macs[2 * ETH_ALEN], swapped[2 * ETH_ALEN];
+
+	if (bpf_skb_load_bytes(skb, 0, macs, sizeof(macs)))
+		return -1;
+	__builtin_memcpy(swapped, macs + ETH_ALEN, ETH_ALEN);
+	__builtin_memcpy(swapped + ETH_ALEN, macs, ETH_ALEN);
+	return bpf_skb_store_bytes(skb, 0, swapped, sizeof(swapped), 0);
+}
+
+/* The TCP header of a reset answering a segment (RFC 793: seq from its ACK, else ACK everything it carried).
+ * l4_len is the whole TCP segment's length: header with options, then data. */
+static __always_inline int reset_header(struct __sk_buff *skb, __u16 l4_off, __u32 l4_len, struct tcphdr *rst)
+{
+	struct tcphdr in;
+	__u32 payload;
+
+	if (bpf_skb_load_bytes(skb, l4_off, &in, sizeof(in)))
+		return -1;
+	payload = l4_len - in.doff * 4;
+	__builtin_memset(rst, 0, sizeof(*rst));
+	rst->source = in.dest;
+	rst->dest = in.source;
+	rst->doff = 5;
+	rst->rst = 1;
+	if (in.ack) {
+		rst->seq = in.ack_seq;
+	} else {
+		rst->ack = 1;
+		rst->ack_seq = bpf_htonl(bpf_ntohl(in.seq) + payload + in.syn + in.fin);
+	}
+	return 0;
+}
+
+struct pseudo4 {
+	__be32 saddr;
+	__be32 daddr;
+	__u8 zero;
+	__u8 proto;
+	__be16 len;
+};
+
+struct reply4_tcp {
+	struct iphdr ip;
+	struct tcphdr tcp;
+};
+
+struct reply4_icmp {
+	struct iphdr ip;
+	struct icmphdr icmp;
+	struct iphdr orig;
+	__u8 orig_l4[8];
+};
+
+static __always_inline void reply_ip4(struct iphdr *ip, __be32 saddr, __be32 daddr, __u8 proto, __u16 len)
+{
+	__builtin_memset(ip, 0, sizeof(*ip));
+	ip->version = 4;
+	ip->ihl = 5;
+	ip->ttl = 64;
+	ip->protocol = proto;
+	ip->tot_len = bpf_htons(len);
+	ip->saddr = saddr;
+	ip->daddr = daddr;
+	ip->check = csum_fold(bpf_csum_diff(NULL, 0, (__be32 *)ip, sizeof(*ip), 0));
+}
+
+/* kube-proxy's REJECT for a frontend without backends: a reset for TCP, port unreachable for UDP, sent back out. */
+static __always_inline int reject4(struct __sk_buff *skb, const struct flow4 *f)
+{
+	__u32 ifindex = skb->ifindex;
+
+	if (f->proto == IPPROTO_TCP) {
+		struct reply4_tcp r;
+		struct pseudo4 ph = {};
+		struct iphdr in;
+		__s64 sum;
+
+		if (f->tcp_flags & TCP_RST)
+			return TC_ACT_SHOT; /* never answer a reset */
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &in, sizeof(in)))
+			return TC_ACT_SHOT;
+		if (reset_header(skb, f->l4_off, bpf_ntohs(in.tot_len) - sizeof(struct iphdr), &r.tcp))
+			return TC_ACT_SHOT;
+		reply_ip4(&r.ip, f->daddr, f->saddr, IPPROTO_TCP, sizeof(r));
+		ph.saddr = f->daddr;
+		ph.daddr = f->saddr;
+		ph.proto = IPPROTO_TCP;
+		ph.len = bpf_htons(sizeof(struct tcphdr));
+		sum = bpf_csum_diff(NULL, 0, (__be32 *)&ph, sizeof(ph), 0);
+		sum = bpf_csum_diff(NULL, 0, (__be32 *)&r.tcp, sizeof(r.tcp), sum);
+		r.tcp.check = csum_fold(sum);
+		if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0) || swap_macs(skb) ||
+		    bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0))
+			return TC_ACT_SHOT;
+		counter_inc(KPR_CNT_TC_REJECT_TCP);
+		return bpf_redirect(ifindex, 0);
+	}
+
+	struct reply4_icmp r;
+	__s64 sum;
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &r.orig, sizeof(r.orig)) ||
+	    bpf_skb_load_bytes(skb, f->l4_off, r.orig_l4, sizeof(r.orig_l4)))
+		return TC_ACT_SHOT;
+	reply_ip4(&r.ip, f->daddr, f->saddr, IPPROTO_ICMP, sizeof(r));
+	__builtin_memset(&r.icmp, 0, sizeof(r.icmp));
+	r.icmp.type = ICMP_DEST_UNREACH;
+	r.icmp.code = ICMP_PORT_UNREACH;
+	sum = bpf_csum_diff(NULL, 0, (__be32 *)&r.icmp, sizeof(r) - sizeof(r.ip), 0);
+	r.icmp.checksum = csum_fold(sum);
+	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0) || swap_macs(skb) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0))
+		return TC_ACT_SHOT;
+	counter_inc(KPR_CNT_TC_REJECT_UDP);
+	return bpf_redirect(ifindex, 0);
+}
+
+struct pseudo6 {
+	__be32 saddr[4];
+	__be32 daddr[4];
+	__be32 len;
+	__u8 zero[3];
+	__u8 nexthdr;
+};
+
+struct reply6_tcp {
+	struct ipv6hdr ip;
+	struct tcphdr tcp;
+};
+
+struct reply6_icmp {
+	struct ipv6hdr ip;
+	struct icmp6hdr icmp;
+	struct ipv6hdr orig;
+	__u8 orig_l4[8];
+};
+
+static __always_inline void reply_ip6(struct ipv6hdr *ip, const __be32 *saddr, const __be32 *daddr, __u8 nexthdr,
+				      __u16 payload)
+{
+	__builtin_memset(ip, 0, sizeof(*ip));
+	ip->version = 6;
+	ip->nexthdr = nexthdr;
+	ip->hop_limit = 64;
+	ip->payload_len = bpf_htons(payload);
+	__builtin_memcpy(&ip->saddr, saddr, 16);
+	__builtin_memcpy(&ip->daddr, daddr, 16);
+}
+
+static __always_inline __s64 pseudo6_sum(const __be32 *saddr, const __be32 *daddr, __u8 nexthdr, __u32 len)
+{
+	struct pseudo6 ph = {};
+
+	__builtin_memcpy(ph.saddr, saddr, 16);
+	__builtin_memcpy(ph.daddr, daddr, 16);
+	ph.len = bpf_htonl(len);
+	ph.nexthdr = nexthdr;
+	return bpf_csum_diff(NULL, 0, (__be32 *)&ph, sizeof(ph), 0);
+}
+
+static __always_inline int reject6(struct __sk_buff *skb, const struct flow6 *f)
+{
+	__u32 ifindex = skb->ifindex;
+
+	if (f->proto == IPPROTO_TCP) {
+		struct reply6_tcp r;
+		struct ipv6hdr in;
+		__s64 sum;
+
+		if (f->tcp_flags & TCP_RST)
+			return TC_ACT_SHOT;
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &in, sizeof(in)))
+			return TC_ACT_SHOT;
+		if (reset_header(skb, f->l4_off, bpf_ntohs(in.payload_len), &r.tcp))
+			return TC_ACT_SHOT;
+		reply_ip6(&r.ip, f->daddr, f->saddr, IPPROTO_TCP, sizeof(r.tcp));
+		sum = pseudo6_sum(f->daddr, f->saddr, IPPROTO_TCP, sizeof(r.tcp));
+		sum = bpf_csum_diff(NULL, 0, (__be32 *)&r.tcp, sizeof(r.tcp), sum);
+		r.tcp.check = csum_fold(sum);
+		if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0) || swap_macs(skb) ||
+		    bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0))
+			return TC_ACT_SHOT;
+		counter_inc(KPR_CNT_TC_REJECT_TCP);
+		return bpf_redirect(ifindex, 0);
+	}
+
+	struct reply6_icmp r;
+	__s64 sum;
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &r.orig, sizeof(r.orig)) ||
+	    bpf_skb_load_bytes(skb, f->l4_off, r.orig_l4, sizeof(r.orig_l4)))
+		return TC_ACT_SHOT;
+	reply_ip6(&r.ip, f->daddr, f->saddr, IPPROTO_ICMPV6, sizeof(r) - sizeof(r.ip));
+	__builtin_memset(&r.icmp, 0, sizeof(r.icmp));
+	r.icmp.icmp6_type = ICMPV6_DEST_UNREACH;
+	r.icmp.icmp6_code = ICMPV6_PORT_UNREACH;
+	sum = pseudo6_sum(f->daddr, f->saddr, IPPROTO_ICMPV6, sizeof(r) - sizeof(r.ip));
+	sum = bpf_csum_diff(NULL, 0, (__be32 *)&r.icmp, sizeof(r) - sizeof(r.ip), sum);
+	r.icmp.icmp6_cksum = csum_fold(sum);
+	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0) || swap_macs(skb) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0))
+		return TC_ACT_SHOT;
+	counter_inc(KPR_CNT_TC_REJECT_UDP);
+	return bpf_redirect(ifindex, 0);
+}
+
+/* ---- conntrack helpers ---- */
+
+static __always_inline bool ct_expired(__u64 last_seen, __u8 flags, __u8 proto, __u64 now)
+{
+	__u64 lifetime = proto == IPPROTO_TCP ? KPR_CT_TCP_LIFETIME_S : KPR_CT_UDP_LIFETIME_S;
+
+	if (flags & KPR_CT_F_CLOSING)
+		lifetime = KPR_CT_CLOSING_LIFETIME_S;
+	return now - last_seen > lifetime * KPR_NSEC_PER_SEC;
+}
+
+static __always_inline __u8 ct_flags_after(__u8 flags, __u8 tcp_flags)
+{
+	return (tcp_flags & (TCP_FIN | TCP_RST)) ? flags | KPR_CT_F_CLOSING : flags;
+}
+
+/* A backend for a new flow: the client's affine one, else a random slot. 0: none (inconsistent maps). */
+static __always_inline __u32 affinity_pick(struct affinity_key *akey, const struct svc_value *svc, __u64 now)
+{
+	struct affinity_value *seen = affinity.lookup(akey);
+	struct affinity_match_key match = {};
+
+	if (!seen || now - seen->last_used_ns > (__u64)svc->affinity_timeout * KPR_NSEC_PER_SEC)
+		return 0;
+	match.backend_id = seen->backend_id;
+	match.rev_nat_id = akey->rev_nat_id;
+	return affinity_match.lookup(&match) ? seen->backend_id : 0;
+}
+
+static __always_inline void affinity_remember(struct affinity_key *akey, __u32 backend_id, __u64 now)
+{
+	struct affinity_value value = {};
+
+	value.last_used_ns = now;
+	value.backend_id = backend_id;
+	affinity.update(akey, &value);
+}
+
+/* ---- IPv4 ---- */
+
+static __always_inline __u32 svc4_backend(struct svc_key4 *key, const struct svc_value *svc, __be32 client, __u64 now)
+{
+	struct affinity_key akey = {};
+	struct svc_value *slot;
+	__u32 backend_id = 0;
+	__u16 slots = svc->count;
+
+	if (svc->flags & KPR_SVC_F_AFFINITY) {
+		akey.client[0] = client;
+		akey.rev_nat_id = svc->rev_nat_id;
+		akey.kind = KPR_AFFINITY_ADDR;
+		backend_id = affinity_pick(&akey, svc, now);
+		counter_inc(backend_id ? KPR_CNT_AFFINITY_HIT : KPR_CNT_AFFINITY_NEW);
+	}
+	if (!backend_id && slots) {
+		key->slot = (bpf_get_prandom_u32() % slots) + 1;
+		slot = services4.lookup(key);
+		if (!slot) {
+			counter_inc(KPR_CNT_ERR_SLOT_MISSING);
+			return 0;
+		}
+		backend_id = slot->backend_id;
+	}
+	if (backend_id && (svc->flags & KPR_SVC_F_AFFINITY))
+		affinity_remember(&akey, backend_id, now);
+	return backend_id;
+}
+
+static __always_inline bool src4_allowed(__u32 rev_nat_id, __be32 saddr)
+{
+	struct src_range_key4 key = {};
+
+	key.prefixlen = 64;
+	key.rev_nat_id = bpf_htonl(rev_nat_id);
+	key.addr = saddr;
+	return src_ranges4.lookup(&key) != NULL;
+}
+
+/* Pick a free masquerade port by inserting the reply entry; 0 when every try collided. */
+static __always_inline __be16 snat4_port(struct ct_key4 *reply, struct ct_value4 *value)
+{
+	__u32 span = KPR_SNAT_PORT_MAX - KPR_SNAT_PORT_MIN + 1;
+
+#pragma unroll
+	for (int i = 0; i < KPR_SNAT_TRIES; i++) {
+		reply->dport = bpf_htons(KPR_SNAT_PORT_MIN + bpf_get_prandom_u32() % span);
+		if (ct4.insert(reply, value) == 0)
+			return reply->dport;
+	}
+	return 0;
+}
+
+/* A new flow to an external frontend: choose, record, translate. */
+static __always_inline int new_flow4(struct __sk_buff *skb, struct flow4 *f, __u64 now)
+{
+	struct svc_key4 key = {};
+	struct svc_value *svc;
+	struct backend4 *backend;
+	struct ct_key4 okey = {}, rkey = {};
+	struct ct_value4 oval = {}, rval = {};
+	struct device_info *dev;
+	__u32 backend_id;
+
+	key.addr = f->daddr;
+	key.port = f->dport;
+	key.proto = f->proto;
+	svc = services4.lookup(&key);
+	if (!svc || !(svc->flags & KPR_SVC_F_EXTERNAL))
+		return TC_ACT_OK; /* not ours: the stack decides */
+	if ((svc->flags & KPR_SVC_F_SOURCE_RANGES) && !src4_allowed(svc->rev_nat_id, f->saddr)) {
+		counter_inc(KPR_CNT_TC_DROP_SOURCE_RANGE);
+		return TC_ACT_SHOT;
+	}
+	if (!svc->count) {
+		if (svc->flags & KPR_SVC_F_EMPTY_DROP) {
+			counter_inc(KPR_CNT_TC_DROP_NO_LOCAL);
+			return TC_ACT_SHOT;
+		}
+		tc_tails.call(skb, KPR_TAIL_REJECT4);
+		return TC_ACT_SHOT;
+	}
+	if (f->proto == IPPROTO_TCP && !(f->tcp_flags & TCP_SYN))
+		return TC_ACT_OK; /* a segment of a flow we do not know (e.g. from before a restart of the node) */
+	backend_id = svc4_backend(&key, svc, f->saddr, now);
+	backend = backend_id ? backends4.lookup(&backend_id) : NULL;
+	if (!backend) {
+		counter_inc(KPR_CNT_ERR_BACKEND_MISSING);
+		tc_tails.call(skb, KPR_TAIL_REJECT4);
+		return TC_ACT_SHOT;
+	}
+
+	okey.src = f->saddr;
+	okey.dst = f->daddr;
+	okey.sport = f->sport;
+	okey.dport = f->dport;
+	okey.proto = f->proto;
+	okey.dir = KPR_CT_ORIGINAL;
+	oval.last_seen_ns = now;
+	oval.backend_id = backend_id;
+	oval.rev_nat_id = svc->rev_nat_id;
+	oval.flags = ct_flags_after(0, f->tcp_flags);
+
+	rkey.src = backend->addr;
+	rkey.sport = backend->port;
+	rkey.proto = f->proto;
+	rkey.dir = KPR_CT_REPLY;
+	rval.last_seen_ns = now;
+	rval.backend_id = backend_id;
+	rval.rev_nat_id = svc->rev_nat_id;
+
+	if (backend->flags & KPR_BACKEND_F_NODE_LOCAL) {
+		/* The pod answers the client directly; egress shows the reply as coming from the frontend. */
+		rkey.dst = f->saddr;
+		rkey.dport = f->sport;
+		if (ct4.update(&rkey, &rval)) {
+			counter_inc(KPR_CNT_TC_DROP_CT_FULL);
+			return TC_ACT_SHOT;
+		}
+	} else {
+		/* Another node's pod: masquerade so the reply comes back through this node. */
+		__u32 ifindex = skb->ifindex;
+
+		dev = devices.lookup(&ifindex);
+		if (!dev || !dev->addr4) {
+			counter_inc(KPR_CNT_TC_DROP_FIB);
+			return TC_ACT_SHOT;
+		}
+		rkey.dst = dev->addr4;
+		rval.addr = f->saddr;
+		rval.port = f->sport;
+		rval.flags = KPR_CT_F_SNAT;
+		if (!snat4_port(&rkey, &rval)) {
+			counter_inc(KPR_CNT_TC_DROP_SNAT_PORTS);
+			return TC_ACT_SHOT;
+		}
+		oval.addr = dev->addr4;
+		oval.port = rkey.dport;
+		oval.flags |= KPR_CT_F_SNAT;
+		counter_inc(KPR_CNT_TC_SNAT);
+	}
+	if (ct4.update(&okey, &oval)) {
+		ct4.delete(&rkey);
+		counter_inc(KPR_CNT_TC_DROP_CT_FULL);
+		return TC_ACT_SHOT;
+	}
+	counter_inc(KPR_CNT_TC_CT_NEW);
+	if (rewrite4(skb, f, true, backend->addr, backend->port))
+		return TC_ACT_SHOT;
+	counter_inc(KPR_CNT_TC_DNAT);
+	if (oval.flags & KPR_CT_F_SNAT) {
+		if (rewrite4(skb, f, false, oval.addr, oval.port))
+			return TC_ACT_SHOT;
+		return redirect4(skb, f);
+	}
+	return TC_ACT_OK;
+}
+
+static __always_inline int ingress4(struct __sk_buff *skb)
+{
+	struct flow4 f = {};
+	struct ct_key4 key = {};
+	struct ct_value4 *ct;
+	struct backend4 *backend;
+	struct rev_nat4 *frontend;
+	__u64 now = bpf_ktime_get_ns();
+
+	if (parse4(skb, &f))
+		return TC_ACT_OK;
+	key.src = f.saddr;
+	key.dst = f.daddr;
+	key.sport = f.sport;
+	key.dport = f.dport;
+	key.proto = f.proto;
+	key.dir = KPR_CT_ORIGINAL;
+	ct = ct4.lookup(&key);
+	if (ct && !ct_expired(ct->last_seen_ns, ct->flags, f.proto, now)) {
+		__u32 backend_id = ct->backend_id;
+
+		backend = backends4.lookup(&backend_id);
+		if (backend) {
+			__be32 snat_addr = ct->addr;
+			__be16 snat_port = ct->port;
+			__u8 flags = ct_flags_after(ct->flags, f.tcp_flags);
+
+			ct->last_seen_ns = now;
+			ct->flags = flags;
+			if (rewrite4(skb, &f, true, backend->addr, backend->port))
+				return TC_ACT_SHOT;
+			counter_inc(KPR_CNT_TC_DNAT);
+			if (!(flags & KPR_CT_F_SNAT))
+				return TC_ACT_OK;
+			if (rewrite4(skb, &f, false, snat_addr, snat_port))
+				return TC_ACT_SHOT;
+			return redirect4(skb, &f);
+		}
+		counter_inc(KPR_CNT_TC_CT_STALE); /* the backend went away: pick again below */
+		ct4.delete(&key);
+	}
+
+	key.dir = KPR_CT_REPLY;
+	ct = ct4.lookup(&key);
+	if (ct && (ct->flags & KPR_CT_F_SNAT)) {
+		/* A masqueraded flow's reply: from the frontend, to the client. */
+		__u32 rev_nat_id = ct->rev_nat_id;
+		__be32 client = ct->addr;
+		__be16 client_port = ct->port;
+
+		frontend = rev_nat4.lookup(&rev_nat_id);
+		if (!frontend)
+			return TC_ACT_SHOT;
+		ct->last_seen_ns = now;
+		ct->flags = ct_flags_after(ct->flags, f.tcp_flags);
+		if (rewrite4(skb, &f, false, frontend->addr, frontend->port) ||
+		    rewrite4(skb, &f, true, client, client_port))
+			return TC_ACT_SHOT;
+		counter_inc(KPR_CNT_TC_REVNAT);
+		return redirect4(skb, &f);
+	}
+	return new_flow4(skb, &f, now);
+}
+
+static __always_inline int egress4(struct __sk_buff *skb)
+{
+	struct flow4 f = {};
+	struct ct_key4 key = {};
+	struct ct_value4 *ct;
+	struct rev_nat4 *frontend;
+	__u32 rev_nat_id;
+
+	if (parse4(skb, &f))
+		return TC_ACT_OK;
+	key.src = f.saddr;
+	key.dst = f.daddr;
+	key.sport = f.sport;
+	key.dport = f.dport;
+	key.proto = f.proto;
+	key.dir = KPR_CT_REPLY;
+	ct = ct4.lookup(&key);
+	if (!ct || (ct->flags & KPR_CT_F_SNAT))
+		return TC_ACT_OK;
+	rev_nat_id = ct->rev_nat_id;
+	frontend = rev_nat4.lookup(&rev_nat_id);
+	if (!frontend)
+		return TC_ACT_OK;
+	ct->last_seen_ns = bpf_ktime_get_ns();
+	ct->flags = ct_flags_after(ct->flags, f.tcp_flags);
+	/* A node-local backend's reply leaves for the client: show the frontend as its source. */
+	if (rewrite4(skb, &f, false, frontend->addr, frontend->port))
+		return TC_ACT_SHOT;
+	counter_inc(KPR_CNT_TC_REVNAT);
+	return TC_ACT_OK;
+}
+
+/* ---- IPv6 ---- */
+
+static __always_inline __u32 svc6_backend(struct svc_key6 *key, const struct svc_value *svc, const __be32 *client,
+					  __u64 now)
+{
+	struct affinity_key akey = {};
+	struct svc_value *slot;
+	__u32 backend_id = 0;
+	__u16 slots = svc->count;
+
+	if (svc->flags & KPR_SVC_F_AFFINITY) {
+		__builtin_memcpy(akey.client, client, 16);
+		akey.rev_nat_id = svc->rev_nat_id;
+		akey.kind = KPR_AFFINITY_ADDR;
+		backend_id = affinity_pick(&akey, svc, now);
+		counter_inc(backend_id ? KPR_CNT_AFFINITY_HIT : KPR_CNT_AFFINITY_NEW);
+	}
+	if (!backend_id && slots) {
+		key->slot = (bpf_get_prandom_u32() % slots) + 1;
+		slot = services6.lookup(key);
+		if (!slot) {
+			counter_inc(KPR_CNT_ERR_SLOT_MISSING);
+			return 0;
+		}
+		backend_id = slot->backend_id;
+	}
+	if (backend_id && (svc->flags & KPR_SVC_F_AFFINITY))
+		affinity_remember(&akey, backend_id, now);
+	return backend_id;
+}
+
+static __always_inline bool src6_allowed(__u32 rev_nat_id, const __be32 *saddr)
+{
+	struct src_range_key6 key = {};
+
+	key.prefixlen = 160;
+	key.rev_nat_id = bpf_htonl(rev_nat_id);
+	__builtin_memcpy(key.addr, saddr, 16);
+	return src_ranges6.lookup(&key) != NULL;
+}
+
+static __always_inline __be16 snat6_port(struct ct_key6 *reply, struct ct_value6 *value)
+{
+	__u32 span = KPR_SNAT_PORT_MAX - KPR_SNAT_PORT_MIN + 1;
+
+#pragma unroll
+	for (int i = 0; i < KPR_SNAT_TRIES; i++) {
+		reply->dport = bpf_htons(KPR_SNAT_PORT_MIN + bpf_get_prandom_u32() % span);
+		if (ct6.insert(reply, value) == 0)
+			return reply->dport;
+	}
+	return 0;
+}
+
+static __always_inline bool zero6(const __be32 *a)
+{
+	return !(a[0] | a[1] | a[2] | a[3]);
+}
+
+static __always_inline int new_flow6(struct __sk_buff *skb, struct flow6 *f, __u64 now)
+{
+	struct svc_key6 key = {};
+	struct svc_value *svc;
+	struct backend6 *backend;
+	struct ct_key6 okey = {}, rkey = {};
+	struct ct_value6 oval = {}, rval = {};
+	struct device_info *dev;
+	__u32 backend_id;
+
+	__builtin_memcpy(key.addr, f->daddr, 16);
+	key.port = f->dport;
+	key.proto = f->proto;
+	svc = services6.lookup(&key);
+	if (!svc || !(svc->flags & KPR_SVC_F_EXTERNAL))
+		return TC_ACT_OK;
+	if ((svc->flags & KPR_SVC_F_SOURCE_RANGES) && !src6_allowed(svc->rev_nat_id, f->saddr)) {
+		counter_inc(KPR_CNT_TC_DROP_SOURCE_RANGE);
+		return TC_ACT_SHOT;
+	}
+	if (!svc->count) {
+		if (svc->flags & KPR_SVC_F_EMPTY_DROP) {
+			counter_inc(KPR_CNT_TC_DROP_NO_LOCAL);
+			return TC_ACT_SHOT;
+		}
+		tc_tails.call(skb, KPR_TAIL_REJECT6);
+		return TC_ACT_SHOT;
+	}
+	if (f->proto == IPPROTO_TCP && !(f->tcp_flags & TCP_SYN))
+		return TC_ACT_OK;
+	backend_id = svc6_backend(&key, svc, f->saddr, now);
+	backend = backend_id ? backends6.lookup(&backend_id) : NULL;
+	if (!backend) {
+		counter_inc(KPR_CNT_ERR_BACKEND_MISSING);
+		tc_tails.call(skb, KPR_TAIL_REJECT6);
+		return TC_ACT_SHOT;
+	}
+
+	__builtin_memcpy(okey.src, f->saddr, 16);
+	__builtin_memcpy(okey.dst, f->daddr, 16);
+	okey.sport = f->sport;
+	okey.dport = f->dport;
+	okey.proto = f->proto;
+	okey.dir = KPR_CT_ORIGINAL;
+	oval.last_seen_ns = now;
+	oval.backend_id = backend_id;
+	oval.rev_nat_id = svc->rev_nat_id;
+	oval.flags = ct_flags_after(0, f->tcp_flags);
+
+	__builtin_memcpy(rkey.src, backend->addr, 16);
+	rkey.sport = backend->port;
+	rkey.proto = f->proto;
+	rkey.dir = KPR_CT_REPLY;
+	rval.last_seen_ns = now;
+	rval.backend_id = backend_id;
+	rval.rev_nat_id = svc->rev_nat_id;
+
+	if (backend->flags & KPR_BACKEND_F_NODE_LOCAL) {
+		__builtin_memcpy(rkey.dst, f->saddr, 16);
+		rkey.dport = f->sport;
+		if (ct6.update(&rkey, &rval)) {
+			counter_inc(KPR_CNT_TC_DROP_CT_FULL);
+			return TC_ACT_SHOT;
+		}
+	} else {
+		__u32 ifindex = skb->ifindex;
+
+		dev = devices.lookup(&ifindex);
+		if (!dev || zero6(dev->addr6)) {
+			counter_inc(KPR_CNT_TC_DROP_FIB);
+			return TC_ACT_SHOT;
+		}
+		__builtin_memcpy(rkey.dst, dev->addr6, 16);
+		__builtin_memcpy(rval.addr, f->saddr, 16);
+		rval.port = f->sport;
+		rval.flags = KPR_CT_F_SNAT;
+		if (!snat6_port(&rkey, &rval)) {
+			counter_inc(KPR_CNT_TC_DROP_SNAT_PORTS);
+			return TC_ACT_SHOT;
+		}
+		__builtin_memcpy(oval.addr, dev->addr6, 16);
+		oval.port = rkey.dport;
+		oval.flags |= KPR_CT_F_SNAT;
+		counter_inc(KPR_CNT_TC_SNAT);
+	}
+	if (ct6.update(&okey, &oval)) {
+		ct6.delete(&rkey);
+		counter_inc(KPR_CNT_TC_DROP_CT_FULL);
+		return TC_ACT_SHOT;
+	}
+	counter_inc(KPR_CNT_TC_CT_NEW);
+	if (rewrite6(skb, f, true, backend->addr, backend->port))
+		return TC_ACT_SHOT;
+	counter_inc(KPR_CNT_TC_DNAT);
+	if (oval.flags & KPR_CT_F_SNAT) {
+		if (rewrite6(skb, f, false, oval.addr, oval.port))
+			return TC_ACT_SHOT;
+		return redirect6(skb, f);
+	}
+	return TC_ACT_OK;
+}
+
+static __always_inline int ingress6(struct __sk_buff *skb)
+{
+	struct flow6 f = {};
+	struct ct_key6 key = {};
+	struct ct_value6 *ct;
+	struct backend6 *backend;
+	struct rev_nat6 *frontend;
+	__u64 now = bpf_ktime_get_ns();
+
+	if (parse6(skb, &f))
+		return TC_ACT_OK;
+	__builtin_memcpy(key.src, f.saddr, 16);
+	__builtin_memcpy(key.dst, f.daddr, 16);
+	key.sport = f.sport;
+	key.dport = f.dport;
+	key.proto = f.proto;
+	key.dir = KPR_CT_ORIGINAL;
+	ct = ct6.lookup(&key);
+	if (ct && !ct_expired(ct->last_seen_ns, ct->flags, f.proto, now)) {
+		__u32 backend_id = ct->backend_id;
+
+		backend = backends6.lookup(&backend_id);
+		if (backend) {
+			__be32 snat_addr[4];
+			__be16 snat_port = ct->port;
+			__u8 flags = ct_flags_after(ct->flags, f.tcp_flags);
+
+			__builtin_memcpy(snat_addr, ct->addr, 16);
+			ct->last_seen_ns = now;
+			ct->flags = flags;
+			if (rewrite6(skb, &f, true, backend->addr, backend->port))
+				return TC_ACT_SHOT;
+			counter_inc(KPR_CNT_TC_DNAT);
+			if (!(flags & KPR_CT_F_SNAT))
+				return TC_ACT_OK;
+			if (rewrite6(skb, &f, false, snat_addr, snat_port))
+				return TC_ACT_SHOT;
+			return redirect6(skb, &f);
+		}
+		counter_inc(KPR_CNT_TC_CT_STALE);
+		ct6.delete(&key);
+	}
+
+	key.dir = KPR_CT_REPLY;
+	ct = ct6.lookup(&key);
+	if (ct && (ct->flags & KPR_CT_F_SNAT)) {
+		__u32 rev_nat_id = ct->rev_nat_id;
+		__be32 client[4];
+		__be16 client_port = ct->port;
+
+		__builtin_memcpy(client, ct->addr, 16);
+		frontend = rev_nat6.lookup(&rev_nat_id);
+		if (!frontend)
+			return TC_ACT_SHOT;
+		ct->last_seen_ns = now;
+		ct->flags = ct_flags_after(ct->flags, f.tcp_flags);
+		if (rewrite6(skb, &f, false, frontend->addr, frontend->port) ||
+		    rewrite6(skb, &f, true, client, client_port))
+			return TC_ACT_SHOT;
+		counter_inc(KPR_CNT_TC_REVNAT);
+		return redirect6(skb, &f);
+	}
+	return new_flow6(skb, &f, now);
+}
+
+static __always_inline int egress6(struct __sk_buff *skb)
+{
+	struct flow6 f = {};
+	struct ct_key6 key = {};
+	struct ct_value6 *ct;
+	struct rev_nat6 *frontend;
+	__u32 rev_nat_id;
+
+	if (parse6(skb, &f))
+		return TC_ACT_OK;
+	__builtin_memcpy(key.src, f.saddr, 16);
+	__builtin_memcpy(key.dst, f.daddr, 16);
+	key.sport = f.sport;
+	key.dport = f.dport;
+	key.proto = f.proto;
+	key.dir = KPR_CT_REPLY;
+	ct = ct6.lookup(&key);
+	if (!ct || (ct->flags & KPR_CT_F_SNAT))
+		return TC_ACT_OK;
+	rev_nat_id = ct->rev_nat_id;
+	frontend = rev_nat6.lookup(&rev_nat_id);
+	if (!frontend)
+		return TC_ACT_OK;
+	ct->last_seen_ns = bpf_ktime_get_ns();
+	ct->flags = ct_flags_after(ct->flags, f.tcp_flags);
+	if (rewrite6(skb, &f, false, frontend->addr, frontend->port))
+		return TC_ACT_SHOT;
+	counter_inc(KPR_CNT_TC_REVNAT);
+	return TC_ACT_OK;
+}
+
+/* The programs, one per family and direction: the agent attaches each as a tc filter matching its protocol (ip or
+ * ipv6), so each has a stack frame of its own. Names start with kpr_ so cleanup and status recognise them. */
+
+int kpr_tc_in4(struct __sk_buff *skb)
+{
+	return ingress4(skb);
+}
+
+int kpr_tc_in6(struct __sk_buff *skb)
+{
+	return ingress6(skb);
+}
+
+int kpr_tc_out4(struct __sk_buff *skb)
+{
+	return egress4(skb);
+}
+
+int kpr_tc_out6(struct __sk_buff *skb)
+{
+	return egress6(skb);
+}
+
+/* Tail-call targets: answer the packet in hand with kube-proxy's REJECT. */
+
+int kpr_tc_rej4(struct __sk_buff *skb)
+{
+	struct flow4 f = {};
+
+	if (parse4(skb, &f))
+		return TC_ACT_SHOT;
+	return reject4(skb, &f);
+}
+
+int kpr_tc_rej6(struct __sk_buff *skb)
+{
+	struct flow6 f = {};
+
+	if (parse6(skb, &f))
+		return TC_ACT_SHOT;
+	return reject6(skb, &f);
+}

@@ -1,0 +1,464 @@
+"""deploy/ and the Vagrant lab, checked offline: nothing here is applied to a cluster or booted.
+
+- every Kubernetes document validates against the OpenAPI schemas bundled in `kubernetes-validate` (strict: an
+  unknown or misspelt field fails), with the network blocked so nothing can be fetched;
+- what the schemas cannot see: the DaemonSet's args name only flags `kpr agent --help` lists, every $(VAR) they use
+  is defined and every ConfigMap key exists, the API server's own rules (Bidirectional propagation only when
+  privileged), the node access the agent needs, and RBAC of exactly list/watch on Services, EndpointSlices and Nodes
+  plus Events;
+- `ruby -c Vagrantfile` and shellcheck on vagrant/*.sh;
+- and each checker fails on a deliberately broken copy, so a green run means something.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from kpr.cli.main import main
+
+pytestmark = pytest.mark.unit
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+kv_utils = pytest.importorskip("kubernetes_validate.utils")
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+VAGRANT = ROOT / "vagrant"
+K8S_VERSION = "1.30"  # the oldest Kubernetes the manifests are meant for
+NAMESPACE = "kube-system"
+HEALTHZ_PORT = 10256
+CAPABILITIES = {"BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE"}
+SHELL_SCRIPTS = sorted(VAGRANT.glob("*.sh"))
+
+
+# ---- loading ----
+
+
+def load_docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def kube_manifests(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def deploy_objects() -> dict[str, dict[str, Any]]:
+    """Every object in deploy/, by kind (each kind appears once)."""
+    objects: dict[str, dict[str, Any]] = {}
+    for path in kube_manifests(DEPLOY):
+        for doc in load_docs(path):
+            assert doc["kind"] not in objects, f"{doc['kind']} defined twice in deploy/"
+            objects[doc["kind"]] = doc
+    return objects
+
+
+@pytest.fixture(scope="module")
+def objects() -> dict[str, dict[str, Any]]:
+    return deploy_objects()
+
+
+@pytest.fixture(scope="module")
+def agent_flags() -> set[str]:
+    result = CliRunner().invoke(main, ["agent", "--help"])
+    assert result.exit_code == 0, result.output
+    flags = set(re.findall(r"^\s+(?:-\w, )?(--[a-z0-9][a-z0-9-]*)", result.output, re.MULTILINE))
+    assert {"--kubeconfig", "--node-name", "--healthz-bind-address"} <= flags, result.output
+    return flags
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No connection and no name lookup succeeds: the schemas must come from the package."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"network access attempted during validation: {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+# ---- the checkers (each returns a list of problems; the "bites" tests feed them broken input) ----
+
+
+def schema_errors(doc: dict[str, Any]) -> list[str]:
+    name = f"{doc.get('kind')}/{(doc.get('metadata') or {}).get('name')}"
+    try:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        return [f"{name}: {'.'.join(str(p) for p in e.path)}: {e.message}"]
+    except kubernetes_validate.SchemaNotFoundError as e:
+        return [f"{name}: {e.message}"]
+    return []
+
+
+def unknown_flags(args: list[str], flags: set[str]) -> list[str]:
+    """Flags in a `kpr agent` command line (after the `agent` word) that `kpr agent --help` does not list."""
+    return [a for a in args if a.startswith("-") and a.split("=", 1)[0] not in flags]
+
+
+def env_problems(container: dict[str, Any], configmap: dict[str, Any]) -> list[str]:
+    problems = []
+    env = {e["name"]: e for e in container.get("env", [])}
+    for arg in container.get("args", []):
+        problems += [
+            f"{arg}: $({v}) is not in the container's env" for v in re.findall(r"\$\((\w+)\)", arg) if v not in env
+        ]
+    data = configmap.get("data") or {}
+    used = set()
+    for e in env.values():
+        ref = (e.get("valueFrom") or {}).get("configMapKeyRef")
+        if ref is None:
+            continue
+        used.add(ref["key"])
+        if ref["name"] != configmap["metadata"]["name"]:
+            problems.append(f"env {e['name']}: ConfigMap {ref['name']!r} is not deploy/configmap.yaml")
+        elif ref["key"] not in data:
+            problems.append(f"env {e['name']}: ConfigMap key {ref['key']!r} does not exist")
+    problems += [f"ConfigMap key {k!r} is used by nothing" for k in sorted(set(data) - used)]
+    return problems
+
+
+def pod_problems(ds: dict[str, Any]) -> list[str]:
+    """What the agent needs from the node, and API server rules that the OpenAPI schema cannot express."""
+    problems = []
+    pod = ds["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    sc = container.get("securityContext") or {}
+    privileged = bool(sc.get("privileged"))
+    for m in container.get("volumeMounts", []):
+        # pkg/apis/core/validation: "Bidirectional mount propagation is available only to privileged containers"
+        if m.get("mountPropagation") == "Bidirectional" and not privileged:
+            problems.append(f"volumeMount {m['name']}: Bidirectional propagation needs a privileged container")
+    if not privileged and set((sc.get("capabilities") or {}).get("add", [])) != CAPABILITIES:
+        problems.append(f"capabilities.add is not exactly {sorted(CAPABILITIES)}")
+    if not privileged and (sc.get("capabilities") or {}).get("drop") != ["ALL"]:
+        problems.append("capabilities.drop is not [ALL]")
+
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = {}
+    for m in container.get("volumeMounts", []):
+        host = (volumes.get(m["name"]) or {}).get("hostPath", {}).get("path")
+        if host:
+            mounts[host] = m
+    for host, read_only in [
+        ("/sys/fs/bpf", False),
+        ("/sys/fs/cgroup", True),
+        ("/lib/modules", True),
+        ("/usr/src", True),
+    ]:
+        m = mounts.get(host)
+        if m is None:
+            problems.append(f"the host's {host} is not mounted")
+        elif read_only and not m.get("readOnly"):
+            problems.append(f"the host's {host} is mounted read-write")
+        elif host == "/lib/modules" and m["mountPath"] != host:
+            problems.append("/lib/modules must keep its path: build/ links into /usr/src by absolute path")
+        elif host == "/usr/src" and m["mountPath"] != host:
+            problems.append("/usr/src must keep its path: /lib/modules/*/build links into it")
+
+    env = {e["name"]: e for e in container.get("env", [])}
+    if (env.get("KPR_NODE_NAME") or {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != "spec.nodeName":
+        problems.append("KPR_NODE_NAME does not come from spec.nodeName")
+    # --cgroup-root and --bpffs-dir (as env) must point into the host's cgroup2 and bpffs mounts.
+    for var, host in [("KPR_CGROUP_ROOT", "/sys/fs/cgroup"), ("KPR_BPFFS_DIR", "/sys/fs/bpf")]:
+        value = (env.get(var) or {}).get("value", "")
+        inside = host in mounts and (value + "/").startswith(mounts[host]["mountPath"].rstrip("/") + "/")
+        if not inside:
+            problems.append(f"{var}={value!r} is not inside the mount of the host's {host}")
+
+    healthz = [a.split("=", 1)[1] for a in container.get("args", []) if a.startswith("--healthz-bind-address=")]
+    if healthz != [f"0.0.0.0:{HEALTHZ_PORT}"]:
+        problems.append(f"--healthz-bind-address is {healthz}, not 0.0.0.0:{HEALTHZ_PORT}")
+    for probe, path in [("livenessProbe", "/livez"), ("readinessProbe", "/healthz")]:
+        get = (container.get(probe) or {}).get("httpGet") or {}
+        if (get.get("path"), get.get("port")) != (path, HEALTHZ_PORT):
+            problems.append(f"{probe} is not GET :{HEALTHZ_PORT}{path}")
+
+    if not pod.get("hostNetwork"):
+        problems.append("not hostNetwork")
+    if pod.get("hostPID"):
+        problems.append("hostPID is not needed")
+    if pod.get("priorityClassName") != "system-node-critical":
+        problems.append("priorityClassName is not system-node-critical")
+    if {"operator": "Exists"} not in pod.get("tolerations", []):
+        problems.append("does not tolerate every taint")
+    if ds["spec"].get("updateStrategy") != {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}:
+        problems.append("updateStrategy is not RollingUpdate with maxUnavailable 1")
+    if not (container.get("resources") or {}).get("requests"):
+        problems.append("no resource requests")
+    if (container.get("lifecycle") or {}).get("preStop"):
+        problems.append("a preStop hook: SIGTERM already leaves the datapath in place")
+    return problems
+
+
+def rbac_problems(role: dict[str, Any]) -> list[str]:
+    """The ClusterRole grants exactly list+watch on Services, EndpointSlices, Nodes and create+patch on Events."""
+    granted = set()
+    problems = []
+    for rule in role.get("rules", []):
+        if rule.get("resourceNames") or rule.get("nonResourceURLs"):
+            problems.append(f"unexpected rule {rule}")
+        for group in rule.get("apiGroups", []):
+            for resource in rule.get("resources", []):
+                granted |= {(group, resource, verb) for verb in rule.get("verbs", [])}
+    expected = {
+        *(
+            (group, resource, verb)
+            for group, resource in [("", "services"), ("", "nodes"), ("discovery.k8s.io", "endpointslices")]
+            for verb in ("list", "watch")
+        ),
+        *((group, "events", verb) for group in ("", "events.k8s.io") for verb in ("create", "patch")),
+    }
+    problems += [f"grants {g}" for g in sorted(granted - expected)]
+    problems += [f"lacks {g}" for g in sorted(expected - granted)]
+    return problems
+
+
+def shellcheck(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["shellcheck", "--external-sources", str(path)], capture_output=True, text=True, cwd=path.parent, check=False
+    )
+
+
+def ruby_syntax(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ruby", "-c", str(path)], capture_output=True, text=True, check=False)
+
+
+def need(tool: str) -> None:
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} is not installed (scripts/setup.sh installs it)")
+
+
+# ---- deploy/ ----
+
+
+def test_the_pinned_kubernetes_version_is_bundled() -> None:
+    assert K8S_VERSION in {kv_utils.major_minor(v) for v in kv_utils.all_versions()}
+
+
+@pytest.mark.parametrize("path", kube_manifests(DEPLOY) + kube_manifests(VAGRANT), ids=lambda p: p.name)
+def test_every_document_validates_offline_against_the_schemas(path: Path, offline: None) -> None:
+    docs = load_docs(path)
+    assert docs, f"{path} holds no document"
+    for doc in docs:
+        assert schema_errors(doc) == []
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    (kustomization,) = load_docs(DEPLOY / "kustomization.yaml")
+    assert kustomization["kind"] == "Kustomization"
+    assert sorted(kustomization["resources"]) == sorted(p.name for p in kube_manifests(DEPLOY))
+
+
+def test_everything_lives_in_kube_system(objects: dict[str, dict[str, Any]]) -> None:
+    for kind, obj in objects.items():
+        if kind not in {"ClusterRole", "ClusterRoleBinding"}:
+            assert obj["metadata"]["namespace"] == NAMESPACE, kind
+
+
+def test_daemonset_args_use_only_flags_the_agent_has(objects: dict[str, dict[str, Any]], agent_flags: set[str]) -> None:
+    (container,) = objects["DaemonSet"]["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    assert "command" not in container, "the image's entrypoint is `kpr`"
+    assert args[0] == "agent"
+    assert unknown_flags(args[1:], agent_flags) == []
+    # Every setting is `--flag=value`, so a value can never be mistaken for a flag or the other way round.
+    assert all(a.startswith("--") and "=" in a for a in args[1:])
+
+
+def test_daemonset_env_and_configmap_agree(objects: dict[str, dict[str, Any]]) -> None:
+    (container,) = objects["DaemonSet"]["spec"]["template"]["spec"]["containers"]
+    assert env_problems(container, objects["ConfigMap"]) == []
+
+
+def test_daemonset_gets_what_the_agent_needs_from_the_node(objects: dict[str, dict[str, Any]]) -> None:
+    ds = objects["DaemonSet"]
+    assert pod_problems(ds) == []
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["containers"][0]["securityContext"]["privileged"] is False
+    assert pod["serviceAccountName"] == objects["ServiceAccount"]["metadata"]["name"]
+    assert pod["containers"][0]["image"] == "ghcr.io/kpr-project/kpr:0.1.0"
+
+
+def test_rbac_is_exactly_what_the_agent_uses(objects: dict[str, dict[str, Any]]) -> None:
+    assert rbac_problems(objects["ClusterRole"]) == []
+    binding = objects["ClusterRoleBinding"]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": objects["ClusterRole"]["metadata"]["name"],
+    }
+    sa = objects["ServiceAccount"]["metadata"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["name"], "namespace": sa["namespace"]}]
+
+
+def test_containerfile() -> None:
+    text = (DEPLOY / "Containerfile").read_text()
+    instructions = [
+        line for line in re.sub(r"\\\n", " ", text).splitlines() if line.strip() and not line.startswith("#")
+    ]
+    keywords = [line.split()[0] for line in instructions]
+    known = {"FROM", "RUN", "COPY", "ADD", "ENV", "ARG", "WORKDIR", "USER", "LABEL", "ENTRYPOINT", "CMD", "EXPOSE"}
+    assert set(keywords) <= known, keywords
+    assert instructions[0] == "FROM debian:bookworm-slim"
+    run = " ".join(i for i in instructions if i.startswith("RUN "))
+    for package in ("python3-bpfcc", "libbpfcc", "python3-venv"):
+        assert re.search(rf"apt-get install [^&]*\b{package}\b", run), package
+    assert "ln -sfn /usr/lib/python3/dist-packages/bcc" in run
+    assert re.search(r"pip install [^&]*/opt/kpr/src", run)
+    assert not re.search(r"pip install [^&]*\bbcc\b", run), "bcc comes from Debian, never PyPI"
+    assert 'ENTRYPOINT ["kpr"]' in instructions
+    for source in ("kpr", "bpf", "pyproject.toml"):
+        assert any(i.startswith(f"COPY {source} ") for i in instructions), source
+
+
+# ---- the Vagrant lab ----
+
+
+def test_vagrantfile_is_valid_ruby() -> None:
+    need("ruby")
+    result = ruby_syntax(ROOT / "Vagrantfile")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_vagrantfile_builds_the_promised_cluster() -> None:
+    text = (ROOT / "Vagrantfile").read_text()
+    assert (
+        len(re.findall(r'\{ name: "\w+", ip: "[\d.]+", pod_cidr: "[\d./]+", role: "(?:control-plane|worker)" \}', text))
+        == 3
+    )
+    assert text.count('role: "control-plane"') == 1
+    assert "provider :libvirt" in text and "provider :virtualbox" in text
+    assert 'ENV.fetch("KPR_CNI_MODE"' in text
+    for script in re.findall(r'"(vagrant/[\w-]+\.sh)"', text):
+        assert (ROOT / script).is_file(), script
+    assert "--skip-phases=addon/kube-proxy" in (VAGRANT / "control-plane.sh").read_text()
+
+
+@pytest.mark.parametrize("path", SHELL_SCRIPTS, ids=lambda p: p.name)
+def test_provisioning_scripts_pass_shellcheck(path: Path) -> None:
+    need("shellcheck")
+    lines = path.read_text().splitlines()
+    assert lines[0] == "#!/usr/bin/env bash"
+    assert "set -euo pipefail" in lines
+    result = shellcheck(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_kpr_service_unit_uses_only_flags_the_agent_has(agent_flags: set[str]) -> None:
+    unit = (VAGRANT / "kpr.service").read_text()
+    (exec_start,) = re.findall(r"^ExecStart=(.*)$", unit, re.MULTILINE)
+    argv = shlex.split(exec_start)
+    assert argv[:2] == ["/opt/kpr/venv/bin/kpr", "agent"]
+    assert unknown_flags([a for a in argv[2:] if not a.startswith("$")], agent_flags) == []
+    assert "--kubeconfig" in argv
+
+
+def test_chained_cni_mode_writes_kpr_cni_after_bridge() -> None:
+    common = (VAGRANT / "common.sh").read_text()
+    conflist = common[common.index('"plugins": [') :]
+    assert conflist.index('"type": "bridge"') < conflist.index("$chained")
+    assert re.search(r'chained\) chained=\'[^\']*"type": "kpr-cni"', common)
+
+
+# ---- the checkers bite ----
+
+
+def broken(doc: dict[str, Any]) -> dict[str, Any]:
+    return copy.deepcopy(doc)
+
+
+def test_schema_validation_rejects_broken_documents(objects: dict[str, dict[str, Any]], offline: None) -> None:
+    ds = broken(objects["DaemonSet"])
+    ds["spec"]["template"]["spec"]["hostNetwrok"] = True  # a typo: only strict validation sees it
+    assert schema_errors(ds)
+    ds = broken(objects["DaemonSet"])
+    ds["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["periodSeconds"] = "often"
+    assert schema_errors(ds)
+    cm = broken(objects["ConfigMap"])
+    cm["data"]["KPR_MIN_SYNC_PERIOD"] = 0.1  # unquoted in YAML: not a string
+    assert schema_errors(cm)
+    role = broken(objects["ClusterRole"])
+    role["rules"][0]["verbs"] = "list"
+    assert schema_errors(role)
+    assert schema_errors({"apiVersion": "example.com/v1", "kind": "Gadget", "metadata": {"name": "x"}})
+
+
+def test_a_broken_manifest_file_fails_validation(tmp_path: Path, offline: None) -> None:
+    text = (DEPLOY / "daemonset.yaml").read_text().replace("hostNetwork: true", "hostNetwork: yes please")
+    copy_path = tmp_path / "daemonset.yaml"
+    copy_path.write_text(text)
+    assert any(schema_errors(doc) for doc in load_docs(copy_path))
+
+
+def test_flag_check_rejects_unknown_flags(agent_flags: set[str]) -> None:
+    assert unknown_flags(["--healthz-bind-address=:1", "--proxy-mode=ipvs", "--nodeport-addresses"], agent_flags) == [
+        "--proxy-mode=ipvs"
+    ]
+
+
+def test_env_check_rejects_dangling_references(objects: dict[str, dict[str, Any]]) -> None:
+    (container,) = broken(objects["DaemonSet"])["spec"]["template"]["spec"]["containers"]
+    container["args"].append("--log-level=$(KPR_VERBOSITY)")
+    container["env"].append({"name": "X", "valueFrom": {"configMapKeyRef": {"name": "kpr-config", "key": "NOPE"}}})
+    problems = env_problems(container, objects["ConfigMap"])
+    assert any("KPR_VERBOSITY" in p for p in problems) and any("NOPE" in p for p in problems)
+
+
+def test_pod_check_rejects_what_the_api_server_or_the_node_would(objects: dict[str, dict[str, Any]]) -> None:
+    ds = broken(objects["DaemonSet"])
+    container = ds["spec"]["template"]["spec"]["containers"][0]
+    for m in container["volumeMounts"]:
+        if m["name"] == "bpffs":
+            m["mountPropagation"] = "Bidirectional"
+    container["securityContext"]["capabilities"]["add"].remove("SYS_ADMIN")
+    container["readinessProbe"]["httpGet"]["port"] = 10257
+    ds["spec"]["template"]["spec"]["volumes"] = [
+        v for v in ds["spec"]["template"]["spec"]["volumes"] if v["name"] != "usr-src"
+    ]
+    problems = pod_problems(ds)
+    assert any("Bidirectional" in p for p in problems)
+    assert any("capabilities.add" in p for p in problems)
+    assert any("readinessProbe" in p for p in problems)
+    assert any("/usr/src" in p for p in problems)
+
+
+def test_rbac_check_rejects_more_or_less(objects: dict[str, dict[str, Any]]) -> None:
+    role = broken(objects["ClusterRole"])
+    role["rules"][0]["verbs"].append("get")
+    role["rules"][1]["verbs"] = ["list"]
+    role["rules"].append({"apiGroups": [""], "resources": ["secrets"], "verbs": ["list"]})
+    problems = rbac_problems(role)
+    assert "grants ('', 'services', 'get')" in problems
+    assert "grants ('', 'secrets', 'list')" in problems
+    assert "lacks ('discovery.k8s.io', 'endpointslices', 'watch')" in problems
+
+
+def test_shellcheck_rejects_a_broken_script(tmp_path: Path) -> None:
+    need("shellcheck")
+    script = tmp_path / "broken.sh"
+    script.write_text("#!/usr/bin/env bash\nset -euo pipefail\nfor n in `seq 3`; do rm -rf /tmp/$n; done\n")
+    result = shellcheck(script)
+    assert result.returncode != 0
+    assert "SC2006" in result.stdout and "SC2086" in result.stdout  # the backticks, the unquoted $n
+
+
+def test_ruby_check_rejects_a_broken_vagrantfile(tmp_path: Path) -> None:
+    need("ruby")
+    text = (ROOT / "Vagrantfile").read_text()
+    copy_path = tmp_path / "Vagrantfile"
+    copy_path.write_text(text[: text.rindex("end")])  # the last `end` gone
+    assert ruby_syntax(copy_path).returncode != 0
