@@ -10,6 +10,7 @@ PACKAGES=(
   iproute2 iptables nftables conntrack socat
   containernetworking-plugins      # the reference CNI plugins, the "existing plugin" in chaining tests
   python3-venv
+  ruby shellcheck                  # tests/unit/test_deploy.py: `ruby -c Vagrantfile`, shellcheck on vagrant/*.sh
 )
 
 need_root() {
