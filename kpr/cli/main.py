@@ -336,29 +336,38 @@ def status(cgroup_root: Path | None, bpffs_dir: Path, output: str, verbose: bool
     help="Also remove kube-proxy's iptables chains (KUBE-*, nft and legacy, v4 and v6), its nftables tables and "
     "the IPVS device, so a node switches from kube-proxy in one step.",
 )
-def cleanup(cgroup_root: Path | None, bpffs_dir: Path, kube_proxy: bool) -> None:
-    """Detach kpr's programs from the cgroup and unpin its maps. Safe to run twice.
+@click.option(
+    "--keep-kpr",
+    is_flag=True,
+    help="With --kube-proxy: remove only kube-proxy's state and leave kpr's programs and maps (switching a node "
+    "while the agent runs).",
+)
+def cleanup(cgroup_root: Path | None, bpffs_dir: Path, kube_proxy: bool, keep_kpr: bool) -> None:
+    """Detach kpr's programs (cgroup hooks and tc filters) and unpin its maps. Safe to run twice.
 
-    Programs of other tools on the same cgroup and other pins are left alone.
+    Programs of other tools on the same cgroup or devices and other pins are left alone.
     """
     from kpr.datapath.kube_proxy import clean_kube_proxy
     from kpr.datapath.loader import DatapathError, detach_all, detach_tc, unpin_all
 
     if os.geteuid() != 0:
         raise click.ClickException("cleanup needs root (CAP_BPF and CAP_NET_ADMIN)")
-    cgroup = cgroup_root or _default_cgroup_root()
-    detached = detach_all(cgroup)
-    tc_removed = detach_tc()
-    try:
-        unpinned = unpin_all(bpffs_dir)
-    except DatapathError as e:
-        raise click.ClickException(str(e)) from e
-    click.echo(
-        f"detached {len(detached)} program(s) from {cgroup}"
-        + (f" ({', '.join(p.hook for p in detached)})" if detached else "")
-    )
-    click.echo(f"removed {len(tc_removed)} tc filter(s)" + (f" ({', '.join(tc_removed)})" if tc_removed else ""))
-    click.echo(f"unpinned {len(unpinned)} map(s) from {bpffs_dir}")
+    if keep_kpr and not kube_proxy:
+        raise click.UsageError("--keep-kpr goes with --kube-proxy (without both there is nothing to do)")
+    if not keep_kpr:
+        cgroup = cgroup_root or _default_cgroup_root()
+        detached = detach_all(cgroup)
+        tc_removed = detach_tc()
+        try:
+            unpinned = unpin_all(bpffs_dir)
+        except DatapathError as e:
+            raise click.ClickException(str(e)) from e
+        click.echo(
+            f"detached {len(detached)} program(s) from {cgroup}"
+            + (f" ({', '.join(p.hook for p in detached)})" if detached else "")
+        )
+        click.echo(f"removed {len(tc_removed)} tc filter(s)" + (f" ({', '.join(tc_removed)})" if tc_removed else ""))
+        click.echo(f"unpinned {len(unpinned)} map(s) from {bpffs_dir}")
     if kube_proxy:
         report = clean_kube_proxy()
         click.echo(f"removed {len(report.removed)} piece(s) of kube-proxy state")

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from kpr.datapath.loader import attached_programs
 from kpr.lab import Lab
 from kpr.lab.cluster import LabAgent, endpoint_slice, pod_endpoints, service, wait_until, write_manifest
 from kpr.lab.topology import Node
@@ -209,3 +210,20 @@ def test_cleanup_kube_proxy_removes_its_rules_keeps_the_rest_and_can_run_twice(l
 
     second = lab.run(node, kpr).stdout
     assert "removed 0 piece(s) of kube-proxy state" in second
+
+
+def test_cleanup_kube_proxy_keep_kpr_switches_a_node_while_the_agent_serves(
+    running: tuple[Lab, LabAgent, Path],
+) -> None:
+    lab, agent, _ = running
+    node = agent.node
+    lab.run(node, ["iptables-nft-restore"], input=KUBE_PROXY_IPTABLES)
+    out = agent.kpr(
+        "cleanup", "--kube-proxy", "--keep-kpr", "--cgroup-root", str(node.cgroup), "--bpffs-dir", str(node.bpffs_dir)
+    ).stdout
+    assert "iptables-nft -t nat: chain KUBE-SERVICES" in out and "detached" not in out
+    assert "KUBE-" not in lab.run(node, ["iptables-nft-save"]).stdout
+    assert len([p for p in attached_programs(node.cgroup) if p.name.startswith("kpr_")]) == 8
+    assert lab.client(lab.pods["client"], "tcp", "10.96.5.10", 80, count=20)["ok"] == 20
+    usage = agent.kpr("cleanup", "--keep-kpr", check=False)
+    assert usage.returncode != 0 and "--keep-kpr goes with --kube-proxy" in usage.stderr
