@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from kpr import log
+from kpr.agent.healthcheck import HealthChecks
 from kpr.agent.metrics import Metrics
 from kpr.agent.store import Store
 from kpr.datapath.loader import default_route_devices, load_and_attach_isolated
 from kpr.datapath.writers import MapWriteError, MapWriter, PinnedMapWriter
 from kpr.model.translate import translate
-from kpr.model.types import EndpointSliceSpec, NodeInfo, ServiceKey
+from kpr.model.types import EndpointSliceSpec, Frontend, FrontendKind, NodeInfo, ServiceKey, ServiceSpec
 from kpr.reconcile.reconciler import Reconciler, ServiceSyncError
 from kpr.sources.events import KINDS, Event, Replace, SourceError, Upsert
 
@@ -75,6 +76,7 @@ class Agent:
         self.started_wall = time.time()
         self.loop_beat = time.monotonic()  # the main loop's last turn, for /livez
         self.recent_errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
+        self.health_checks = HealthChecks(lambda: self.healthy()[0])
 
     # ---- lifecycle ----
 
@@ -146,6 +148,7 @@ class Agent:
 
     def stop(self) -> None:
         self.stop_event.set()
+        self.health_checks.close()
         if self.source is not None and hasattr(self.source, "close"):
             self.source.close()
 
@@ -226,6 +229,9 @@ class Agent:
         for key in sorted(services):
             self.dirty.discard(key)
             self._sync_one(key)
+        if self.reconciler.removed_backend_ids:
+            self._flush_flows(self.reconciler.removed_backend_ids)
+            self.reconciler.removed_backend_ids = []
         self.dirty_since = time.monotonic() if self.dirty else None
         self.last_sync_seconds = time.monotonic() - started
         self.last_sync_wall = time.time()
@@ -252,6 +258,7 @@ class Agent:
             return
         self.retry_at.pop(key, None)
         self.failing_since.pop(key, None)
+        self._health_check(key, spec, frontends)
         trigger = self.trigger_times.pop(key, None)
         if trigger is not None:
             self.metrics.programming_latency.observe(max(0.0, time.time() - trigger))
@@ -267,6 +274,39 @@ class Agent:
                 operations=result.ops,
                 backends=sum(len(f.backends) for f in frontends),
             )
+
+    def _health_check(self, key: ServiceKey, spec: ServiceSpec | None, frontends: list[Frontend]) -> None:
+        """Serve healthCheckNodePort for externalTrafficPolicy=Local services with this node's endpoint count."""
+        if spec is None or spec.external_traffic_policy != "Local" or not spec.health_check_node_port:
+            self.health_checks.remove(key)
+            return
+        # An endpoint has an address per family (dual-stack): count per family, as kube-proxy's per-family proxiers do.
+        local: dict[int, set[str]] = {4: set(), 6: set()}
+        for f in frontends:
+            if f.kind != FrontendKind.CLUSTER_IP:
+                local[f.family].update(b.addr for b in f.backends if b.node_local)
+        error = self.health_checks.set(key, spec.health_check_node_port, max(len(s) for s in local.values()))
+        if error:
+            self.metrics.sync_errors.labels(reason="health_check_port").inc()
+            self._remember_error(f"{key}: {error}")
+            self.log.error("health check node port not served", service=str(key), error=error)
+
+    def _flush_flows(self, backend_ids: list[int]) -> None:
+        """Forget tc flows that point at removed backends, so their clients are not black-holed (UDP above all)."""
+        assert self.reconciler is not None
+        gone = set(backend_ids)
+        flushed = 0
+        try:
+            for name in ("ct4", "ct6"):
+                for key, value in self.reconciler.writer.items(name):
+                    if value.backend_id in gone:
+                        self.reconciler.writer.delete(name, key)
+                        flushed += 1
+        except (MapWriteError, OSError) as e:
+            self.log.warning("flushing flows of removed backends failed", error=str(e))
+            return
+        if flushed:
+            self.log.info("flows of removed backends flushed", entries=flushed, backends=len(gone))
 
     def check_drift(self) -> None:
         """Compare the maps with the state and repair what differs (something outside kpr changed them)."""

@@ -298,6 +298,32 @@ def explain(bpffs_dir: Path, output: str, external: bool, source: str, destinati
 
 
 @main.command()
+@bpffs_option
+@output_option
+@click.option("--address", default=None, help="Only flows with this address on either side.")
+def conntrack(bpffs_dir: Path, output: str, address: str | None) -> None:
+    """The north-south flows the tc programs track (NodePort, LoadBalancer, externalIPs), newest first.
+
+    Columns: protocol, direction (original: client to frontend; reply: backend back), source, destination,
+    frontend, backend, the masquerade address:port when the backend is on another node, idle time.
+    """
+    from kpr.cli.render import conntrack_table
+    from kpr.datapath.inspect import read_conntrack
+
+    rows = _read_maps(bpffs_dir, read_conntrack)
+    if address:
+        rows = [
+            r
+            for r in rows
+            if address in (r.source.rsplit(":", 1)[0].strip("[]"), r.destination.rsplit(":", 1)[0].strip("[]"))
+        ]
+    if output == "json":
+        click.echo(json.dumps([r.as_dict() for r in rows], indent=2))
+    else:
+        click.echo(conntrack_table(rows))
+
+
+@main.command()
 @cgroup_option
 @bpffs_option
 @output_option

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from kpr.datapath.inspect import BackendListing, FrontendRow
+from kpr.datapath.inspect import BackendListing, FlowRow, FrontendRow
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -56,6 +56,25 @@ def backends_table(backends: Sequence[BackendListing]) -> str:
     if not rows:
         return "no backends programmed"
     return table(["ID", "BACKEND", "STATE", "LOCAL", "USED BY"], rows)
+
+
+def conntrack_table(flows: Sequence[FlowRow]) -> str:
+    rows = [
+        [
+            f.protocol,
+            f.direction,
+            f.source,
+            f.destination,
+            f.frontend,
+            f.backend,
+            f.masquerade or "-",
+            f"{f.idle_seconds}s" + (" closing" if f.closing else ""),
+        ]
+        for f in flows
+    ]
+    if not rows:
+        return "no tracked flows"
+    return table(["PROTO", "DIR", "SOURCE", "DESTINATION", "FRONTEND", "BACKEND", "NAT", "IDLE"], rows)
 
 
 def _ago(seconds: float) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from kpr.datapath import abi, codec
 from kpr.datapath.bpfsys import BpfError, Map
 from kpr.datapath.writers import MapWriter, PinnedMapWriter
+from kpr.model.types import PROTOCOL_NAMES
 
 
 @dataclass
@@ -188,3 +190,55 @@ def _host(formatted: str) -> str:
     """The address part of "a.b.c.d:port/PROTO" or "[v6]:port/PROTO"."""
     host = formatted.rsplit(":", 1)[0]
     return host.strip("[]")
+
+
+@dataclass
+class FlowRow:
+    protocol: str
+    direction: str  # original (client -> frontend) | reply (backend -> client or node)
+    source: str
+    destination: str
+    frontend: str
+    backend: str
+    masquerade: str  # original: the node address:port used; reply: the client it stands for
+    closing: bool
+    idle_seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_conntrack(bpffs_dir: Path) -> list[FlowRow]:
+    """The tc path's flows (ct4/ct6), newest first, with their frontend and backend resolved."""
+    writer = PinnedMapWriter(bpffs_dir, ["ct4", "ct6", "rev_nat4", "rev_nat6", "backends4", "backends6"])
+    now = time.monotonic_ns()  # bpf_ktime_get_ns() is CLOCK_MONOTONIC too
+    try:
+        rows = []
+        for fam in ("4", "6"):
+            frontends = {int(k.value): codec.decode_rev_nat(v) for k, v in writer.items(f"rev_nat{fam}")}
+            backends = {int(k.value): codec.decode_backend(v) for k, v in writer.items(f"backends{fam}")}
+            for key, value in writer.items(f"ct{fam}"):
+                protocol = PROTOCOL_NAMES.get(key.proto, str(key.proto))
+                src = _fmt(codec.addr_of(key.src), abi.port_of_be16(key.sport), protocol)
+                dst = _fmt(codec.addr_of(key.dst), abi.port_of_be16(key.dport), protocol)
+                fe = frontends.get(value.rev_nat_id)
+                be = backends.get(value.backend_id)
+                nat = ""
+                if value.flags & abi.CT_F_SNAT:
+                    nat = _fmt(codec.addr_of(value.addr), abi.port_of_be16(value.port), protocol)
+                rows.append(
+                    FlowRow(
+                        protocol,
+                        "reply" if key.dir == abi.CT_REPLY else "original",
+                        src.rsplit("/", 1)[0],
+                        dst.rsplit("/", 1)[0],
+                        _fmt(fe[0], fe[1], protocol) if fe else f"(gone: {value.rev_nat_id})",
+                        _fmt(be.addr, be.port, be.protocol) if be else f"(gone: {value.backend_id})",
+                        nat.rsplit("/", 1)[0],
+                        bool(value.flags & abi.CT_F_CLOSING),
+                        round(max(0, now - value.last_seen_ns) / 1e9, 1),
+                    )
+                )
+        return sorted(rows, key=lambda r: (r.idle_seconds, r.protocol, r.source))
+    finally:
+        writer.close()

@@ -92,6 +92,7 @@ class Reconciler:
         self.rev_nat_ids = IdAllocator(writer.capacity("rev_nat4") + writer.capacity("rev_nat6"), "rev_nat ids")
         self.ops_applied = 0
         self.restored_entries = 0  # map entries found at restore: when 0 there is nothing left over to prune
+        self.removed_backend_ids: list[int] = []  # deleted since the agent last flushed their flows
 
     def _backend_identity(self, backend_id: int) -> Address | None:
         return self._backend_by_id.get(backend_id)
@@ -572,6 +573,7 @@ class _Plan:
                 del rec.backends[identity]
                 rec._backend_by_id.pop(held.id, None)
                 rec.backend_ids.release(held.id)
+                rec.removed_backend_ids.append(held.id)
         for address in self.removed:
             fe = rec.frontends.pop(address)
             rec.rev_nat_ids.release(fe.rev_nat_id)
