@@ -151,6 +151,15 @@ def status_text(s: dict[str, Any], now: float, verbose: bool = False) -> str:
             f"refused {c.get('reject_no_backend', 0)}, dropped (no local backend) {c.get('drop_no_local_backend', 0)}, "
             f"affinity {c.get('affinity_hit', 0)} hits / {c.get('affinity_new', 0)} new",
         )
+        if any(v for k, v in c.items() if k.startswith("tc_")):
+            row(
+                "tc path",
+                f"new flows {c.get('tc_ct_new', 0)}, to backends {c.get('tc_dnat', 0)}, "
+                f"replies {c.get('tc_revnat', 0)}, masqueraded {c.get('tc_snat', 0)}, "
+                f"resets {c.get('tc_reject_tcp', 0)}, unreachables {c.get('tc_reject_udp', 0)}, "
+                f"dropped: no local backend {c.get('tc_drop_no_local', 0)}, "
+                f"source range {c.get('tc_drop_source_range', 0)}, no route {c.get('tc_drop_fib', 0)}",
+            )
         if verbose:
             for name, value in c.items():
                 lines.append(f"  {name:<24} {value}")

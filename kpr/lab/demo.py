@@ -21,7 +21,7 @@ from kpr.lab.cluster import (
     wait_until,
     write_manifest,
 )
-from kpr.lab.topology import Lab, Pod
+from kpr.lab.topology import External, Lab, Node, Pod
 
 V4, V6 = "10.96.0.10", "fd00:96::10"
 
@@ -36,22 +36,32 @@ def bar(served: dict[str, int], total: int) -> str:
     )
 
 
-def web_manifests(pods: Sequence[Pod]) -> list[dict[str, object]]:
-    ports: list[Port] = [("http", 80, "http", "TCP"), ("dns", 53, 8080, "UDP")]
+def web_manifests(node: Node, pods: Sequence[Pod]) -> list[dict[str, object]]:
+    ports: list[Port] = [("http", 80, "http", "TCP", 30080), ("dns", 53, 8080, "UDP", 30053)]
     slice_ports = [("http", 8080, "TCP"), ("dns", 8080, "UDP")]
+    node_object = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": node.name},
+        "status": {
+            "addresses": [{"type": "InternalIP", "address": node.ipv4}, {"type": "InternalIP", "address": node.ipv6}]
+        },
+    }
     return [
-        service("web", [V4, V6], ports),
+        node_object,
+        service("web", [V4, V6], ports, type="NodePort"),
         endpoint_slice("web", pod_endpoints(pods, 4), slice_ports, family=4),
         endpoint_slice("web", pod_endpoints(pods, 6), slice_ports, family=6),
     ]
 
 
-def traffic(lab: Lab, client: Pod, proto: str, vip: str, port: int, count: int = 300) -> None:
+def traffic(lab: Lab, client: Pod | External, proto: str, vip: str, port: int, count: int = 300) -> None:
     result = lab.client(client, proto, vip, port, count=count)
     shown = f"[{vip}]:{port}" if ":" in vip else f"{vip}:{port}"
     print(
-        f"   {count} {proto.upper()} requests from pod 'client' to {shown}: {result['ok']} answered, "
-        f"errors {result['errors'] or 'none'}; the client saw its peer as {', '.join(result['peers'])}"
+        f"   {count} {proto.upper()} requests from '{client.name}' to {shown}: {result['ok']} answered, "
+        f"errors {result['errors'] or 'none'}; the client saw its peer as {', '.join(result['peers'])}; "
+        f"the backends saw the client as {', '.join(result['seen_as'])}"
     )
     print(bar(result["served"], count))
 
@@ -64,12 +74,17 @@ def main() -> int:
         node = lab.add_node("node1")
         pods = [lab.add_pod(node, name) for name in ("pod-a", "pod-b", "pod-c")]
         client = lab.add_pod(node, "client", echo=False)
+        ext = lab.add_external("ext")
+        print(f"   an external client 'ext' on the underlay: {ext.ipv4} {ext.ipv6}; node1 is {node.ipv4} there")
         for p in pods:
             print(f"   {p.name}: {p.ipv4} {p.ipv6}  (echo server on 8080/tcp and 8080/udp)")
 
-        say(f"Service default/web: ClusterIP {V4} and {V6}, 80/TCP -> 8080 and 53/UDP -> 8080")
-        write_manifest(manifests, "web.yaml", web_manifests(pods))
-        agent = LabAgent(lab, node, manifests).start()
+        say(
+            f"Service default/web (NodePort): ClusterIP {V4} and {V6}, 80/TCP -> 8080 and 53/UDP -> 8080, "
+            "NodePorts 30080 and 30053"
+        )
+        write_manifest(manifests, "web.yaml", web_manifests(node, pods))
+        agent = LabAgent(lab, node, manifests, extra_args=["--devices", "eth0"]).start()
         agent.wait_started()
         print(
             f"   kpr agent running on node1 (pid {agent.proc.pid if agent.proc else '?'}), "
@@ -81,11 +96,16 @@ def main() -> int:
         traffic(lab, client, "udp", V4, 53)
         traffic(lab, client, "tcp", V6, 80)
 
+        say(f"From outside: 'ext' to the NodePort {node.ipv4}:30080, load balanced per packet at tc on node1's eth0")
+        traffic(lab, ext, "tcp", node.ipv4, 30080)
+        traffic(lab, ext, "udp", node.ipv6, 30053)
+        print("   (the pods are on node1, so no masquerade: they see the external client's own address)")
+
         say("kpr services (read straight from the pinned BPF maps)")
         print(agent.kpr("services", "--bpffs-dir", str(node.bpffs_dir)).stdout.rstrip())
 
         say("pod-c leaves the EndpointSlices (as when it is scaled away)")
-        write_manifest(manifests, "web.yaml", web_manifests(pods[:2]))
+        write_manifest(manifests, "web.yaml", web_manifests(node, pods[:2]))
         t0 = time.monotonic()
         gone = f"{pods[2].ipv4}:8080/TCP"
         wait_until(
