@@ -11,7 +11,8 @@ import ipaddress
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from kpr.datapath.inspect import FrontendRow
+from kpr.datapath import abi
+from kpr.datapath.inspect import FrontendRow, ScopeRow
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 
@@ -25,7 +26,7 @@ class Explanation:
     source: str
     destination: str
     path: str  # socket: from this node or one of its pods | external: arriving on a node device
-    verdict: str  # not-a-frontend | load-balanced | refused | dropped | not-handled
+    verdict: str  # not-a-frontend | load-balanced | refused | dropped
     service: str = ""
     kind: str = ""
     scope: str = ""
@@ -80,15 +81,9 @@ def explain(rows: list[FrontendRow], source: str, destination: str, *, external:
     ex.kind = row.kind
     ex.affinity_timeout = row.affinity_timeout
     ex.steps.append(f"It matches the {row.kind} frontend of {ex.service}.")
-    if external:
-        ex.verdict = "not-handled"
-        ex.steps.append(
-            "kpr does not yet translate packets arriving from outside the node (the tc datapath for NodePort, "
-            "LoadBalancer and externalIPs is not built); such a flow is not load balanced by kpr."
-        )
-        return ex
-
     default = next(s for s in row.scopes if s.scope == "default")
+    if external:
+        return _explain_external(ex, row, default)
     scope = default
     if "two-scopes" in default.flags:
         internal = next((s for s in row.scopes if s.scope == "internal"), None)
@@ -136,6 +131,58 @@ def explain(rows: list[FrontendRow], source: str, destination: str, *, external:
         "The destination is rewritten at connect() (or per sendmsg() for unconnected UDP) before any packet exists: "
         "no NAT, the backend sees the client's own address, and getpeername()/recvmsg() show the frontend."
     )
+    return ex
+
+
+def _explain_external(ex: Explanation, row: FrontendRow, default: ScopeRow) -> Explanation:
+    """The tc path: external frontends only, the default scope, masquerade for backends on other nodes."""
+    if row.kind == "ClusterIP":
+        ex.verdict = "not-a-frontend"
+        ex.steps.append(
+            "kpr serves ClusterIPs to clients on the node and in pods only; a ClusterIP packet arriving from outside "
+            "is left to routing (kube-proxy would DNAT it)."
+        )
+        return ex
+    ex.scope = "default"
+    ex.candidates = [b.address for b in default.backends]
+    if "source-ranges" in default.flags:
+        ex.steps.append("loadBalancerSourceRanges apply: a source outside them (and not a node address) is dropped.")
+    if not default.backends:
+        if "empty-drop" in default.flags:
+            ex.verdict = "dropped"
+            ex.steps.append(
+                "externalTrafficPolicy=Local and no endpoint on this node: the packet is dropped, as "
+                "kube-proxy does (the load balancer's health check sends traffic elsewhere)."
+            )
+        else:
+            ex.verdict = "refused"
+            ex.steps.append(
+                "No usable backend: TCP is answered with a reset and UDP with ICMP port unreachable "
+                "(kube-proxy's REJECT)."
+            )
+        return ex
+    ex.verdict = "load-balanced"
+    local = [b.address for b in default.backends if b.node_local]
+    remote = [b.address for b in default.backends if not b.node_local]
+    ex.steps.append(
+        f"One of {len(default.backends)} backend(s) is picked at random and the flow is recorded in "
+        "conntrack; later packets and replies follow that entry."
+    )
+    if local:
+        ex.steps.append(
+            f"On this node ({', '.join(local)}): DNAT only; the backend sees the client's own address and "
+            "its replies are shown as coming from the frontend as they leave."
+        )
+    if remote:
+        ex.steps.append(
+            f"On other nodes ({', '.join(remote)}): DNAT and masquerade to this node's address with a "
+            f"source port from {abi.SNAT_PORT_MIN}-{abi.SNAT_PORT_MAX}, so replies come back through here."
+        )
+    if "affinity" in default.flags:
+        ex.steps.append(
+            f"sessionAffinity ClientIP: the client's address keeps its backend for {row.affinity_timeout}s "
+            "after its last new connection."
+        )
     return ex
 
 

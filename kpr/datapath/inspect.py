@@ -49,7 +49,12 @@ def _fmt(addr: str, port: int, protocol: str) -> str:
 
 
 def _flags(flags: int) -> list[str]:
-    names = {abi.SVC_F_AFFINITY: "affinity", abi.SVC_F_TWO_SCOPES: "two-scopes", abi.SVC_F_EMPTY_DROP: "empty-drop"}
+    names = {
+        abi.SVC_F_AFFINITY: "affinity",
+        abi.SVC_F_TWO_SCOPES: "two-scopes",
+        abi.SVC_F_EMPTY_DROP: "empty-drop",
+        abi.SVC_F_SOURCE_RANGES: "source-ranges",
+    }
     return [name for bit, name in names.items() if flags & bit]
 
 

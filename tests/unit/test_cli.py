@@ -138,9 +138,39 @@ def test_explain(maps: MemoryMapWriter, dst: str, verdict: str, candidates: list
     assert says in text and text.startswith(f"10.244.1.50 -> {ex.destination}: {verdict}")
 
 
-def test_explain_external_flow_says_it_is_not_handled_yet(maps: MemoryMapWriter) -> None:
-    ex = explain(services_from(maps), "192.0.2.1", "172.16.0.1:30080/TCP", external=True)
-    assert ex.verdict == "not-handled" and ex.path == "external"
+def test_explain_external_flow_to_local_and_remote_backends() -> None:
+    w = MemoryMapWriter()
+    lb = ServiceKey("default", "lb")
+    Reconciler(w).sync_service(
+        lb,
+        [
+            Frontend(
+                lb,
+                "",
+                FrontendKind.LOAD_BALANCER,
+                "172.16.100.1",
+                80,
+                "TCP",
+                (b(11), b(31, local=False)),
+                source_ranges=("192.0.2.0/24",),
+            )
+        ],
+    )
+    ex = explain(services_from(w), "192.0.2.7", "172.16.100.1:80/TCP", external=True)
+    text = explanation_text(ex)
+    assert ex.verdict == "load-balanced" and len(ex.candidates) == 2
+    assert "loadBalancerSourceRanges apply" in text
+    assert "On this node (10.244.1.11:8080/TCP): DNAT only" in text
+    assert "On other nodes (10.244.1.31:8080/TCP): DNAT and masquerade" in text and "61000-65535" in text
+
+
+def test_explain_external_flows(maps: MemoryMapWriter) -> None:
+    rows = services_from(maps)
+    nodeport = explain(rows, "192.0.2.1", "172.16.0.1:30080/TCP", external=True)
+    assert (nodeport.verdict, nodeport.path, nodeport.scope) == ("dropped", "external", "default")
+    assert "externalTrafficPolicy=Local" in explanation_text(nodeport)
+    cluster_ip = explain(rows, "192.0.2.1", "10.96.0.10:80/TCP", external=True)
+    assert cluster_ip.verdict == "not-a-frontend" and "left to routing" in explanation_text(cluster_ip)
 
 
 @pytest.mark.parametrize("bad", ["10.96.0.10", "10.96.0.10:99999", "10.96.0.10:80/ICMP", "web:80", "[fd00::1]"])
