@@ -42,6 +42,16 @@ class MapWriter(Protocol):
     def capacity(self, map_name: str) -> int: ...
 
 
+def _update_one_by_one(writer: MapWriter, map_name: str, keys: list[CData], values: list[CData]) -> None:
+    """update_many for writers without a batch call: in order, reporting how many were written on failure."""
+    for done, (key, value) in enumerate(zip(keys, values, strict=True)):
+        try:
+            writer.update(map_name, key, value)
+        except MapWriteError as e:
+            e.done = done
+            raise
+
+
 class PinnedMapWriter:
     """Writes the maps pinned under `bpffs_dir`."""
 
@@ -105,12 +115,7 @@ class MemoryMapWriter:
         table[raw] = bytes(value)
 
     def update_many(self, map_name: str, keys: list[CData], values: list[CData]) -> None:
-        for done, (key, value) in enumerate(zip(keys, values, strict=True)):
-            try:
-                self.update(map_name, key, value)
-            except MapWriteError as e:
-                e.done = done
-                raise
+        _update_one_by_one(self, map_name, keys, values)
 
     def delete(self, map_name: str, key: CData) -> None:
         assert type(key) is abi.MAPS[map_name].key, f"{map_name}: wrong key type"
@@ -146,12 +151,7 @@ class FaultyMapWriter:
         self.inner.update(map_name, key, value)
 
     def update_many(self, map_name: str, keys: list[CData], values: list[CData]) -> None:
-        for done, (key, value) in enumerate(zip(keys, values, strict=True)):
-            try:
-                self.update(map_name, key, value)
-            except MapWriteError as e:
-                e.done = done
-                raise
+        _update_one_by_one(self, map_name, keys, values)
 
     def delete(self, map_name: str, key: CData) -> None:
         self._maybe_fail(map_name)

@@ -7,6 +7,7 @@ watches. `LabAgent` runs the real `kpr agent` process inside a lab node's networ
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from kpr.lab.topology import Lab, Node, Pod
+from kpr.lab.topology import CLIENT_PATH, Lab, Node, Pod
 
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
@@ -136,6 +137,41 @@ def wait_until(check: Callable[[], T | None], timeout: float, what: str, interva
                 f"timed out after {timeout}s waiting for {what}" + (f" ({last_error})" if last_error else "")
             )
         time.sleep(interval)
+
+
+def start_client_loop(
+    lab: Lab,
+    where: Pod | Node,
+    host: str,
+    port: int,
+    seconds: float,
+    *,
+    interval: float = 0.005,
+    timeout: float = 2.0,
+    proto: str = "tcp",
+) -> subprocess.Popen[str]:
+    """kpr.lab.client connecting in a loop for `seconds` in the background; finish_client_loop() reads its result."""
+    argv = [
+        sys.executable,
+        "-I",
+        "-S",
+        str(CLIENT_PATH),
+        proto,
+        host,
+        str(port),
+        "--duration",
+        str(seconds),
+        "--interval",
+        str(interval),
+        "--timeout",
+        str(timeout),
+    ]
+    return lab.spawn(where, argv, stdout=subprocess.PIPE, text=True)
+
+
+def finish_client_loop(loop: subprocess.Popen[str], timeout: float = 120) -> dict[str, Any]:
+    out, _ = loop.communicate(timeout=timeout)
+    return json.loads(out)
 
 
 def listen_in(netns: str, host: str = "127.0.0.1", port: int = 0) -> socket.socket:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +12,16 @@ import pytest
 from kpr.datapath.inspect import read_services
 from kpr.datapath.loader import attached_programs
 from kpr.lab import Lab
-from kpr.lab.cluster import LabAgent, endpoint_slice, pod_endpoints, service, wait_until, write_manifest
+from kpr.lab.cluster import (
+    LabAgent,
+    endpoint_slice,
+    finish_client_loop,
+    pod_endpoints,
+    service,
+    start_client_loop,
+    wait_until,
+    write_manifest,
+)
 
 pytestmark = pytest.mark.datapath
 
@@ -47,33 +53,12 @@ def node_with_agent(tmp_path: Path) -> Iterator[tuple[Lab, LabAgent]]:
         lab.close()
 
 
-def start_client_loop(lab: Lab, seconds: float) -> subprocess.Popen[str]:
-    from kpr.lab.topology import CLIENT_PATH
-
-    argv = [
-        sys.executable,
-        "-I",
-        "-S",
-        str(CLIENT_PATH),
-        "tcp",
-        VIP,
-        "80",
-        "--duration",
-        str(seconds),
-        "--interval",
-        "0.002",
-        "--timeout",
-        "2",
-    ]
-    return lab.spawn(lab.pods["client"], argv, stdout=subprocess.PIPE, text=True)
-
-
 def test_sigkill_and_restart_while_a_client_connects_in_a_loop_loses_no_connect(
     node_with_agent: tuple[Lab, LabAgent],
 ) -> None:
     lab, agent = node_with_agent
     maps_before = [r.as_dict() for r in read_services(agent.node.bpffs_dir)]
-    client = start_client_loop(lab, seconds=12)
+    client = start_client_loop(lab, lab.pods["client"], VIP, 80, seconds=12)
     try:
         time.sleep(1)  # let the loop run against the first agent
         agent.stop(signal.SIGKILL)
@@ -82,11 +67,10 @@ def test_sigkill_and_restart_while_a_client_connects_in_a_loop_loses_no_connect(
         agent.stop(signal.SIGKILL)
         agent.start()
         agent.wait_started()
-        out, _ = client.communicate(timeout=60)
+        result = finish_client_loop(client, timeout=60)
     finally:
         if client.poll() is None:
             client.kill()
-    result = json.loads(out)
     assert result["errors"] == {}, result["errors"]
     assert result["ok"] == result["attempts"] > 500
     assert set(result["served"]) == {"pod-a", "pod-b", "pod-c"}

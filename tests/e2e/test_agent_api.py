@@ -6,10 +6,7 @@ agent reaches it on the node's own loopback and nothing touches the host network
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,8 +17,17 @@ import pytest
 
 from kpr.datapath.inspect import read_services
 from kpr.lab import Lab
-from kpr.lab.cluster import LabAgent, endpoint_slice, listen_in, pod_endpoints, service, wait_until
-from kpr.lab.topology import CLIENT_PATH, Pod
+from kpr.lab.cluster import (
+    LabAgent,
+    endpoint_slice,
+    finish_client_loop,
+    listen_in,
+    pod_endpoints,
+    service,
+    start_client_loop,
+    wait_until,
+)
+from kpr.lab.topology import Pod
 from tests.e2e.fake_apiserver import FakeApiServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.datapath]
@@ -92,36 +98,12 @@ def web(api: FakeApiServer, name: str, vip: str, pods: list[Pod], port: int = 80
     api.apply(endpoint_slice(name, pod_endpoints(pods), SLICE_PORTS))
 
 
-def background_loop(lab: Lab, client: Pod, vip: str, seconds: float) -> subprocess.Popen[str]:
-    argv = [
-        sys.executable,
-        "-I",
-        "-S",
-        str(CLIENT_PATH),
-        "tcp",
-        vip,
-        "80",
-        "--duration",
-        str(seconds),
-        "--interval",
-        "0.005",
-        "--timeout",
-        "2",
-    ]
-    return lab.spawn(client, argv, stdout=subprocess.PIPE, text=True)
-
-
-def finish(loop: subprocess.Popen[str]) -> dict[str, Any]:
-    out, _ = loop.communicate(timeout=120)
-    return json.loads(out)  # type: ignore[no-any-return]
-
-
 def test_a_service_scaled_changed_and_deleted_while_another_serves_a_steady_loop(api_cluster: ApiCluster) -> None:
     c = api_cluster
     a, b, d = c.pods
     web(c.api, "steady", "10.96.4.1", c.pods)
     c.wait_backends("10.96.4.1:80/TCP", c.pods)
-    loop = background_loop(c.lab, c.client, "10.96.4.1", seconds=12)
+    loop = start_client_loop(c.lab, c.client, "10.96.4.1", 80, seconds=12)
 
     vip, fe = "10.96.4.10", "10.96.4.10:80/TCP"
     web(c.api, "web", vip, [a])  # created with 1 endpoint
@@ -144,7 +126,7 @@ def test_a_service_scaled_changed_and_deleted_while_another_serves_a_steady_loop
     c.api.delete("EndpointSlice", "web-v4")
     wait_until(lambda: set(c.programmed()) == {"10.96.4.1:80/TCP"}, 20, "web to be gone")
 
-    steady = finish(loop)
+    steady = finish_client_loop(loop)
     assert steady["errors"] == {} and steady["ok"] == steady["attempts"] > 300
     c.api.delete("Service", "steady")
     c.api.delete("EndpointSlice", "steady-v4")
@@ -159,7 +141,7 @@ def test_cut_watches_410_and_a_restarted_api_server_lose_nothing(api_cluster: Ap
     web(c.api, "gone", "10.96.4.21", [a])
     c.wait_backends("10.96.4.20:80/TCP", c.pods)
     c.wait_backends("10.96.4.21:80/TCP", [a])
-    loop = background_loop(c.lab, c.client, "10.96.4.20", seconds=15)
+    loop = start_client_loop(c.lab, c.client, "10.96.4.20", 80, seconds=15)
 
     # A watch cut mid-stream: the agent resumes from its resourceVersion and sees the change made meanwhile.
     c.api.drop_watches()
@@ -181,7 +163,7 @@ def test_cut_watches_410_and_a_restarted_api_server_lose_nothing(api_cluster: Ap
     c.api.apply(endpoint_slice("web", pod_endpoints([d]), SLICE_PORTS))
     c.wait_backends("10.96.4.20:80/TCP", [d])
 
-    result = finish(loop)
+    result = finish_client_loop(loop)
     assert result["errors"] == {}, result["errors"]  # no backend was ever lost on the way
     assert result["ok"] == result["attempts"]
 
@@ -215,8 +197,8 @@ def test_an_agent_restarted_while_the_api_is_unreachable_keeps_traffic_on_the_pi
     c.agent.stop(signal.SIGKILL)
     c.agent.start()
     wait_until(lambda: '"maps adopted"' in c.agent.log(this_run=True), 60, "the agent to adopt the maps")
-    loop = background_loop(c.lab, c.client, "10.96.4.40", seconds=4)
-    result = finish(loop)
+    loop = start_client_loop(c.lab, c.client, "10.96.4.40", 80, seconds=4)
+    result = finish_client_loop(loop)
     assert result["errors"] == {} and set(result["served"]) == {"pod-a", "pod-b", "pod-c"}
     assert c.programmed() == before
     assert '"first full sync done"' not in c.agent.log(this_run=True)  # nothing programmed without the lists
