@@ -320,6 +320,17 @@ BPF_TABLE_PINNED("lpm_trie", struct src_range_key6, __u8, src_ranges6, KPR_SRC_R
 		 BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", __u32, struct device_info, devices, 64, KPR_PIN("devices"));
 
+/* config (one entry): what the agent tells the datapath. With socket_lb HOSTNS_ONLY the socket hooks translate only
+ * sockets of the host's network namespace; pods are then served per packet at their veth (CNI chaining). */
+#define KPR_SOCKET_LB_FULL 0
+#define KPR_SOCKET_LB_HOSTNS_ONLY 1
+struct kpr_config {
+	__u64 host_netns_cookie;
+	__u32 socket_lb; /* KPR_SOCKET_LB_* */
+	__u32 pad;
+};
+BPF_TABLE_PINNED("array", __u32, struct kpr_config, config, 1, KPR_PIN("config"));
+
 /* tc_tails: the tc path's tail calls. Building a reject reply needs more stack than fits beside the forwarding
  * path, so it runs as a program of its own. Pinned because the kernel empties a program array when its last
  * user-space reference goes (the loader exits); a missing entry makes the caller drop instead. */

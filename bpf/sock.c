@@ -348,10 +348,25 @@ static __always_inline bool is_v4_mapped(const __u32 *addr)
 	return addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0x0000ffff);
 }
 
+/* With --socket-lb=hostns-only, sockets of other namespaces (chained pods) are left to the per-packet path. */
+static __always_inline bool socket_lb_applies(void *ctx)
+{
+	__u32 zero = 0;
+	struct kpr_config *cfg = config.lookup(&zero);
+
+	if (!cfg || cfg->socket_lb != KPR_SOCKET_LB_HOSTNS_ONLY)
+		return true;
+	return bpf_get_netns_cookie(ctx) == cfg->host_netns_cookie;
+}
+
 static __always_inline int sock4_fwd(struct bpf_sock_addr *ctx)
 {
 	struct dest4 dst = { .addr = ctx->user_ip4, .port = (__be16)ctx->user_port };
-	int xlate = sock4_xlate_fwd(ctx, &dst, ctx->protocol);
+	int xlate;
+
+	if (!socket_lb_applies(ctx))
+		return 1;
+	xlate = sock4_xlate_fwd(ctx, &dst, ctx->protocol);
 
 	if (xlate == XLATE_DONE) {
 		/* Rewrite the destination to the chosen backend before the SYN (or datagram) exists. */
@@ -366,6 +381,8 @@ static __always_inline int sock6_fwd(struct bpf_sock_addr *ctx)
 	__u32 addr[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3] };
 	int xlate;
 
+	if (!socket_lb_applies(ctx))
+		return 1;
 	if (is_v4_mapped(addr)) {
 		struct dest4 dst4 = { .addr = addr[3], .port = (__be16)ctx->user_port };
 

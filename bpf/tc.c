@@ -550,7 +550,7 @@ static __always_inline __be16 snat4_port(struct ct_key4 *reply, struct ct_value4
 }
 
 /* A new flow to an external frontend: choose, record, translate. */
-static __always_inline int new_flow4(struct __sk_buff *skb, struct flow4 *f, __u64 now)
+static __always_inline int new_flow4(struct __sk_buff *skb, struct flow4 *f, __u64 now, bool from_pod)
 {
 	struct svc_key4 key = {};
 	struct svc_value *svc;
@@ -564,9 +564,25 @@ static __always_inline int new_flow4(struct __sk_buff *skb, struct flow4 *f, __u
 	key.port = f->dport;
 	key.proto = f->proto;
 	svc = services4.lookup(&key);
-	if (!svc || !(svc->flags & KPR_SVC_F_EXTERNAL))
+	if (!svc)
 		return TC_ACT_OK; /* not ours: the stack decides */
-	if ((svc->flags & KPR_SVC_F_SOURCE_RANGES) && !src4_allowed(svc->rev_nat_id, f->saddr)) {
+	if (from_pod) {
+		/* A chained pod is an in-cluster client: any frontend, and the internal scope when it has two. */
+		if (svc->flags & KPR_SVC_F_TWO_SCOPES) {
+			struct svc_value *internal;
+
+			key.scope = KPR_SCOPE_INTERNAL;
+			internal = services4.lookup(&key);
+			if (internal) {
+				svc = internal;
+			} else {
+				counter_inc(KPR_CNT_ERR_SCOPE_MISSING);
+				key.scope = KPR_SCOPE_DEFAULT;
+			}
+		}
+	} else if (!(svc->flags & KPR_SVC_F_EXTERNAL)) {
+		return TC_ACT_OK; /* a ClusterIP from outside: left to routing */
+	} else if ((svc->flags & KPR_SVC_F_SOURCE_RANGES) && !src4_allowed(svc->rev_nat_id, f->saddr)) {
 		counter_inc(KPR_CNT_TC_DROP_SOURCE_RANGE);
 		return TC_ACT_SHOT;
 	}
@@ -607,8 +623,9 @@ static __always_inline int new_flow4(struct __sk_buff *skb, struct flow4 *f, __u
 	rval.backend_id = backend_id;
 	rval.rev_nat_id = svc->rev_nat_id;
 
-	if (backend->flags & KPR_BACKEND_F_NODE_LOCAL) {
-		/* The pod answers the client directly; egress shows the reply as coming from the frontend. */
+	if (from_pod || (backend->flags & KPR_BACKEND_F_NODE_LOCAL)) {
+		/* The backend answers the client directly (a pod's own address is routable in the cluster); egress toward
+		 * the client shows the reply as coming from the frontend. */
 		rkey.dst = f->saddr;
 		rkey.dport = f->sport;
 		if (ct4.update(&rkey, &rval)) {
@@ -654,7 +671,7 @@ static __always_inline int new_flow4(struct __sk_buff *skb, struct flow4 *f, __u
 	return TC_ACT_OK;
 }
 
-static __always_inline int ingress4(struct __sk_buff *skb)
+static __always_inline int ingress4(struct __sk_buff *skb, bool from_pod)
 {
 	struct flow4 f = {};
 	struct ct_key4 key = {};
@@ -697,7 +714,7 @@ static __always_inline int ingress4(struct __sk_buff *skb)
 	}
 
 	key.dir = KPR_CT_REPLY;
-	ct = ct4.lookup(&key);
+	ct = from_pod ? NULL : ct4.lookup(&key); /* masqueraded replies come back on node devices only */
 	if (ct && (ct->flags & KPR_CT_F_SNAT)) {
 		/* A masqueraded flow's reply: from the frontend, to the client. */
 		__u32 rev_nat_id = ct->rev_nat_id;
@@ -715,7 +732,7 @@ static __always_inline int ingress4(struct __sk_buff *skb)
 		counter_inc(KPR_CNT_TC_REVNAT);
 		return redirect4(skb, &f);
 	}
-	return new_flow4(skb, &f, now);
+	return new_flow4(skb, &f, now, from_pod);
 }
 
 static __always_inline int egress4(struct __sk_buff *skb)
@@ -809,7 +826,7 @@ static __always_inline bool zero6(const __be32 *a)
 	return !(a[0] | a[1] | a[2] | a[3]);
 }
 
-static __always_inline int new_flow6(struct __sk_buff *skb, struct flow6 *f, __u64 now)
+static __always_inline int new_flow6(struct __sk_buff *skb, struct flow6 *f, __u64 now, bool from_pod)
 {
 	struct svc_key6 key = {};
 	struct svc_value *svc;
@@ -823,9 +840,25 @@ static __always_inline int new_flow6(struct __sk_buff *skb, struct flow6 *f, __u
 	key.port = f->dport;
 	key.proto = f->proto;
 	svc = services6.lookup(&key);
-	if (!svc || !(svc->flags & KPR_SVC_F_EXTERNAL))
-		return TC_ACT_OK;
-	if ((svc->flags & KPR_SVC_F_SOURCE_RANGES) && !src6_allowed(svc->rev_nat_id, f->saddr)) {
+	if (!svc)
+		return TC_ACT_OK; /* not ours: the stack decides */
+	if (from_pod) {
+		/* A chained pod is an in-cluster client: any frontend, and the internal scope when it has two. */
+		if (svc->flags & KPR_SVC_F_TWO_SCOPES) {
+			struct svc_value *internal;
+
+			key.scope = KPR_SCOPE_INTERNAL;
+			internal = services6.lookup(&key);
+			if (internal) {
+				svc = internal;
+			} else {
+				counter_inc(KPR_CNT_ERR_SCOPE_MISSING);
+				key.scope = KPR_SCOPE_DEFAULT;
+			}
+		}
+	} else if (!(svc->flags & KPR_SVC_F_EXTERNAL)) {
+		return TC_ACT_OK; /* a ClusterIP from outside: left to routing */
+	} else if ((svc->flags & KPR_SVC_F_SOURCE_RANGES) && !src6_allowed(svc->rev_nat_id, f->saddr)) {
 		counter_inc(KPR_CNT_TC_DROP_SOURCE_RANGE);
 		return TC_ACT_SHOT;
 	}
@@ -866,7 +899,7 @@ static __always_inline int new_flow6(struct __sk_buff *skb, struct flow6 *f, __u
 	rval.backend_id = backend_id;
 	rval.rev_nat_id = svc->rev_nat_id;
 
-	if (backend->flags & KPR_BACKEND_F_NODE_LOCAL) {
+	if (from_pod || (backend->flags & KPR_BACKEND_F_NODE_LOCAL)) {
 		__builtin_memcpy(rkey.dst, f->saddr, 16);
 		rkey.dport = f->sport;
 		if (ct6.update(&rkey, &rval)) {
@@ -911,7 +944,7 @@ static __always_inline int new_flow6(struct __sk_buff *skb, struct flow6 *f, __u
 	return TC_ACT_OK;
 }
 
-static __always_inline int ingress6(struct __sk_buff *skb)
+static __always_inline int ingress6(struct __sk_buff *skb, bool from_pod)
 {
 	struct flow6 f = {};
 	struct ct_key6 key = {};
@@ -955,7 +988,7 @@ static __always_inline int ingress6(struct __sk_buff *skb)
 	}
 
 	key.dir = KPR_CT_REPLY;
-	ct = ct6.lookup(&key);
+	ct = from_pod ? NULL : ct6.lookup(&key);
 	if (ct && (ct->flags & KPR_CT_F_SNAT)) {
 		__u32 rev_nat_id = ct->rev_nat_id;
 		__be32 client[4];
@@ -973,7 +1006,7 @@ static __always_inline int ingress6(struct __sk_buff *skb)
 		counter_inc(KPR_CNT_TC_REVNAT);
 		return redirect6(skb, &f);
 	}
-	return new_flow6(skb, &f, now);
+	return new_flow6(skb, &f, now, from_pod);
 }
 
 static __always_inline int egress6(struct __sk_buff *skb)
@@ -1012,12 +1045,25 @@ static __always_inline int egress6(struct __sk_buff *skb)
 
 int kpr_tc_in4(struct __sk_buff *skb)
 {
-	return ingress4(skb);
+	return ingress4(skb, false);
 }
 
 int kpr_tc_in6(struct __sk_buff *skb)
 {
-	return ingress6(skb);
+	return ingress6(skb, false);
+}
+
+/* CNI chaining: the ingress of a pod's host-side veth (traffic from the pod). Replies toward the pod use the egress
+ * programs above. The agent pins these so kpr-cni attaches them without a compiler. */
+
+int kpr_pod_in4(struct __sk_buff *skb)
+{
+	return ingress4(skb, true);
+}
+
+int kpr_pod_in6(struct __sk_buff *skb)
+{
+	return ingress6(skb, true);
 }
 
 int kpr_tc_out4(struct __sk_buff *skb)

@@ -50,6 +50,7 @@ class AgentConfig:
     watch_idle_timeout: float = 90.0
     nodeport_cidrs: list[str] | None = None
     devices: list[str] | None = None  # node devices for north-south traffic; None: those of the default routes
+    socket_lb: str = "full"  # full | hostns-only (chained pods are served at their veth) | off
 
 
 class Agent:
@@ -89,7 +90,7 @@ class Agent:
         if writer is None:
             devices = self.config.devices if self.config.devices is not None else default_route_devices()
             attached = load_and_attach_isolated(
-                self.config.bpffs_dir, self.config.cgroup_root, self.config.map_sizes, devices
+                self.config.bpffs_dir, self.config.cgroup_root, self.config.map_sizes, devices, self.config.socket_lb
             )
             self.devices = devices
             self.log.info(
@@ -367,6 +368,7 @@ class Agent:
             "source": source,
             "cgroup_root": str(self.config.cgroup_root),
             "devices": self.devices,
+            "socket_lb": self.config.socket_lb,
             "bpffs_dir": str(self.config.bpffs_dir),
             "last_sync": self.last_sync_wall or None,
             "last_sync_seconds": round(self.last_sync_seconds, 4),

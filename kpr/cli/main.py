@@ -113,6 +113,14 @@ def _map_sizes(values: tuple[str, ...]) -> dict[str, int]:
     'devices of the default routes; "" for none (socket LB only).',
 )
 @click.option(
+    "--socket-lb",
+    type=click.Choice(["full", "hostns-only", "off"]),
+    default="full",
+    show_default=True,
+    help="Which sockets are translated at connect(): all (full), only the host's (hostns-only: pods are served "
+    "per packet at their veth by kpr-cni, for service meshes that must see the ClusterIP), or none.",
+)
+@click.option(
     "--nodeport-addresses",
     default="",
     metavar="CIDR[,CIDR...]",
@@ -158,6 +166,7 @@ def agent(
     drift_check_period: float,
     watch_idle_timeout: float,
     devices: str | None,
+    socket_lb: str,
     nodeport_addresses: str,
     sync_period: float,
     healthz_bind_address: str,
@@ -195,6 +204,7 @@ def agent(
         nodeport_cidrs=cidrs,
         sync_period=sync_period,
         devices=None if devices is None else [d.strip() for d in devices.split(",") if d.strip()],
+        socket_lb=socket_lb,
     )
     a = Agent(config)
     try:

@@ -128,6 +128,8 @@ def status_text(s: dict[str, Any], now: float, verbose: bool = False) -> str:
     hooks = len(s["programs"])
     total = hooks + len(s["missing_hooks"])
     mode = "full" if hooks and not s["missing_hooks"] else ("partial" if hooks else "off")
+    if agent and agent.get("socket_lb") == "hostns-only" and mode == "full":
+        mode = "host namespace only (chained pods per packet at their veth)"
     row("Socket LB", f"{mode}: {hooks}/{total} hooks attached to {s['cgroup']}")
     devices = (agent or {}).get("devices") or []
     row("North-south", f"tc on {', '.join(devices)} (ingress and egress)" if devices else "not configured")

@@ -262,6 +262,14 @@ class SrcRangeKey6(ctypes.Structure):
     _fields_ = [("prefixlen", ctypes.c_uint32), ("rev_nat_id", ctypes.c_uint32), ("addr", Be32x4)]
 
 
+SOCKET_LB_FULL = 0
+SOCKET_LB_HOSTNS_ONLY = 1
+
+
+class KprConfig(ctypes.Structure):
+    _fields_ = [("host_netns_cookie", ctypes.c_uint64), ("socket_lb", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
 class DeviceInfo(ctypes.Structure):
     _fields_ = [("addr4", ctypes.c_uint32), ("addr6", Be32x4)]
 
@@ -278,6 +286,7 @@ class MapSpec:
     value: Any
     percpu: bool = False
     programs: bool = False  # a program array: values are program fds, not data
+    array: bool = False  # an array: every slot always exists, so "entries" means nothing
 
 
 # Every map in kpr.h, by its pinned name; the key and value types are what the header declares.
@@ -302,6 +311,7 @@ MAPS: dict[str, MapSpec] = {
         MapSpec("src_ranges6", SrcRangeKey6, U8),
         MapSpec("devices", U32, DeviceInfo),
         MapSpec("tc_tails", U32, U32, programs=True),
+        MapSpec("config", U32, KprConfig, array=True),
     )
 }
 

@@ -24,6 +24,7 @@ BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
+BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_DETACH = 9
 BPF_PROG_GET_FD_BY_ID = 13
@@ -150,6 +151,12 @@ def _bpf(cmd: int, attr: ctypes.Structure, action: str, obj: str = "") -> int:
 
 def _addr(obj: CData | None) -> int:
     return ctypes.addressof(obj) if obj is not None else 0
+
+
+def obj_pin(fd: int, path: str) -> None:
+    raw = path.encode()
+    attr = _ObjAttr(pathname=ctypes.cast(ctypes.c_char_p(raw), ctypes.c_void_p).value or 0, bpf_fd=fd)
+    _bpf(BPF_OBJ_PIN, attr, f"pin {path}")
 
 
 def obj_get(path: str) -> int:

@@ -100,6 +100,7 @@ class SocketLB:
     bpffs_dir: Path
     cgroup: Path
     map_sizes: dict[str, int] = field(default_factory=dict)
+    socket_lb: str = "full"  # full | hostns-only | off (compiled for its maps, not attached)
     compile_seconds: float = 0.0
 
     def load_and_attach(self) -> list[bpfsys.AttachedProgram]:
@@ -126,6 +127,10 @@ class SocketLB:
         except Exception as e:  # BCC raises a bare Exception on compile or pin errors
             raise DatapathError(f"compiling bpf/sock.c failed: {e}") from e
         self.compile_seconds = time.monotonic() - started
+        write_config(self.bpffs_dir, self.socket_lb)
+        if self.socket_lb == "off":
+            detach_all(self.cgroup)  # a previous agent's, if it ran in another mode
+            return []
         cgroup_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for hook, program in SOCKET_HOOKS.items():
@@ -135,6 +140,16 @@ class SocketLB:
             return [p for p in bpfsys.cgroup_programs(cgroup_fd) if p.name.startswith(PROGRAM_PREFIX)]
         finally:
             os.close(cgroup_fd)
+
+
+def write_config(bpffs_dir: Path, socket_lb: str) -> None:
+    """Tell the datapath the socket-LB mode and which network namespace is the host's (this process's)."""
+    if socket_lb not in SOCKET_LB_MODES:
+        raise DatapathError(f"--socket-lb must be one of {', '.join(SOCKET_LB_MODES)}, not {socket_lb!r}")
+    with socket.socket() as s:
+        cookie = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+    with bpfsys.Map(str(bpffs_dir / "config"), abi.U32, abi.KprConfig) as config:
+        config.update(abi.U32(0), abi.KprConfig(host_netns_cookie=cookie, socket_lb=SOCKET_LB_MODES[socket_lb]))
 
 
 # tc filters: (hook, protocol) -> (program, priority). One filter per family keeps each program's stack its own.
@@ -147,6 +162,15 @@ TC_FILTERS = {
     ("egress", ETH_P_IPV6): ("kpr_tc_out6", 11),
 }
 TC_TAILS = {0: "kpr_tc_rej4", 1: "kpr_tc_rej6"}  # KPR_TAIL_REJECT4/6 in tc.c
+# Programs pinned for kpr-cni (CNI chaining): (hook, protocol) -> (pin name in the bpffs dir, program).
+POD_PROGRAMS = {
+    ("ingress", ETH_P_IP): ("prog_pod_in4", "kpr_pod_in4"),
+    ("ingress", ETH_P_IPV6): ("prog_pod_in6", "kpr_pod_in6"),
+    ("egress", ETH_P_IP): ("prog_pod_out4", "kpr_tc_out4"),
+    ("egress", ETH_P_IPV6): ("prog_pod_out6", "kpr_tc_out6"),
+}
+SOCKET_LB_MODES = {"full": abi.SOCKET_LB_FULL, "hostns-only": abi.SOCKET_LB_HOSTNS_ONLY, "off": abi.SOCKET_LB_FULL}
+SO_NETNS_COOKIE = 71
 
 
 @dataclass
@@ -170,7 +194,12 @@ class TcLB:
         except Exception as e:  # BCC raises a bare Exception on compile or pin errors
             raise DatapathError(f"compiling bpf/tc.c failed: {e}") from e
         names = {name for name, _ in TC_FILTERS.values()} | set(TC_TAILS.values())
+        names |= {program for _, program in POD_PROGRAMS.values()}
         fns = {name: bpf.load_func(name, BPF.SCHED_CLS) for name in names}
+        for pin, program in POD_PROGRAMS.values():
+            path = self.bpffs_dir / pin
+            path.unlink(missing_ok=True)  # a restart pins the new programs; attached veths keep the old ones
+            bpfsys.obj_pin(fns[program].fd, str(path))
         tails = bpf.get_table("tc_tails")
         for index, name in TC_TAILS.items():
             tails[ct.c_int(index)] = ct.c_int(fns[name].fd)
@@ -302,7 +331,7 @@ def unpin_all(bpffs_dir: Path) -> list[str]:
     if not bpffs_dir.exists():
         return []
     removed = []
-    for name in abi.MAPS:
+    for name in [*abi.MAPS, *(pin for pin, _ in POD_PROGRAMS.values())]:
         pin = bpffs_dir / name
         if pin.exists():
             pin.unlink()
@@ -336,7 +365,11 @@ class Attached:
 
 
 def load_and_attach_isolated(
-    bpffs_dir: Path, cgroup: Path, map_sizes: dict[str, int], devices: list[str] | None = None
+    bpffs_dir: Path,
+    cgroup: Path,
+    map_sizes: dict[str, int],
+    devices: list[str] | None = None,
+    socket_lb: str = "full",
 ) -> Attached:
     """Compile and attach in a child process, so BCC and LLVM (~130 MiB) never stay resident in the agent.
 
@@ -355,6 +388,8 @@ def load_and_attach_isolated(
         json.dumps(map_sizes),
         "--devices",
         ",".join(devices or []),
+        "--socket-lb",
+        socket_lb,
     ]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     lines = proc.stdout.strip().splitlines()
@@ -374,14 +409,17 @@ def _child_main() -> int:
     parser.add_argument("--cgroup", type=Path, required=True)
     parser.add_argument("--map-sizes", default="{}")
     parser.add_argument("--devices", default="")
+    parser.add_argument("--socket-lb", default="full")
     args = parser.parse_args()
     sizes = json.loads(args.map_sizes)
-    lb = SocketLB(args.bpffs_dir, args.cgroup, sizes)
+    lb = SocketLB(args.bpffs_dir, args.cgroup, sizes, args.socket_lb)
     try:
         programs = lb.load_and_attach()
         started = time.monotonic()
         devices = [d for d in args.devices.split(",") if d]
-        tc = TcLB(args.bpffs_dir, devices, sizes).load_and_attach() if devices else []
+        # tc.c also holds the per-packet programs chained pods need (pinned for kpr-cni) when sockets are not served
+        wanted = bool(devices) or args.socket_lb != "full"
+        tc = TcLB(args.bpffs_dir, devices, sizes).load_and_attach() if wanted else []
         compile_seconds = lb.compile_seconds + time.monotonic() - started
     except DatapathError as e:
         print(json.dumps({"error": str(e)}))

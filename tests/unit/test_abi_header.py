@@ -27,6 +27,8 @@ def test_flag_scope_and_state_constants_match() -> None:
         "KPR_AFFINITY_NETNS": abi.AFFINITY_NETNS,
         "KPR_AFFINITY_ADDR": abi.AFFINITY_ADDR,
         "KPR_CNT_MAX": abi.CNT_MAX,
+        "KPR_SOCKET_LB_FULL": abi.SOCKET_LB_FULL,
+        "KPR_SOCKET_LB_HOSTNS_ONLY": abi.SOCKET_LB_HOSTNS_ONLY,
     }
     assert {k: DEFINES[k] for k in expected} == expected
 
