@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kpr.datapath import abi, bpfsys
 
@@ -162,12 +163,13 @@ TC_FILTERS = {
     ("egress", ETH_P_IPV6): ("kpr_tc_out6", 11),
 }
 TC_TAILS = {0: "kpr_tc_rej4", 1: "kpr_tc_rej6"}  # KPR_TAIL_REJECT4/6 in tc.c
-# Programs pinned for kpr-cni (CNI chaining): (hook, protocol) -> (pin name in the bpffs dir, program).
+# Programs pinned for kpr-cni (CNI chaining): (hook, protocol) -> (pin in the bpffs dir, program, filter name).
+# Toward the pod, the node devices' egress program does the job; its filter is named for where it sits.
 POD_PROGRAMS = {
-    ("ingress", ETH_P_IP): ("prog_pod_in4", "kpr_pod_in4"),
-    ("ingress", ETH_P_IPV6): ("prog_pod_in6", "kpr_pod_in6"),
-    ("egress", ETH_P_IP): ("prog_pod_out4", "kpr_tc_out4"),
-    ("egress", ETH_P_IPV6): ("prog_pod_out6", "kpr_tc_out6"),
+    ("ingress", ETH_P_IP): ("prog_pod_in4", "kpr_pod_in4", "kpr_pod_in4"),
+    ("ingress", ETH_P_IPV6): ("prog_pod_in6", "kpr_pod_in6", "kpr_pod_in6"),
+    ("egress", ETH_P_IP): ("prog_pod_out4", "kpr_tc_out4", "kpr_pod_out4"),
+    ("egress", ETH_P_IPV6): ("prog_pod_out6", "kpr_tc_out6", "kpr_pod_out6"),
 }
 SOCKET_LB_MODES = {"full": abi.SOCKET_LB_FULL, "hostns-only": abi.SOCKET_LB_HOSTNS_ONLY, "off": abi.SOCKET_LB_FULL}
 SO_NETNS_COOKIE = 71
@@ -186,7 +188,6 @@ class TcLB:
 
         from bcc import BPF
         from pyroute2 import IPRoute
-        from pyroute2.netlink.exceptions import NetlinkError
 
         cflags = [f'-DKPR_PIN_DIR="{self.bpffs_dir}"', f"-I{abi.BPF_DIR}", *map_size_flags(self.map_sizes)]
         try:
@@ -194,9 +195,9 @@ class TcLB:
         except Exception as e:  # BCC raises a bare Exception on compile or pin errors
             raise DatapathError(f"compiling bpf/tc.c failed: {e}") from e
         names = {name for name, _ in TC_FILTERS.values()} | set(TC_TAILS.values())
-        names |= {program for _, program in POD_PROGRAMS.values()}
+        names |= {program for _, program, _ in POD_PROGRAMS.values()}
         fns = {name: bpf.load_func(name, BPF.SCHED_CLS) for name in names}
-        for pin, program in POD_PROGRAMS.values():
+        for pin, program, _ in POD_PROGRAMS.values():
             path = self.bpffs_dir / pin
             path.unlink(missing_ok=True)  # a restart pins the new programs; attached veths keep the old ones
             bpfsys.obj_pin(fns[program].fd, str(path))
@@ -211,29 +212,43 @@ class TcLB:
                 if not found:
                     raise DatapathError(f"device {device!r} (from --devices) does not exist in this network namespace")
                 index = found[0]
-                try:
-                    ipr.tc("add", "clsact", index)
-                except NetlinkError as e:
-                    if e.code != errno.EEXIST:
-                        raise
-                for (hook, protocol), (name, prio) in TC_FILTERS.items():
-                    # replace-filter swaps the program in one step on an agent restart
-                    ipr.tc(
-                        "replace-filter",
-                        "bpf",
-                        index,
-                        handle=1,
-                        fd=fns[name].fd,
-                        name=name,
-                        parent=TC_INGRESS if hook == "ingress" else TC_EGRESS,
-                        protocol=protocol,
-                        prio=prio,
-                        classid=1,
-                        direct_action=True,
-                    )
+                programs = {hook_proto: (fns[name].fd, name) for hook_proto, (name, _) in TC_FILTERS.items()}
+                for hook, name in attach_filters(ipr, index, programs):
                     attached.append({"device": device, "hook": hook, "program": name})
                 devices_map.update(abi.U32(index), _device_info(ipr, index))
         return attached
+
+
+def attach_filters(ipr: Any, index: int, programs: dict[tuple[str, int], tuple[int, str]]) -> list[tuple[str, str]]:
+    """Attach {(hook, protocol): (program fd, filter name)} to a device's clsact; returns (hook, name) pairs.
+
+    replace-filter swaps a program in one step, so an agent restart or a repeated CNI ADD never leaves a gap.
+    """
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        ipr.tc("add", "clsact", index)
+    except NetlinkError as e:
+        if e.code != errno.EEXIST:
+            raise
+    done = []
+    for (hook, protocol), (fd, name) in programs.items():
+        _, prio = TC_FILTERS[(hook, protocol)]
+        ipr.tc(
+            "replace-filter",
+            "bpf",
+            index,
+            handle=1,
+            fd=fd,
+            name=name,
+            parent=TC_INGRESS if hook == "ingress" else TC_EGRESS,
+            protocol=protocol,
+            prio=prio,
+            classid=1,
+            direct_action=True,
+        )
+        done.append((hook, name))
+    return done
 
 
 def _device_info(ipr: object, index: int) -> abi.DeviceInfo:
@@ -331,7 +346,7 @@ def unpin_all(bpffs_dir: Path) -> list[str]:
     if not bpffs_dir.exists():
         return []
     removed = []
-    for name in [*abi.MAPS, *(pin for pin, _ in POD_PROGRAMS.values())]:
+    for name in [*abi.MAPS, *(pin for pin, _, _ in POD_PROGRAMS.values())]:
         pin = bpffs_dir / name
         if pin.exists():
             pin.unlink()

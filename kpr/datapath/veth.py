@@ -11,9 +11,10 @@ import os
 from pathlib import Path
 
 from kpr.datapath import bpfsys
-from kpr.datapath.loader import POD_PROGRAMS, PROGRAM_PREFIX, TC_EGRESS, TC_FILTERS, TC_INGRESS, DatapathError
+from kpr.datapath.loader import POD_PROGRAMS, PROGRAM_PREFIX, TC_EGRESS, TC_INGRESS, DatapathError, attach_filters
 
-POD_FILTERS = {hook_proto: pin for hook_proto, (pin, _) in POD_PROGRAMS.items()}
+POD_PINS = {hook_proto: pin for hook_proto, (pin, _, _) in POD_PROGRAMS.items()}
+POD_FILTER_NAMES = {hook_proto: name for hook_proto, (_, _, name) in POD_PROGRAMS.items()}
 
 
 def _index(ipr: object, ifname: str) -> int | None:
@@ -24,47 +25,24 @@ def _index(ipr: object, ifname: str) -> int | None:
 def attach(ifname: str, bpffs_dir: Path) -> list[str]:
     """Attach the pinned pod programs to `ifname` (ingress: from the pod; egress: to it). Returns "hook program"."""
     from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
 
-    fds: dict[str, int] = {}
+    fds: dict[tuple[str, int], int] = {}
     try:
-        for pin in POD_FILTERS.values():
+        for hook_proto, pin in POD_PINS.items():
             path = bpffs_dir / pin
             try:
-                fds[pin] = bpfsys.obj_get(str(path))
+                fds[hook_proto] = bpfsys.obj_get(str(path))
             except OSError as e:
                 raise DatapathError(
                     f"{path}: {os.strerror(e.errno or errno.ENOENT)}; is the kpr agent running on this node with "
                     "--socket-lb=hostns-only (and this --bpffs-dir)?"
                 ) from e
-        attached = []
         with IPRoute() as ipr:
             index = _index(ipr, ifname)
             if index is None:
                 raise DatapathError(f"host-side interface {ifname!r} does not exist")
-            try:
-                ipr.tc("add", "clsact", index)
-            except NetlinkError as e:
-                if e.code != errno.EEXIST:
-                    raise
-            for (hook, protocol), pin in POD_FILTERS.items():
-                _, prio = TC_FILTERS[(hook, protocol)]
-                name = POD_PROGRAMS[(hook, protocol)][1].replace("kpr_tc_out", "kpr_pod_out")
-                ipr.tc(
-                    "replace-filter",
-                    "bpf",
-                    index,
-                    handle=1,
-                    fd=fds[pin],
-                    name=name,
-                    parent=TC_INGRESS if hook == "ingress" else TC_EGRESS,
-                    protocol=protocol,
-                    prio=prio,
-                    classid=1,
-                    direct_action=True,
-                )
-                attached.append(f"{hook} {name}")
-        return attached
+            programs = {hook_proto: (fd, POD_FILTER_NAMES[hook_proto]) for hook_proto, fd in fds.items()}
+            return [f"{hook} {name}" for hook, name in attach_filters(ipr, index, programs)]
     finally:
         for fd in fds.values():
             os.close(fd)
@@ -91,10 +69,7 @@ def attached(ifname: str) -> list[str]:
 def check(ifname: str) -> list[str]:
     """What is missing on `ifname` for a chained pod ([] when everything is attached)."""
     present = set(attached(ifname))
-    wanted = {
-        f"{hook} {POD_PROGRAMS[(hook, proto)][1].replace('kpr_tc_out', 'kpr_pod_out')}" for hook, proto in POD_FILTERS
-    }
-    return sorted(wanted - present)
+    return sorted({f"{hook} {name}" for (hook, _), name in POD_FILTER_NAMES.items()} - present)
 
 
 def detach(ifname: str) -> list[str]:
