@@ -25,6 +25,11 @@
 
 #define KPR_NSEC_PER_SEC 1000000000ULL
 #define IP4_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
+/* bpf_l4_csum_replace: the diff covers IPv6 addresses, so a CHECKSUM_COMPLETE skb->csum must not change (newer
+ * kernels; older ones reject the flag up front, and rewrite6 then retries without it). */
+#ifndef BPF_F_IPV6
+#define BPF_F_IPV6 (1ULL << 7)
+#endif
 #define TCP_CSUM_OFF 16
 #define UDP_CSUM_OFF 6
 #define TCP_FLAGS_OFF 13
@@ -171,7 +176,9 @@ static __always_inline int rewrite6(struct __sk_buff *skb, struct flow6 *f, bool
 	__builtin_memcpy(from, old_addr, 16);
 	__builtin_memcpy(to, addr, 16);
 	diff = bpf_csum_diff(from, 16, to, 16, 0);
-	if (diff < 0 || bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | mangled) ||
+	if (diff < 0 ||
+	    (bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | BPF_F_IPV6 | mangled) &&
+	     bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | mangled)) ||
 	    bpf_skb_store_bytes(skb, addr_off, to, 16, 0))
 		return -1;
 	if (old_port != port) {
@@ -465,7 +472,8 @@ static __always_inline bool ct_expired(__u64 last_seen, __u8 flags, __u8 proto, 
 
 	if (flags & KPR_CT_F_CLOSING)
 		lifetime = KPR_CT_CLOSING_LIFETIME_S;
-	return now - last_seen > lifetime * KPR_NSEC_PER_SEC;
+	/* another CPU may have refreshed last_seen after `now` was taken: that is not expiry */
+	return now > last_seen && now - last_seen > lifetime * KPR_NSEC_PER_SEC;
 }
 
 static __always_inline __u8 ct_flags_after(__u8 flags, __u8 tcp_flags)
@@ -536,14 +544,20 @@ static __always_inline bool src4_allowed(__u32 rev_nat_id, __be32 saddr)
 }
 
 /* Pick a free masquerade port by inserting the reply entry; 0 when every try collided. */
-static __always_inline __be16 snat4_port(struct ct_key4 *reply, struct ct_value4 *value)
+static __always_inline __be16 snat4_port(struct ct_key4 *reply, struct ct_value4 *value, __u64 now)
 {
 	__u32 span = KPR_SNAT_PORT_MAX - KPR_SNAT_PORT_MIN + 1;
+	struct ct_value4 *taken;
 
 #pragma unroll
 	for (int i = 0; i < KPR_SNAT_TRIES; i++) {
 		reply->dport = bpf_htons(KPR_SNAT_PORT_MIN + bpf_get_prandom_u32() % span);
 		if (ct4.insert(reply, value) == 0)
+			return reply->dport;
+		/* A port whose flow has expired is free again: the LRU alone would keep it until the map fills. */
+		taken = ct4.lookup(reply);
+		if (taken && ct_expired(taken->last_seen_ns, taken->flags, reply->proto, now) &&
+		    ct4.update(reply, value) == 0)
 			return reply->dport;
 	}
 	return 0;
@@ -645,7 +659,7 @@ static __always_inline int new_flow4(struct __sk_buff *skb, struct flow4 *f, __u
 		rval.addr = f->saddr;
 		rval.port = f->sport;
 		rval.flags = KPR_CT_F_SNAT;
-		if (!snat4_port(&rkey, &rval)) {
+		if (!snat4_port(&rkey, &rval, now)) {
 			counter_inc(KPR_CNT_TC_DROP_SNAT_PORTS);
 			return TC_ACT_SHOT;
 		}
@@ -808,14 +822,20 @@ static __always_inline bool src6_allowed(__u32 rev_nat_id, const __be32 *saddr)
 	return src_ranges6.lookup(&key) != NULL;
 }
 
-static __always_inline __be16 snat6_port(struct ct_key6 *reply, struct ct_value6 *value)
+static __always_inline __be16 snat6_port(struct ct_key6 *reply, struct ct_value6 *value, __u64 now)
 {
 	__u32 span = KPR_SNAT_PORT_MAX - KPR_SNAT_PORT_MIN + 1;
+	struct ct_value6 *taken;
 
 #pragma unroll
 	for (int i = 0; i < KPR_SNAT_TRIES; i++) {
 		reply->dport = bpf_htons(KPR_SNAT_PORT_MIN + bpf_get_prandom_u32() % span);
 		if (ct6.insert(reply, value) == 0)
+			return reply->dport;
+		/* A port whose flow has expired is free again: the LRU alone would keep it until the map fills. */
+		taken = ct6.lookup(reply);
+		if (taken && ct_expired(taken->last_seen_ns, taken->flags, reply->proto, now) &&
+		    ct6.update(reply, value) == 0)
 			return reply->dport;
 	}
 	return 0;
@@ -918,7 +938,7 @@ static __always_inline int new_flow6(struct __sk_buff *skb, struct flow6 *f, __u
 		__builtin_memcpy(rval.addr, f->saddr, 16);
 		rval.port = f->sport;
 		rval.flags = KPR_CT_F_SNAT;
-		if (!snat6_port(&rkey, &rval)) {
+		if (!snat6_port(&rkey, &rval, now)) {
 			counter_inc(KPR_CNT_TC_DROP_SNAT_PORTS);
 			return TC_ACT_SHOT;
 		}
