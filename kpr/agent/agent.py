@@ -33,6 +33,7 @@ from kpr.reconcile.reconciler import Reconciler, ServiceSyncError
 from kpr.sources.events import KINDS, Event, Replace, SourceError, Upsert
 
 RETRY_BACKOFF = (0.5, 1, 2, 5, 10, 30)  # seconds before a failed service is tried again
+NODE_GRACE_SECONDS = 10.0
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Agent:
         self.last_sync_seconds = 0.0
         self.started_wall = time.time()
         self.loop_beat = time.monotonic()  # the main loop's last turn, for /livez
+        self.loop_started = time.monotonic()
         self.recent_errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
         self.health_checks = HealthChecks(lambda: self.healthy()[0])
 
@@ -170,7 +172,13 @@ class Agent:
                 event = None
         now = time.monotonic()
         if not self.programming:
-            if set(KINDS) <= self.synced_kinds:
+            # The Node only refines (zone, NodePort addresses): past a grace period, start without it.
+            node_late = now - self.loop_started > NODE_GRACE_SECONDS and "Node" not in self.synced_kinds
+            if set(KINDS) <= self.synced_kinds or ({"Service", "EndpointSlice"} <= self.synced_kinds and node_late):
+                if node_late:
+                    self.log.warning(
+                        "no Node list yet; programming without this node's facts", grace_seconds=NODE_GRACE_SECONDS
+                    )
                 self._first_sync()
             return
         due = {svc for svc, (when, _) in self.retry_at.items() if when <= now}
@@ -265,7 +273,11 @@ class Agent:
             self.metrics.programming_latency.observe(max(0.0, time.time() - trigger))
         for conflict in result.conflicts:
             self.metrics.sync_errors.labels(reason="conflict").inc()
-            slog.warning("frontend conflict", detail=conflict)
+            slog.warning("frontend conflict; retrying", detail=conflict)
+        if result.conflicts:
+            # The owner may give the address up later in this batch or the next: try again until it is ours.
+            _, attempt = self.retry_at.get(key, (0.0, 0))
+            self.retry_at[key] = (time.monotonic() + RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)], attempt + 1)
         if result.ops:
             # The first full sync logs one summary line instead of one per service.
             emit = slog.info if self.programming else slog.debug

@@ -63,21 +63,26 @@ class Store:
         self.node = node
         return set(self.services)
 
-    def replace_services(self, services: Iterable[ServiceSpec]) -> set[ServiceKey]:
-        """Make the store hold exactly these Services (a relist); returns the services that changed."""
+    def replace_services(
+        self, services: Iterable[ServiceSpec], keep: frozenset[tuple[str, str]] = frozenset()
+    ) -> set[ServiceKey]:
+        """Make the store hold exactly these Services (a relist), except that `keep` (invalid now) keep their last
+        good version; returns the services that changed."""
         touched: set[ServiceKey] = set()
         new = {s.key: s for s in services}
-        for key in set(self.services) - set(new):
+        for key in set(self.services) - set(new) - {ServiceKey(ns, name) for ns, name in keep}:
             touched |= self.delete_service(key)
         for spec in new.values():
             touched |= self.upsert_service(spec)
         return touched
 
-    def replace_slices(self, slices: Iterable[EndpointSliceSpec]) -> set[ServiceKey]:
-        """Make the store hold exactly these EndpointSlices; returns the services whose endpoints changed."""
+    def replace_slices(
+        self, slices: Iterable[EndpointSliceSpec], keep: frozenset[tuple[str, str]] = frozenset()
+    ) -> set[ServiceKey]:
+        """Make the store hold exactly these EndpointSlices, `keep` aside; returns the services that changed."""
         touched: set[ServiceKey] = set()
         new = {(s.namespace, s.name): s for s in slices}
-        for key in set(self.slices) - set(new):
+        for key in set(self.slices) - set(new) - keep:
             touched |= self.delete_slice(key)
         for spec in new.values():
             touched |= self.upsert_slice(spec)
@@ -87,9 +92,9 @@ class Store:
         """Apply one source event; returns the services whose inputs changed."""
         if isinstance(event, Replace):
             if event.kind == "Service":
-                return self.replace_services(o for o in event.objects if isinstance(o, ServiceSpec))
+                return self.replace_services((o for o in event.objects if isinstance(o, ServiceSpec)), event.keep)
             if event.kind == "EndpointSlice":
-                return self.replace_slices(o for o in event.objects if isinstance(o, EndpointSliceSpec))
+                return self.replace_slices((o for o in event.objects if isinstance(o, EndpointSliceSpec)), event.keep)
             nodes = [o for o in event.objects if isinstance(o, NodeInfo) and o.name == self.node.name]
             return self.set_node(nodes[0] if nodes else NodeInfo(self.node.name))
         if isinstance(event, Upsert):

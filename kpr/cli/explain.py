@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kpr.datapath import abi
-from kpr.datapath.inspect import FrontendRow, ScopeRow
+from kpr.datapath.inspect import FrontendRow, ScopeRow, fmt_address
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 
@@ -54,17 +54,13 @@ def parse_destination(text: str) -> tuple[str, int, str]:
     return addr, int(port), proto
 
 
-def _fmt(addr: str, port: int, proto: str) -> str:
-    return f"[{addr}]:{port}/{proto}" if ":" in addr else f"{addr}:{port}/{proto}"
-
-
 def explain(rows: list[FrontendRow], source: str, destination: str, *, external: bool = False) -> Explanation:
     addr, port, proto = parse_destination(destination)
     try:
         src = str(ipaddress.ip_address(source))
     except ValueError as e:
         raise BadTarget(f"{source!r} is not an IP address") from e
-    dst = _fmt(addr, port, proto)
+    dst = fmt_address(addr, port, proto)
     path = "external" if external else "socket"
     ex = Explanation(src, dst, path, "not-a-frontend")
     where = "arrives on a node device" if external else "starts on this node (a pod or the host)"
@@ -72,7 +68,8 @@ def explain(rows: list[FrontendRow], source: str, destination: str, *, external:
 
     row = next((r for r in rows if r.frontend == dst), None)
     if row is None:
-        others = [r.frontend for r in rows if r.frontend.rsplit(":", 1)[0] == _fmt(addr, port, proto).rsplit(":", 1)[0]]
+        host = dst.rsplit(":", 1)[0]
+        others = [r.frontend for r in rows if r.frontend.rsplit(":", 1)[0] == host]
         hint = f" (this address is a frontend on {', '.join(sorted(others))})" if others else ""
         ex.steps.append(f"No frontend matches{hint}: kpr leaves the flow alone and it goes where routing sends it.")
         return ex
@@ -136,7 +133,7 @@ def explain(rows: list[FrontendRow], source: str, destination: str, *, external:
 
 def _explain_external(ex: Explanation, row: FrontendRow, default: ScopeRow) -> Explanation:
     """The tc path: external frontends only, the default scope, masquerade for backends on other nodes."""
-    if row.kind == "ClusterIP":
+    if "external" not in default.flags:
         ex.verdict = "not-a-frontend"
         ex.steps.append(
             "kpr serves ClusterIPs to clients on the node and in pods only; a ClusterIP packet arriving from outside "

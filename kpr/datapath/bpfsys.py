@@ -208,7 +208,11 @@ class Map:
         self.percpu = percpu
         self.label = os.path.basename(path)
         self.fd = obj_get(path)
-        self.info = map_info(self.fd)
+        try:
+            self.info = map_info(self.fd)
+        except BpfError:
+            os.close(self.fd)
+            raise
         want_value = ctypes.sizeof(value_type)
         if self.info.key_size != ctypes.sizeof(key_type) or self.info.value_size != want_value:
             os.close(self.fd)

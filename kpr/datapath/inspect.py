@@ -43,7 +43,7 @@ class FrontendRow:
         return asdict(self)
 
 
-def _fmt(addr: str, port: int, protocol: str) -> str:
+def fmt_address(addr: str, port: int, protocol: str) -> str:
     host = f"[{addr}]" if ":" in addr else addr
     return f"{host}:{port}/{protocol}"
 
@@ -54,6 +54,7 @@ def _flags(flags: int) -> list[str]:
         abi.SVC_F_TWO_SCOPES: "two-scopes",
         abi.SVC_F_EMPTY_DROP: "empty-drop",
         abi.SVC_F_SOURCE_RANGES: "source-ranges",
+        abi.SVC_F_EXTERNAL: "external",
     }
     return [name for bit, name in names.items() if flags & bit]
 
@@ -99,7 +100,7 @@ def services_from(writer: MapWriter) -> list[FrontendRow]:
                     row.backends.append(
                         BackendRow(
                             s.backend_id,
-                            _fmt(b.addr, b.port, b.protocol),
+                            fmt_address(b.addr, b.port, b.protocol),
                             "terminating" if b.terminating else "active",
                             b.node_local,
                         )
@@ -110,7 +111,7 @@ def services_from(writer: MapWriter) -> list[FrontendRow]:
                     service=f"{name.namespace}/{name.name}" if name else "(unknown)",
                     port_name=name.port_name if name else "",
                     kind=name.kind if name else "?",
-                    frontend=_fmt(key.addr, key.port, key.protocol),
+                    frontend=fmt_address(key.addr, key.port, key.protocol),
                     rev_nat_id=master.rev_nat_id,
                     affinity_timeout=master.affinity_timeout,
                     scopes=scopes,
@@ -161,7 +162,7 @@ def read_backends(bpffs_dir: Path) -> list[BackendListing]:
                 out.append(
                     BackendListing(
                         int(k.value),
-                        _fmt(decoded.addr, decoded.port, decoded.protocol),
+                        fmt_address(decoded.addr, decoded.port, decoded.protocol),
                         "terminating" if decoded.terminating else "active",
                         decoded.node_local,
                         users.get(int(k.value), []),
@@ -224,21 +225,21 @@ def read_conntrack(bpffs_dir: Path) -> list[FlowRow]:
             backends = {int(k.value): codec.decode_backend(v) for k, v in writer.items(f"backends{fam}")}
             for key, value in writer.items(f"ct{fam}"):
                 protocol = PROTOCOL_NAMES.get(key.proto, str(key.proto))
-                src = _fmt(codec.addr_of(key.src), abi.port_of_be16(key.sport), protocol)
-                dst = _fmt(codec.addr_of(key.dst), abi.port_of_be16(key.dport), protocol)
+                src = fmt_address(codec.addr_of(key.src), abi.port_of_be16(key.sport), protocol)
+                dst = fmt_address(codec.addr_of(key.dst), abi.port_of_be16(key.dport), protocol)
                 fe = frontends.get(value.rev_nat_id)
                 be = backends.get(value.backend_id)
                 nat = ""
                 if value.flags & abi.CT_F_SNAT:
-                    nat = _fmt(codec.addr_of(value.addr), abi.port_of_be16(value.port), protocol)
+                    nat = fmt_address(codec.addr_of(value.addr), abi.port_of_be16(value.port), protocol)
                 rows.append(
                     FlowRow(
                         protocol,
                         "reply" if key.dir == abi.CT_REPLY else "original",
                         src.rsplit("/", 1)[0],
                         dst.rsplit("/", 1)[0],
-                        _fmt(fe[0], fe[1], protocol) if fe else f"(gone: {value.rev_nat_id})",
-                        _fmt(be.addr, be.port, be.protocol) if be else f"(gone: {value.backend_id})",
+                        fmt_address(fe[0], fe[1], protocol) if fe else f"(gone: {value.rev_nat_id})",
+                        fmt_address(be.addr, be.port, be.protocol) if be else f"(gone: {value.backend_id})",
                         nat.rsplit("/", 1)[0],
                         bool(value.flags & abi.CT_F_CLOSING),
                         round(max(0, now - value.last_seen_ns) / 1e9, 1),

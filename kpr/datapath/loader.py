@@ -198,9 +198,12 @@ class TcLB:
         names |= {program for _, program, _ in POD_PROGRAMS.values()}
         fns = {name: bpf.load_func(name, BPF.SCHED_CLS) for name in names}
         for pin, program, _ in POD_PROGRAMS.values():
-            path = self.bpffs_dir / pin
-            path.unlink(missing_ok=True)  # a restart pins the new programs; attached veths keep the old ones
-            bpfsys.obj_pin(fns[program].fd, str(path))
+            # Pin beside, then rename over: kpr-cni never finds the pin missing during an agent restart.
+            # Veths attached earlier keep the programs they have.
+            staging = self.bpffs_dir / f"{pin}_new"  # bpffs refuses names with a dot
+            staging.unlink(missing_ok=True)
+            bpfsys.obj_pin(fns[program].fd, str(staging))
+            os.replace(staging, self.bpffs_dir / pin)
         tails = bpf.get_table("tc_tails")
         for index, name in TC_TAILS.items():
             tails[ct.c_int(index)] = ct.c_int(fns[name].fd)
@@ -293,7 +296,7 @@ def detach_tc(devices: list[str] | None = None) -> list[str]:
             if devices is not None and name not in devices:
                 continue
             index = link["index"]
-            left = 0
+            left = ours = 0
             for parent in (TC_INGRESS, TC_EGRESS):
                 for msg in ipr.get_filters(index=index, parent=parent):
                     options = msg.get_attr("TCA_OPTIONS")
@@ -313,7 +316,8 @@ def detach_tc(devices: list[str] | None = None) -> list[str]:
                         handle=1,
                     )
                     removed.append(f"{name} {'ingress' if parent == TC_INGRESS else 'egress'} {prog}")
-            if removed and not left and any(r.startswith(f"{name} ") for r in removed):
+                    ours += 1
+            if ours and not left:
                 ipr.tc("del", "clsact", index)
     return removed
 

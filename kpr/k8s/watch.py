@@ -135,6 +135,7 @@ class Reflector:
     def relist(self) -> None:
         self.state = "listing"
         objects: list[Object] = []
+        invalid: set[tuple[str, str]] = set()
         token = ""
         version = ""
         while True:
@@ -149,12 +150,15 @@ class Reflector:
                 obj = self._convert(item)
                 if obj is not None:
                     objects.append(obj)
+                else:
+                    namespace, name, _ = _meta(item)
+                    invalid.add((namespace, name))
             token = str(meta.get("continue") or "")
             if not token:
                 break
         self.lists += 1
         self.resource_version = version
-        self.out.put(Replace(self.resource.kind, tuple(objects)))
+        self.out.put(Replace(self.resource.kind, tuple(objects), frozenset(invalid)))
         self.log.info("listed", objects=len(objects), resource_version=version)
 
     # ---- watch ----

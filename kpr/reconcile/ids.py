@@ -25,6 +25,11 @@ class IdAllocator:
         if ident >= self.next:
             self.next = ident % self.limit + 1
 
+    def skip_past(self, ident: int) -> None:
+        """Hand out ids after `ident` first (it may still be named somewhere, e.g. by a conntrack entry)."""
+        if 0 < ident <= self.limit and ident >= self.next:
+            self.next = ident % self.limit + 1
+
     def allocate(self) -> int:
         if len(self.used) >= self.limit:
             raise MapWriteError(self.what, errno.E2BIG, f"all {self.limit} ids are in use")

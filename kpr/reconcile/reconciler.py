@@ -223,6 +223,17 @@ class Reconciler:
                 for backend_id in set(scope.slots):
                     if backend_id in by_id:
                         by_id[backend_id].refs += 1
+        # A backend no slot names (an agent stopped between a slot delete and the backend delete) is not state:
+        # dropping it here lets prune's repair delete the entry instead of adopting it for good.
+        for identity, entry in list(self.backends.items()):
+            if entry.refs == 0:
+                del self.backends[identity]
+                self._backend_by_id.pop(entry.id, None)
+                self.backend_ids.release(entry.id)
+        # Flows in conntrack may still name ids freed just before a restart: hand out new ids after theirs.
+        for fam in ("4", "6"):
+            for _, value in self.writer.items(f"ct{fam}"):
+                self.backend_ids.skip_past(value.backend_id)
         report.frontends = len(self.frontends)
         report.backends = len(self.backends)
         report.services = len(self.by_service)
@@ -278,7 +289,11 @@ class Reconciler:
             for name in _MAKE_ORDER:
                 have = {bytes(k): bytes(v) for k, v in self.writer.items(name)}
                 spec = abi.MAPS[name]
-                for raw_key, raw_value in expected[name].items():
+                entries = list(expected[name].items())
+                if name.startswith("services"):
+                    # make before break here too: slots before masters, the internal scope before the default one
+                    entries = sorted(entries, key=lambda kv: _master_last(spec.key.from_buffer_copy(kv[0])))
+                for raw_key, raw_value in entries:
                     if have.get(raw_key) != raw_value:
                         self.writer.update(
                             name, spec.key.from_buffer_copy(raw_key), spec.value.from_buffer_copy(raw_value)
@@ -291,6 +306,10 @@ class Reconciler:
                     ops += 1
         self.ops_applied += ops
         return ops
+
+
+def _master_last(key: CData) -> tuple[bool, int]:
+    return (key.slot == 0, -key.scope)
 
 
 # The maps whose whole content the reconciler owns, in make-before-break order (deletions run in reverse).

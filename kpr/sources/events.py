@@ -31,6 +31,7 @@ class Replace:
 
     kind: Kind
     objects: tuple[Object, ...]
+    keep: frozenset[tuple[str, str]] = frozenset()  # (namespace, name) of invalid objects: keep their last good version
 
 
 @dataclass(frozen=True, slots=True)

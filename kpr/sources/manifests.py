@@ -97,7 +97,7 @@ class ManifestSource:
                 signatures[path] = sig
                 continue
             if self._read(path):
-                signatures[path] = sig  # a file that failed is read again next time, even if unchanged
+                signatures[path] = sig  # a file that did not parse (half written?) is read again next time
         self._signatures = signatures
         return self.snapshot()
 
@@ -123,7 +123,7 @@ class ManifestSource:
                 objects[oid] = parsed
         self._objects[path] = objects
         self._errors[path] = errors
-        return not errors
+        return True  # parsed: invalid objects keep their last good version until the file changes again
 
     def _convert(self, doc: Mapping[str, Any]) -> Parsed | None:
         kind = object_kind(doc)

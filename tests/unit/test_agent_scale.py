@@ -99,3 +99,29 @@ def test_a_deleted_slice_removes_the_backends_and_a_deleted_service_everything()
         agent.events.put(Delete("Service", "bulk", f"svc{i}"))
     agent.step()
     assert all(not writer.tables[m] for m in ("services4", "backends4", "rev_nat4", "svc_names"))
+
+
+def test_a_relist_keeps_the_last_good_version_of_an_object_that_is_invalid_now() -> None:
+    agent, writer = started_agent(2, 2)
+    before = len(writer.tables["services4"])
+    agent.events.put(Replace("Service", (make_service(0),), keep=frozenset({("bulk", "svc1")})))
+    agent.step()
+    assert ServiceKey("bulk", "svc1") in agent.store.services
+    assert len(writer.tables["services4"]) == before
+
+
+def test_a_frontend_lost_to_a_conflict_is_programmed_once_its_owner_lets_go() -> None:
+    agent, _ = started_agent(1, 2)
+    thief = ServiceSpec(
+        key=ServiceKey("bulk", "aaa"),
+        cluster_ips=(make_service(0).cluster_ips[0],),
+        ports=(ServicePort("http", "TCP", 80, 8080),),
+    )
+    agent.events.put(Upsert("Service", thief))
+    agent.step()
+    assert ServiceKey("bulk", "aaa") in agent.retry_at  # conflict: retried, not forgotten
+    agent.events.put(Delete("Service", "bulk", "svc0"))
+    agent.step()
+    agent.retry_at = {k: (0.0, n) for k, (_, n) in agent.retry_at.items()}  # the retry falls due
+    agent.step()
+    assert agent.reconciler is not None and ServiceKey("bulk", "aaa") in agent.reconciler.by_service

@@ -73,17 +73,17 @@ def maps() -> MemoryMapWriter:
 
 def test_services_table_golden(maps: MemoryMapWriter) -> None:
     assert services_table(services_from(maps)).splitlines() == [
-        "SERVICE            TYPE       FRONTEND              SCOPE     FLAGS                  BACKENDS",
-        "default/empty:dns  ClusterIP  10.96.0.30:53/UDP     default                          (none: reject)",
-        "default/web:http   ClusterIP  10.96.0.10:80/TCP     default   affinity=600s          "
+        "SERVICE            TYPE       FRONTEND              SCOPE     FLAGS                           BACKENDS",
+        "default/empty:dns  ClusterIP  10.96.0.30:53/UDP     default                                   (none: reject)",
+        "default/web:http   ClusterIP  10.96.0.10:80/TCP     default   affinity=600s                   "
         "10.244.1.11:8080/TCP (active, local)",
-        "                                                                                     "
+        "                                                                                              "
         "10.244.1.12:8080/TCP (terminating, local)",
-        "default/web:http   ClusterIP  [fd00:96::10]:80/TCP  default                          "
+        "default/web:http   ClusterIP  [fd00:96::10]:80/TCP  default                                   "
         "[fd00:244:1::11]:8080/TCP (active, local)",
-        "shop/local         ClusterIP  10.96.0.20:80/TCP     default   empty-drop             (none: drop)",
-        "shop/local         NodePort   172.16.0.1:30080/TCP  default   two-scopes,empty-drop  (none: drop)",
-        "                                                    internal                         "
+        "shop/local         ClusterIP  10.96.0.20:80/TCP     default   empty-drop                      (none: drop)",
+        "shop/local         NodePort   172.16.0.1:30080/TCP  default   two-scopes,empty-drop,external  (none: drop)",
+        "                                                    internal                                  "
         "10.244.1.21:8080/TCP (active)",
     ]
 

@@ -331,3 +331,27 @@ def test_assign_slots_keeps_survivors_in_place(old: list[int], new: list[int]) -
     for i, b in enumerate(old):
         if b in new and i < len(slots) and slots[i] != b:
             assert b in slots  # a survivor only moves when compacting a hole
+
+
+def test_restore_drops_a_backend_no_slot_names_and_prune_deletes_it() -> None:
+    w = MemoryMapWriter()
+    Reconciler(w).sync_service(SVC, [frontend(backends(1))])
+    stray = codec.backend_value("10.244.1.99", 8080, "TCP", terminating=False, node_local=False)
+    w.update("backends4", codec.u32(99), stray)  # as if an agent died between a slot delete and the backend delete
+    second = Reconciler(w)
+    second.restore()
+    assert ("10.244.1.99", 8080, "TCP") not in second.backends
+    assert second.prune([SVC]) == 1
+    assert len(w.tables["backends4"]) == 1 and all(v == (0, 0, 0) for v in second.drift().values())
+
+
+def test_ids_named_by_conntrack_are_not_handed_out_again_right_after_a_restart() -> None:
+    w = MemoryMapWriter()
+    first = Reconciler(w)
+    first.sync_service(SVC, [frontend(backends(1, 2, 3))])
+    first.sync_service(SVC, [frontend(backends(1))])  # ids 2 and 3 freed
+    w.update("ct4", abi.CtKey4(src=1, dst=2, sport=3, dport=4, proto=6), abi.CtValue4(backend_id=3))
+    second = Reconciler(w)
+    second.restore()
+    second.sync_service(SVC, [frontend(backends(1, 7))])
+    assert second.backends[("10.244.1.7", 8080, "TCP")].id > 3
