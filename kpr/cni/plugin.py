@@ -1,0 +1,453 @@
+"""kpr-cni: a CNI chained plugin (spec 1.0.0, also 0.3.0-0.4.0) that puts kpr's per-packet load balancing on a pod.
+
+It runs after the plugin that creates the pod's interface (bridge, flannel, calico, ...), in the node's network
+namespace, as every CNI plugin does:
+
+- ADD: needs `prevResult`. Finds the pod's host-side veth from the kernel: it enters CNI_NETNS, reads the peer of
+  CNI_IFNAME (IFLA_LINK, and IFLA_LINK_NETNSID, which must name the namespace kpr-cni runs in), then checks that the
+  host link with that index is a veth whose own peer is CNI_IFNAME in that pod namespace. When prevResult lists
+  host-side interfaces (those without "sandbox"), the veth must be one of them. Then it attaches the programs the
+  agent pinned in `bpffsDir` (kpr.datapath.veth.attach; replace semantics, so a repeated ADD is harmless) and prints
+  prevResult unchanged, with the configuration's cniVersion.
+- DEL: detaches; succeeds when there is nothing to do (the namespace or the interface is gone: a veth dies with
+  either end, and kpr's programs with it).
+- CHECK: fails unless every program is attached to the pod's veth.
+- VERSION: the versions above.
+
+Configuration (stdin): cniVersion, name, type ("kpr-cni"), optional bpffsDir (default /sys/fs/bpf/kpr, the agent's
+--bpffs-dir on the host), prevResult. Errors are CNI error objects on stdout with exit status 1; logs go to stderr.
+Nothing is left attached when ADD fails.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import re
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, NoReturn, TypeVar
+
+T = TypeVar("T")
+
+CNI_VERSION = "1.0.0"
+SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0")
+DEFAULT_BPFFS_DIR = "/sys/fs/bpf/kpr"
+
+# Well-known CNI error codes (the spec reserves 1-99), and kpr-cni's own.
+ERR_INCOMPATIBLE_VERSION = 1
+ERR_INVALID_ENV = 4
+ERR_IO = 5
+ERR_DECODE = 6
+ERR_INVALID_CONFIG = 7
+ERR_TRY_AGAIN_LATER = 11
+ERR_KPR = 999  # anything else: the message says what
+
+CLONE_NEWNET = 0x40000000
+_CONTAINER_ID_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
+_NETWORK_NAME_RE = _CONTAINER_ID_RE
+_IFNAMSIZ = 16
+
+
+class CNIError(Exception):
+    """A failure reported to the runtime as a CNI error object."""
+
+    def __init__(self, code: int, msg: str, details: str = "") -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+        self.details = details
+
+
+class _Gone(Exception):
+    """The pod's namespace or interface does not exist (any more)."""
+
+
+def log(message: str) -> None:
+    """One line on stderr (stdout is the CNI protocol)."""
+    sys.stderr.write(f"kpr-cni: {message}\n")
+    sys.stderr.flush()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# input
+
+
+@dataclass(frozen=True)
+class NetConf:
+    cni_version: str
+    name: str
+    bpffs_dir: Path
+    prev_result: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Invocation:
+    command: str
+    container_id: str
+    netns: str  # "" when absent (allowed for DEL only)
+    ifname: str
+
+
+def parse_config(raw: bytes) -> NetConf:
+    """The network configuration from stdin; CNIError 6 (decoding), 7 (invalid) or 1 (unsupported cniVersion)."""
+    try:
+        conf = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CNIError(ERR_DECODE, "the network configuration on stdin is not valid JSON", str(e)) from None
+    if not isinstance(conf, dict):
+        raise CNIError(ERR_DECODE, "the network configuration on stdin is not a JSON object", type(conf).__name__)
+    version = conf.get("cniVersion")
+    if not isinstance(version, str) or not version:
+        raise CNIError(ERR_INVALID_CONFIG, "the network configuration has no cniVersion", repr(version))
+    if version not in SUPPORTED_VERSIONS:
+        raise CNIError(
+            ERR_INCOMPATIBLE_VERSION,
+            f'incompatible CNI version "{version}"',
+            f"kpr-cni supports {', '.join(SUPPORTED_VERSIONS)}",
+        )
+    name = conf.get("name")
+    if not isinstance(name, str) or not _NETWORK_NAME_RE.match(name):
+        raise CNIError(ERR_INVALID_CONFIG, "the network configuration needs a valid name", repr(name))
+    bpffs_dir = conf.get("bpffsDir", DEFAULT_BPFFS_DIR)
+    if not isinstance(bpffs_dir, str) or not os.path.isabs(bpffs_dir):
+        raise CNIError(ERR_INVALID_CONFIG, "bpffsDir must be an absolute path", f"bpffsDir={bpffs_dir!r}")
+    prev = conf.get("prevResult")
+    if prev is not None and not isinstance(prev, dict):
+        raise CNIError(ERR_INVALID_CONFIG, "prevResult must be a JSON object", f"prevResult={prev!r}"[:500])
+    return NetConf(version, name, Path(bpffs_dir), prev)
+
+
+def parse_environment(env: Mapping[str, str], command: str) -> Invocation:
+    """The CNI_* parameters the command needs; CNIError 4 naming every missing or invalid variable."""
+    required = ["CNI_CONTAINERID", "CNI_IFNAME"] + (["CNI_NETNS"] if command in ("ADD", "CHECK") else [])
+    missing = [name for name in required if not env.get(name)]
+    if missing:
+        raise CNIError(ERR_INVALID_ENV, f"missing environment variable(s) {', '.join(missing)} for {command}")
+    container_id, ifname, netns = env["CNI_CONTAINERID"], env["CNI_IFNAME"], env.get("CNI_NETNS", "")
+    invalid = []
+    if not _CONTAINER_ID_RE.match(container_id):
+        invalid.append(f"CNI_CONTAINERID={container_id!r}")
+    if len(ifname) >= _IFNAMSIZ or ifname in (".", "..") or any(c in ifname for c in "/: \t\n"):
+        invalid.append(f"CNI_IFNAME={ifname!r}")
+    if netns and not os.path.isabs(netns):
+        invalid.append(f"CNI_NETNS={netns!r} (must be an absolute path)")
+    if invalid:
+        raise CNIError(ERR_INVALID_ENV, f"invalid environment variable(s): {', '.join(invalid)}")
+    return Invocation(command, container_id, netns, ifname)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# finding the pod's host-side veth
+
+
+@dataclass(frozen=True)
+class _ContainerSide:
+    index: int
+    kind: str | None
+    peer_index: int | None  # IFLA_LINK: the peer's ifindex, in the peer's namespace
+    peer_nsid: int | None  # IFLA_LINK_NETNSID: the peer's namespace, as the pod's namespace numbers it
+    our_nsid: int | None  # the plugin's namespace, as the pod's namespace numbers it
+
+
+def _in_netns(ns_fd: int, fn: Callable[[], T]) -> T:
+    """Run fn() in a short-lived thread that has joined the network namespace `ns_fd` (setns is per thread)."""
+    results: list[T] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.setns(ns_fd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+            results.append(fn())
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=target, name="kpr-cni-netns", daemon=True)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return results[0]
+
+
+def _kind(link: Any) -> str | None:
+    info = link.get_attr("IFLA_LINKINFO")
+    return info.get_attr("IFLA_INFO_KIND") if info else None
+
+
+def _nsid(ipr: Any, fd: int) -> int | None:
+    """The id this namespace gives the namespace `fd` (None when it has none)."""
+    found = ipr.get_netnsid(fd=fd)
+    nsid = found.get("nsid") if found else None
+    return nsid if isinstance(nsid, int) and nsid >= 0 else None
+
+
+def find_host_veth(netns: str, ifname: str) -> str:
+    """The name, in this (the node's) namespace, of the veth whose peer is `ifname` in the pod namespace `netns`.
+
+    Raises _Gone when the namespace or the interface does not exist, CNIError when the interface is not a veth to
+    this namespace.
+    """
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        ns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise _Gone(f"network namespace {netns} does not exist") from None
+    except OSError as e:
+        raise CNIError(ERR_KPR, f"cannot open network namespace {netns}: {e.strerror}") from None
+    host_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+
+        def container_side() -> _ContainerSide:
+            with IPRoute() as ipr:
+                try:
+                    link = ipr.link("get", ifname=ifname)[0]
+                except NetlinkError as e:
+                    if e.code == errno.ENODEV:
+                        raise _Gone(f"{ifname} does not exist in {netns}") from None
+                    raise
+                return _ContainerSide(
+                    index=link["index"],
+                    kind=_kind(link),
+                    peer_index=link.get_attr("IFLA_LINK"),
+                    peer_nsid=link.get_attr("IFLA_LINK_NETNSID"),
+                    our_nsid=_nsid(ipr, host_fd),
+                )
+
+        try:
+            pod = _in_netns(ns_fd, container_side)
+        except OSError as e:
+            if e.errno == errno.EINVAL:  # the path exists but is no longer a namespace (unmounted)
+                raise _Gone(f"{netns} is not a network namespace (any more)") from None
+            raise
+        where = f"{ifname} in {netns}"
+        if pod.kind != "veth":
+            raise CNIError(
+                ERR_KPR,
+                f"{where} is a {pod.kind or 'device of unknown kind'}, not a veth",
+                "kpr-cni chains after plugins that connect the pod with a veth pair (bridge, ptp, flannel, calico)",
+            )
+        if pod.peer_index is None or pod.peer_nsid is None or pod.peer_nsid != pod.our_nsid:
+            raise CNIError(
+                ERR_KPR,
+                f"the peer of {where} is not in the network namespace kpr-cni runs in",
+                f"IFLA_LINK={pod.peer_index} IFLA_LINK_NETNSID={pod.peer_nsid}, this namespace's id there: "
+                f"{pod.our_nsid}; run kpr-cni in the node's namespace, as the container runtime does",
+            )
+        with IPRoute() as ipr:
+            try:
+                host = ipr.link("get", index=pod.peer_index)[0]
+            except NetlinkError as e:
+                if e.code == errno.ENODEV:
+                    raise _Gone(f"the peer (ifindex {pod.peer_index}) of {where} is gone") from None
+                raise
+            pod_nsid = _nsid(ipr, ns_fd)
+        name = host.get_attr("IFLA_IFNAME")
+        if (
+            _kind(host) != "veth"
+            or host.get_attr("IFLA_LINK") != pod.index
+            or host.get_attr("IFLA_LINK_NETNSID") != pod_nsid
+        ):
+            raise CNIError(
+                ERR_KPR,
+                f"the host link with ifindex {pod.peer_index} ({name}) is not the peer of {where}",
+                f"its kind {_kind(host)}, IFLA_LINK {host.get_attr('IFLA_LINK')}, IFLA_LINK_NETNSID "
+                f"{host.get_attr('IFLA_LINK_NETNSID')}; expected veth, {pod.index}, {pod_nsid}",
+            )
+        return str(name)
+    finally:
+        os.close(host_fd)
+        os.close(ns_fd)
+
+
+def host_interfaces(prev: Mapping[str, Any]) -> list[str]:
+    """The host-side interfaces a previous result lists (those without a sandbox)."""
+    interfaces = prev.get("interfaces")
+    if not isinstance(interfaces, list):
+        return []
+    return [
+        i["name"] for i in interfaces if isinstance(i, dict) and isinstance(i.get("name"), str) and not i.get("sandbox")
+    ]
+
+
+def locate(conf: NetConf, inv: Invocation) -> str:
+    """ADD and CHECK: the pod's host-side veth, cross-checked against prevResult."""
+    try:
+        veth = find_host_veth(inv.netns, inv.ifname)
+    except _Gone as e:
+        raise CNIError(ERR_KPR, f"cannot find the pod's interface: {e}") from None
+    listed = host_interfaces(conf.prev_result or {})
+    if listed and veth not in listed:
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            f"prevResult does not describe this pod: the peer of {inv.ifname} in {inv.netns} is {veth}, "
+            f"but prevResult lists the host interfaces {', '.join(listed)}",
+            "kpr-cni must come right after the plugin that creates the pod's veth, in the same conflist",
+        )
+    return veth
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# commands
+
+
+def _missing_pins(bpffs_dir: Path) -> list[str]:
+    from kpr.datapath.veth import POD_PINS
+
+    return sorted(pin for pin in POD_PINS.values() if not (bpffs_dir / pin).exists())
+
+
+def _no_pins_error(bpffs_dir: Path, missing: list[str]) -> CNIError:
+    return CNIError(
+        ERR_TRY_AGAIN_LATER,
+        f"kpr's per-packet programs are not pinned in {bpffs_dir} (missing {', '.join(missing)})",
+        "is the kpr agent running on this node with --socket-lb=hostns-only and --bpffs-dir "
+        f"{bpffs_dir}? kpr-cni attaches what the agent pinned (set bpffsDir in the conflist to match)",
+    )
+
+
+def cmd_add(conf: NetConf, inv: Invocation) -> str:
+    from kpr.datapath import veth as datapath
+    from kpr.datapath.loader import DatapathError
+
+    if conf.prev_result is None:
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            "kpr-cni is a chained plugin and got no prevResult",
+            "put it after the plugin that creates the pod's interface (bridge, flannel, calico) in a conflist",
+        )
+    veth = locate(conf, inv)
+    missing = _missing_pins(conf.bpffs_dir)
+    if missing:
+        raise _no_pins_error(conf.bpffs_dir, missing)
+    try:
+        attached = datapath.attach(veth, conf.bpffs_dir)
+    except Exception as e:
+        _undo(veth)
+        missing = _missing_pins(conf.bpffs_dir)
+        if missing:  # the agent replaced its pins meanwhile
+            raise _no_pins_error(conf.bpffs_dir, missing) from None
+        if isinstance(e, DatapathError):
+            raise CNIError(ERR_KPR, f"attaching kpr's programs to {veth} failed: {e}") from None
+        raise
+    log(f"ADD {inv.container_id}: {veth} (peer of {inv.ifname} in {inv.netns}): {', '.join(attached)}")
+    result = dict(conf.prev_result)
+    result["cniVersion"] = conf.cni_version
+    return json.dumps(result)
+
+
+def _undo(veth: str) -> None:
+    from kpr.datapath import veth as datapath
+
+    try:
+        datapath.detach(veth)
+    except Exception as e:  # the original error is what the runtime needs to see
+        log(f"could not remove a partial attachment from {veth}: {e}")
+
+
+def cmd_del(conf: NetConf, inv: Invocation) -> str:
+    from kpr.datapath import veth as datapath
+
+    if not inv.netns:
+        log(f"DEL {inv.container_id}: no CNI_NETNS, so the pod's veth is gone; nothing to do")
+        return ""
+    try:
+        veth = find_host_veth(inv.netns, inv.ifname)
+    except _Gone as e:
+        log(f"DEL {inv.container_id}: {e}; nothing to do")
+        return ""
+    except CNIError as e:  # not a veth to this namespace: kpr-cni never attached anything for it
+        log(f"DEL {inv.container_id}: {e.msg}; nothing to do")
+        return ""
+    removed = datapath.detach(veth)
+    log(f"DEL {inv.container_id}: {veth}: removed {', '.join(removed) or 'nothing'}")
+    return ""
+
+
+def cmd_check(conf: NetConf, inv: Invocation) -> str:
+    from kpr.datapath import veth as datapath
+
+    if conf.cni_version in ("0.3.0", "0.3.1"):
+        raise CNIError(ERR_INCOMPATIBLE_VERSION, f"CHECK is not defined for cniVersion {conf.cni_version}")
+    if conf.prev_result is None:
+        raise CNIError(ERR_INVALID_CONFIG, "CHECK needs the prevResult of the pod's ADD")
+    veth = locate(conf, inv)
+    missing = datapath.check(veth)
+    if missing:
+        raise CNIError(
+            ERR_KPR,
+            f"kpr's programs are not attached to {veth} (peer of {inv.ifname} in {inv.netns}): missing "
+            + ", ".join(missing),
+            "something removed them; delete and re-add the pod (or run its CNI ADD again)",
+        )
+    return ""
+
+
+COMMANDS: dict[str, Callable[[NetConf, Invocation], str]] = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check}
+
+
+def version_info() -> str:
+    return json.dumps({"cniVersion": CNI_VERSION, "supportedVersions": list(SUPPORTED_VERSIONS)})
+
+
+def error_json(error: CNIError, cni_version: str = CNI_VERSION) -> str:
+    body: dict[str, Any] = {"cniVersion": cni_version, "code": error.code, "msg": error.msg}
+    if error.details:
+        body["details"] = error.details
+    return json.dumps(body)
+
+
+def _version_of(raw: bytes) -> str:
+    """The configuration's cniVersion for an error object, when it is one kpr-cni speaks."""
+    try:
+        version = json.loads(raw).get("cniVersion")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return CNI_VERSION
+    return version if version in SUPPORTED_VERSIONS else CNI_VERSION
+
+
+def run(env: Mapping[str, str], stdin: IO[bytes]) -> tuple[int, str]:
+    """One plugin invocation: (exit status, what to print on stdout)."""
+    command = env.get("CNI_COMMAND", "")
+    if command == "VERSION":
+        return 0, version_info()
+    raw = b""
+    try:
+        if command not in COMMANDS:
+            what = f"unknown CNI_COMMAND {command!r}" if command else "missing environment variable CNI_COMMAND"
+            raise CNIError(ERR_INVALID_ENV, what, f"kpr-cni supports {', '.join([*COMMANDS, 'VERSION'])}")
+        try:
+            raw = stdin.read()
+        except OSError as e:
+            raise CNIError(ERR_IO, "cannot read the network configuration from stdin", str(e)) from None
+        conf = parse_config(raw)
+        inv = parse_environment(env, command)
+        return 0, COMMANDS[command](conf, inv)
+    except CNIError as e:
+        log(f"{command or '?'} {env.get('CNI_CONTAINERID', '')}: error {e.code}: {e.msg}")
+        return 1, error_json(e, _version_of(raw))
+    except Exception as e:
+        log(f"{command} {env.get('CNI_CONTAINERID', '')}: unexpected {type(e).__name__}: {e}")
+        return 1, error_json(CNIError(ERR_KPR, f"kpr-cni {command} failed: {type(e).__name__}: {e}"), _version_of(raw))
+
+
+def main() -> NoReturn:
+    status, output = run(os.environ, sys.stdin.buffer)
+    if output:
+        sys.stdout.write(output + "\n")
+        sys.stdout.flush()
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()
