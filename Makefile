@@ -7,6 +7,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make demo   - set up, then load balance a Service in the lab namespaces and show kpr services"
+	@echo "make demo MODE=chaining - the same with the client pod chained by kpr-cni (per-packet LB at its veth)"
 	@echo "make test   - set up, then lint and run the unit, datapath and agent tests"
 	@echo "make unit   - the tests that need no root"
 	@echo "make lint   - ruff and mypy"
@@ -17,7 +18,7 @@ setup:
 	@bash scripts/setup.sh all
 
 demo: setup
-	$(PY) -m kpr.lab.demo
+	$(PY) -m kpr.lab.demo $(if $(MODE),--mode $(MODE))
 
 test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS) tests

@@ -5,6 +5,8 @@ Everything happens inside network namespaces this script creates and removes; th
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 import tempfile
 import time
@@ -66,7 +68,52 @@ def traffic(lab: Lab, client: Pod | External, proto: str, vip: str, port: int, c
     print(bar(result["served"], count))
 
 
+def chain(lab: Lab, node: Node, pod: Pod) -> None:
+    """kpr-cni ADD for `pod`, as a container runtime calls it after the bridge plugin (prevResult = its result)."""
+    prev_result = {
+        "cniVersion": "1.0.0",
+        "interfaces": [{"name": pod.host_veth}, {"name": "eth0", "sandbox": f"/run/netns/{pod.netns}"}],
+        "ips": [{"address": f"{pod.ipv4}/24", "interface": 1}, {"address": f"{pod.ipv6}/64", "interface": 1}],
+    }
+    conf = {
+        "cniVersion": "1.0.0",
+        "name": "demo",
+        "type": "kpr-cni",
+        "bpffsDir": str(node.bpffs_dir),
+        "prevResult": prev_result,
+    }
+    env = [
+        "env",
+        "CNI_COMMAND=ADD",
+        f"CNI_CONTAINERID=demo-{pod.name}",
+        f"CNI_NETNS=/run/netns/{pod.netns}",
+        "CNI_IFNAME=eth0",
+        "CNI_PATH=/usr/lib/cni",
+    ]
+    kpr_cni = Path(sys.executable).with_name("kpr-cni")
+    result = lab.run(node, [*env, str(kpr_cni)], input=json.dumps(conf))
+    print(
+        f"   kpr-cni ADD for pod '{pod.name}' printed prevResult back ({len(result.stdout)} bytes); "
+        f"on {pod.host_veth} now: tc filters kpr_pod_in4/6 (ingress) and kpr_pod_out4/6 (egress)"
+    )
+    lab.run(pod, ["iptables", "-A", "OUTPUT", "-d", V4, "-p", "tcp", "--dport", "80", "-j", "ACCEPT"])
+    print(f"   and inside the pod, an iptables rule that counts packets to {V4}:80 (what a service mesh matches on)")
+
+
+def iptables_count(lab: Lab, pod: Pod) -> int:
+    out = lab.run(pod, ["iptables", "-L", "OUTPUT", "-v", "-n", "-x"]).stdout
+    return sum(int(line.split()[0]) for line in out.splitlines() if V4 in line)
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--mode",
+        choices=["socket", "chaining"],
+        default="socket",
+        help="chaining: --socket-lb=hostns-only and the client pod chained by kpr-cni",
+    )
+    chaining = parser.parse_args().mode == "chaining"
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kpr-demo-") as tmp, Lab() as lab:
         manifests = Path(tmp)
@@ -84,15 +131,27 @@ def main() -> int:
             "NodePorts 30080 and 30053"
         )
         write_manifest(manifests, "web.yaml", web_manifests(node, pods))
-        agent = LabAgent(lab, node, manifests, extra_args=["--devices", "eth0"]).start()
+        extra = ["--devices", "eth0", *(["--socket-lb", "hostns-only"] if chaining else [])]
+        agent = LabAgent(lab, node, manifests, extra_args=extra).start()
         agent.wait_started()
         print(
             f"   kpr agent running on node1 (pid {agent.proc.pid if agent.proc else '?'}), "
             f"programs attached to {node.cgroup}"
         )
 
-        say("Traffic to the ClusterIP, load balanced at connect() by kpr")
+        if chaining:
+            say("CNI chaining: sockets of the host only at connect(); pod 'client' per packet at its veth")
+            chain(lab, node, client)
+        say(
+            "Traffic to the ClusterIP, load balanced "
+            + ("per packet at the client's veth" if chaining else "at connect() by kpr")
+        )
         traffic(lab, client, "tcp", V4, 80)
+        if chaining:
+            print(
+                f"   the pod's own iptables counter for {V4}:80 saw {iptables_count(lab, client)} packets: "
+                "the ClusterIP is on the wire inside the pod"
+            )
         traffic(lab, client, "udp", V4, 53)
         traffic(lab, client, "tcp", V6, 80)
 
