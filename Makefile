@@ -11,7 +11,7 @@ help:
 	@echo "make test   - set up, then lint and run the unit, datapath and agent tests"
 	@echo "make unit   - the tests that need no root"
 	@echo "make lint   - ruff and mypy"
-	@echo "make bench  - control-plane benchmark (10k Services x 10 endpoints); BENCH_ARGS=--quick for 1k"
+	@echo "make bench  - kpr vs kube-proxy iptables/nftables vs the pod IP, writes docs/benchmarks/ (BENCH_ARGS=--quick)"
 	@echo "make clean  - remove the venv and any lab left behind by a killed run"
 
 setup:
@@ -31,7 +31,8 @@ lint: setup
 	$(PY) -m mypy kpr
 
 bench: setup
-	$(PY) bench/controlplane.py $(BENCH_ARGS)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	-[ -x $(PY) ] && $(PY) -c 'from kpr.lab import sweep_stale; sweep_stale()'
