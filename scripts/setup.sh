@@ -11,6 +11,7 @@ PACKAGES=(
   containernetworking-plugins      # the reference CNI plugins, the "existing plugin" in chaining tests
   python3-venv
   ruby shellcheck                  # tests/unit/test_deploy.py: `ruby -c Vagrantfile`, shellcheck on vagrant/*.sh
+  gcc iperf3                       # make bench: compiles bench/loadgen.c; bulk TCP throughput
 )
 
 need_root() {
