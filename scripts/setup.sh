@@ -33,23 +33,7 @@ system() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
 
-  # BCC needs /lib/modules/$(uname -r)/build. Kernels without a headers package get Debian's headers: kpr's
-  # programs use only UAPI structs, which are stable across kernel versions.
-  local release build
-  release=$(uname -r)
-  build=/lib/modules/$release/build
-  if [ ! -e "$build" ]; then
-    local headers
-    headers=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
-    if [ -z "$headers" ]; then
-      echo "setup: no /usr/src/linux-headers-*-amd64 to link $build to" >&2
-      exit 1
-    fi
-    mkdir -p "/lib/modules/$release"
-    ln -sfn "$headers" "$build"
-    ln -sfn "${headers%-amd64}-common" "/lib/modules/$release/source"
-    echo "setup: linked $build -> $headers"
-  fi
+  bash scripts/kernel-headers.sh  # BCC compiles against /lib/modules/$(uname -r)/build
 
   if ! mountpoint -q /sys/fs/bpf; then
     mount -t bpf bpf /sys/fs/bpf

@@ -13,25 +13,7 @@ echo "== $NODE_NAME: kpr from $REPO"
 # BCC from Debian: the PyPI package named "bcc" is an unrelated project.
 apt-get install -y -qq --no-install-recommends python3-bpfcc libbpfcc bpftool python3-venv rsync >/dev/null
 
-# BCC needs /lib/modules/$(uname -r)/build. Prefer the running kernel's headers package; when the archive no longer
-# has it (the box's kernel is older than the archive's), link Debian's current headers as scripts/setup.sh does:
-# kpr's programs use only UAPI structures, which are stable across kernel versions.
-release=$(uname -r)
-build=/lib/modules/$release/build
-if [ ! -e "$build" ]; then
-  if ! apt-get install -y -qq --no-install-recommends "linux-headers-$release" >/dev/null 2>&1; then
-    apt-get install -y -qq --no-install-recommends linux-headers-amd64 >/dev/null
-    headers=$(find /usr/src -maxdepth 1 -name 'linux-headers-*-amd64' | sort -V | tail -n 1)
-    if [ -z "$headers" ]; then
-      echo "install-kpr: no /usr/src/linux-headers-*-amd64 to link $build to" >&2
-      exit 1
-    fi
-    mkdir -p "/lib/modules/$release"
-    ln -sfn "$headers" "$build"
-    ln -sfn "${headers%-amd64}-common" "/lib/modules/$release/source"
-    echo "install-kpr: linked $build -> $headers"
-  fi
-fi
+bash "$REPO/scripts/kernel-headers.sh"  # BCC compiles against /lib/modules/$(uname -r)/build
 if ! mountpoint -q /sys/fs/bpf; then
   mount -t bpf bpf /sys/fs/bpf
 fi
