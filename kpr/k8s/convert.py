@@ -354,7 +354,7 @@ def _endpoint(obj: str, index: int, e: Mapping[str, Any], address_type: str) -> 
     return Endpoint(
         addresses=addresses,
         ready=ready,
-        serving=ready if serving_raw is None else serving_raw,
+        serving=serving_raw is None or serving_raw,  # kube-proxy: Serving == nil || *Serving, whatever Ready says
         terminating=bool(terminating_raw),
         node_name=_str(e.get("nodeName")),
         zone=_str(e.get("zone")),

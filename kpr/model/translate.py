@@ -8,7 +8,10 @@ kube-proxy is the reference; each piece names the kube-proxy function it mirrors
 - which endpoints are usable: pkg/proxy/topology.go CategorizeEndpoints / topologyModeFromHints /
   availableForTopology;
 - REJECT versus DROP when a frontend has no usable endpoint: the iptables/nftables proxiers' syncProxyRules
-  (no endpoint anywhere → REJECT; endpoints only elsewhere → DROP).
+  (no endpoint anywhere → REJECT; endpoints only elsewhere → DROP);
+- what happens to flows already on an endpoint (the backend state): pkg/proxy/conntrack/cleanup.go (UDP entries go
+  when their endpoint stops serving; TCP entries are never deleted);
+- healthCheckNodePort's count: pkg/proxy/endpoints.go EndpointsMap.LocalReadyEndpoints.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import NamedTuple
 
 from kpr.model.types import (
     Backend,
+    BackendState,
     Endpoint,
     EndpointSliceSpec,
     Frontend,
@@ -37,7 +41,9 @@ __all__ = [
     "frontends_by_address",
     "internal_policy_local",
     "is_proxied",
+    "local_ready_endpoints",
     "merge_endpoints",
+    "needs_health_check",
     "topology_mode_from_hints",
     "translate",
 ]
@@ -95,6 +101,11 @@ def external_policy_local(service: ServiceSpec) -> bool:
 def internal_policy_local(service: ServiceSpec) -> bool:
     """Mirrors apiservice.InternalPolicyLocal."""
     return service.internal_traffic_policy == "Local"
+
+
+def _service_families(service: ServiceSpec) -> list[str]:
+    """The IP families kpr proxies the service in: those of its cluster IPs (one kube-proxy proxier each)."""
+    return [family for family in _FAMILIES if any(_family(ip) == family for ip in service.cluster_ips)]
 
 
 def _service_slices(service: ServiceSpec, slices: Iterable[EndpointSliceSpec]) -> dict[str, list[EndpointSliceSpec]]:
@@ -189,9 +200,16 @@ def categorize_endpoints(candidates: Sequence[Candidate], node: NodeInfo) -> Cat
     return Categories(cluster, local, has_any)
 
 
+def backend_state(endpoint: Endpoint) -> BackendState:
+    """Ready, else serving (terminating), else neither: what kube-proxy's IsReady / IsServing say of it."""
+    if endpoint.ready:
+        return BackendState.ACTIVE
+    return BackendState.TERMINATING if endpoint.serving else BackendState.NOT_SERVING
+
+
 def _backends(candidates: Iterable[Candidate], protocol: str) -> tuple[Backend, ...]:
     backends = [
-        Backend(c.addr, c.port, protocol, node_local=c.is_local, terminating=c.endpoint.terminating) for c in candidates
+        Backend(c.addr, c.port, protocol, node_local=c.is_local, state=backend_state(c.endpoint)) for c in candidates
     ]
     backends.sort(key=_backend_order)
     return tuple(backends)
@@ -210,11 +228,17 @@ def _backend_order(backend: Backend) -> tuple[tuple[int, bytes], int, str]:
 
 
 def _family_frontends(
-    service: ServiceSpec, port: ServicePort, family: str, cats: Categories, node: NodeInfo
+    service: ServiceSpec,
+    port: ServicePort,
+    family: str,
+    candidates: Sequence[Candidate],
+    cats: Categories,
+    node: NodeInfo,
 ) -> list[Frontend]:
     """The frontends of one service port in one IP family (kube-proxy's per-family proxier's syncProxyRules)."""
     cluster = _backends(cats.cluster, port.protocol)
     local = _backends(cats.local, port.protocol)
+    known = _backends(candidates, port.protocol)
 
     # ClusterIP: the internal traffic policy picks the set (kube-proxy's internalPolicyChain).
     internal = local if internal_policy_local(service) else cluster
@@ -233,6 +257,8 @@ def _family_frontends(
         internal_backends: tuple[Backend, ...] | None = None,
         source_ranges: tuple[str, ...] = (),
     ) -> Frontend:
+        # Every other endpoint of the port stays known, so the flows it already carries keep it.
+        in_slots = {b.identity for b in backends} | {b.identity for b in internal_backends or ()}
         return Frontend(
             service=service.key,
             port_name=port.name,
@@ -246,6 +272,7 @@ def _family_frontends(
             empty_drop=not backends and cats.has_any,
             affinity_timeout=service.affinity_timeout,
             source_ranges=source_ranges,
+            standby=tuple(b for b in known if b.identity not in in_slots),
         )
 
     out = [
@@ -299,15 +326,49 @@ def translate(service: ServiceSpec, slices: Iterable[EndpointSliceSpec], node: N
     if not is_proxied(service):
         return []
     slices_by_family = _service_slices(service, slices)
-    families = [family for family in _FAMILIES if any(_family(ip) == family for ip in service.cluster_ips)]
     frontends: dict[tuple[str, int, str], Frontend] = {}
     for port in service.ports:
-        for family in families:
+        for family in _service_families(service):
             candidates = merge_endpoints(slices_by_family[family], port, family, node.name)
             cats = categorize_endpoints(candidates, node)
-            for fe in _family_frontends(service, port, family, cats, node):
+            for fe in _family_frontends(service, port, family, candidates, cats, node):
                 frontends.setdefault(fe.address, fe)
     return sorted(frontends.values(), key=_frontend_order)
+
+
+def needs_health_check(service: ServiceSpec) -> bool:
+    """Mirrors apiservice.NeedsHealthCheck: a LoadBalancer with externalTrafficPolicy=Local (and its allocated port).
+
+    It holds whether or not this node programs any frontend of the service (allocateLoadBalancerNodePorts: false, an
+    ingress not assigned yet, ipMode: Proxy): the load balancer probes every node all the same.
+    """
+    return (
+        is_proxied(service)
+        and service.type == "LoadBalancer"
+        and external_policy_local(service)
+        and bool(service.health_check_node_port)
+    )
+
+
+def local_ready_endpoints(service: ServiceSpec, slices: Iterable[EndpointSliceSpec], node: NodeInfo) -> int:
+    """healthCheckNodePort's localEndpoints: mirrors EndpointsMap.LocalReadyEndpoints.
+
+    The distinct addresses of ready endpoints on this node, over every service port (kube-proxy squashes by IP: a pod
+    serving two ports is one endpoint). Terminating and not-ready ones never count, so a node whose last local
+    endpoint terminates answers 503 and the load balancer drains it. kube-proxy runs one proxier per IP family; a
+    dual-stack pod has an address in each, so the larger family count is the one a single health server reports.
+    """
+    slices_by_family = _service_slices(service, slices)
+    counts = [0]
+    for family in _service_families(service):
+        addresses = {
+            c.addr
+            for port in service.ports
+            for c in merge_endpoints(slices_by_family[family], port, family, node.name)
+            if c.is_local and c.ready
+        }
+        counts.append(len(addresses))
+    return max(counts)
 
 
 def frontends_by_address(frontends: Iterable[Frontend]) -> dict[tuple[str, int, str], Frontend]:

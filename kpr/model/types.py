@@ -69,7 +69,7 @@ class EndpointPort:
 class Endpoint:
     addresses: tuple[str, ...]  # kube-proxy uses only the first one
     ready: bool = True  # conditions.ready; an absent condition means ready
-    serving: bool = True  # conditions.serving; absent means the same as ready
+    serving: bool = True  # conditions.serving; absent means serving (kube-proxy: Serving == nil || *Serving)
     terminating: bool = False  # conditions.terminating; absent means false
     node_name: str = ""
     zone: str = ""
@@ -103,6 +103,19 @@ class NodeInfo:
     labels: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
 
+class BackendState(StrEnum):
+    """What an endpoint's conditions allow, as kube-proxy reads them (pkg/proxy/endpointslicecache.go).
+
+    Which backends new flows may pick is decided per frontend (its slots); the state says what happens to flows that
+    are already on a backend: kube-proxy never deletes TCP conntrack entries, and deletes UDP ones only for endpoints
+    that stop serving or leave.
+    """
+
+    ACTIVE = "active"  # ready
+    TERMINATING = "terminating"  # serving but not ready (terminating): its flows stay, new ones avoid it
+    NOT_SERVING = "not-serving"  # neither ready nor serving: its TCP flows stay, its UDP flows move
+
+
 class FrontendKind(StrEnum):
     CLUSTER_IP = "ClusterIP"
     NODE_PORT = "NodePort"
@@ -118,7 +131,7 @@ class Backend:
     port: int
     protocol: str
     node_local: bool = False
-    terminating: bool = False
+    state: BackendState = BackendState.ACTIVE
 
     @property
     def identity(self) -> tuple[str, int, str]:
@@ -133,7 +146,9 @@ class Frontend:
     cluster (pods, the node itself) when it differs from `backends`: externalTrafficPolicy=Local keeps node-local
     backends for external clients but all backends for in-cluster clients, as kube-proxy does. `empty_drop` says what
     to do when `backends` is empty: True means drop (a Local policy with endpoints elsewhere only), False means reject
-    (the service has no usable endpoint at all).
+    (the service has no usable endpoint at all). `standby` holds the service's other endpoints (not ready,
+    terminating, another node's under a Local policy, another zone's under topology hints): new flows never pick them,
+    but flows already on them keep them.
     """
 
     service: ServiceKey
@@ -147,6 +162,7 @@ class Frontend:
     empty_drop: bool = False
     affinity_timeout: int = 0
     source_ranges: tuple[str, ...] = ()  # LoadBalancer frontends only; empty: every source allowed
+    standby: tuple[Backend, ...] = ()
 
     @property
     def address(self) -> tuple[str, int, str]:

@@ -283,7 +283,8 @@ def test_endpoint_slice_full() -> None:
         ),
         Endpoint(addresses=("fd00:244:0:2::3",), ready=False, serving=True, terminating=True),
         Endpoint(addresses=("fd00:244:0:2::4",), ready=True, serving=True, terminating=False),
-        Endpoint(addresses=("fd00:244:0:2::5",), ready=False, serving=False, terminating=False),
+        # An absent serving condition counts as serving even when not ready (kube-proxy: Serving == nil || *Serving).
+        Endpoint(addresses=("fd00:244:0:2::5",), ready=False, serving=True, terminating=False),
         Endpoint(addresses=("fd00:244:0:2::6",), ready=True, serving=True, terminating=False),
     )
 

@@ -5,8 +5,9 @@ converted through kpr.k8s.convert as the agent would) and `expect:` (every front
 
     - frontend: 10.96.0.10:80/TCP        # addr:port/protocol, IPv6 as [addr]:port/protocol
       kind: ClusterIP
-      backends: ["10.244.1.2:8080 local", "10.244.2.3:8080 terminating"]   # flags: local, terminating
+      backends: ["10.244.1.2:8080 local", "10.244.2.3:8080 terminating"]   # flags: local, and a state
       internal: null                     # internal_backends (default null)
+      standby: ["10.244.2.4:8080 not-serving"]  # the other endpoints, kept for their flows (default [])
       drop: false                        # empty_drop (default false)
       affinity: 0                        # affinity_timeout (default 0)
       sourceRanges: []                   # source_ranges (default [])
@@ -23,9 +24,10 @@ import pytest
 import yaml
 
 from kpr.k8s.convert import endpoint_slice_from_dict, object_kind, service_from_dict
-from kpr.model.translate import frontends_by_address, translate
+from kpr.model.translate import frontends_by_address, local_ready_endpoints, needs_health_check, translate
 from kpr.model.types import (
     Backend,
+    BackendState,
     Endpoint,
     EndpointPort,
     EndpointSliceSpec,
@@ -41,7 +43,7 @@ pytestmark = pytest.mark.unit
 
 CASES_DIR = Path(__file__).parent / "cases" / "translate"
 CASES = sorted(CASES_DIR.glob("*.yaml"))
-EXPECT_DEFAULTS: dict[str, Any] = {"internal": None, "drop": False, "affinity": 0, "sourceRanges": []}
+EXPECT_DEFAULTS: dict[str, Any] = {"internal": None, "drop": False, "affinity": 0, "sourceRanges": [], "standby": []}
 
 
 def _hostport(addr: str, port: int) -> str:
@@ -49,7 +51,9 @@ def _hostport(addr: str, port: int) -> str:
 
 
 def render_backend(backend: Backend) -> str:
-    flags = [flag for flag, on in (("local", backend.node_local), ("terminating", backend.terminating)) if on]
+    flags = ["local"] if backend.node_local else []
+    if backend.state != BackendState.ACTIVE:
+        flags.append(str(backend.state))
     return " ".join([_hostport(backend.addr, backend.port), *flags])
 
 
@@ -58,7 +62,7 @@ def render_backends(backends: Iterable[Backend] | None) -> list[str] | None:
 
 
 def render(fe: Frontend) -> dict[str, Any]:
-    for backend in (*fe.backends, *(fe.internal_backends or ())):
+    for backend in (*fe.backends, *(fe.internal_backends or ()), *fe.standby):
         assert backend.protocol == fe.protocol, f"{fe.address}: backend {backend} has another protocol"
     return {
         "frontend": f"{_hostport(fe.addr, fe.port)}/{fe.protocol}",
@@ -69,6 +73,7 @@ def render(fe: Frontend) -> dict[str, Any]:
         "drop": fe.empty_drop,
         "affinity": fe.affinity_timeout,
         "sourceRanges": list(fe.source_ranges),
+        "standby": render_backends(fe.standby),
     }
 
 
@@ -259,3 +264,33 @@ def test_load_balancer_ips_need_type_load_balancer() -> None:
         ports=(ServicePort("", "TCP", 80, node_port=30080),),
     )
     assert [fe.kind for fe in translate(svc, [], NODE)] == [FrontendKind.CLUSTER_IP, FrontendKind.NODE_PORT]
+
+
+def test_health_check_counts_distinct_ready_local_addresses_of_load_balancers_with_local_policy() -> None:
+    """kube-proxy's LocalReadyEndpoints (squashed by IP) and NeedsHealthCheck (LoadBalancer + Local only)."""
+    svc = ServiceSpec(
+        key=ServiceKey("default", "web"),
+        type="LoadBalancer",
+        cluster_ips=("10.96.0.1",),
+        ports=(ServicePort("a", "TCP", 80, node_port=30080), ServicePort("b", "UDP", 53, node_port=30053)),
+        external_traffic_policy="Local",
+        health_check_node_port=32000,
+    )
+
+    def es(*endpoints: Endpoint) -> EndpointSliceSpec:
+        ports = (EndpointPort("a", "TCP", 8080), EndpointPort("b", "UDP", 8053))
+        return EndpointSliceSpec("default", "web-1", "web", "IPv4", endpoints, ports)
+
+    ready = Endpoint(("10.244.0.1",), node_name="node-a")
+    terminating = Endpoint(("10.244.0.2",), ready=False, serving=True, terminating=True, node_name="node-a")
+    remote = Endpoint(("10.244.1.1",), node_name="node-b")
+    assert needs_health_check(svc)
+    assert local_ready_endpoints(svc, [es(ready, terminating, remote)], NODE) == 1  # one pod, two ports: one
+    assert local_ready_endpoints(svc, [es(terminating, remote)], NODE) == 0  # terminating only: drained
+    assert local_ready_endpoints(svc, [], NODE) == 0
+    assert not needs_health_check(ServiceSpec(**{**_fields(svc), "type": "NodePort"}))
+    assert not needs_health_check(ServiceSpec(**{**_fields(svc), "external_traffic_policy": "Cluster"}))
+
+
+def _fields(svc: ServiceSpec) -> dict[str, object]:
+    return {f: getattr(svc, f) for f in ServiceSpec.__dataclass_fields__}

@@ -16,9 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kpr.model.translate import translate
+from kpr.model.translate import local_ready_endpoints, translate
 from kpr.model.types import (
     Backend,
+    BackendState,
     Endpoint,
     EndpointPort,
     EndpointSliceSpec,
@@ -284,7 +285,7 @@ def check_backends_are_usable_endpoints(world: World, got: list[Frontend]) -> No
                 if not c.ready:
                     assert not any_ready, f"{fe.address} {label}: {b} is a fallback although one is ready"
                 assert b.protocol == fe.protocol
-                assert b.terminating == (not c.ready), f"{fe.address} {label}: {b}"
+                assert (b.state == BackendState.ACTIVE) == c.ready, f"{fe.address} {label}: {b}"
 
 
 def check_local_policies_yield_only_node_local_backends(world: World, got: list[Frontend]) -> None:
@@ -351,6 +352,46 @@ def check_internal_backends_only_for_external_local(world: World, got: list[Fron
             assert fe.source_ranges == ()
 
 
+def check_every_endpoint_is_a_backend_or_standby(world: World, got: list[Frontend]) -> None:
+    """Flows may sit on any endpoint of the port: each one is in a slot set or standby, once, with its state."""
+    for fe in got:
+        copies = relevant(world, fe)
+        in_slots = keys(fe.backends) | keys(fe.internal_backends or ())
+        standby = [(b.addr, b.port) for b in fe.standby]
+        assert len(standby) == len(set(standby)), f"{fe.address}: duplicate standby {standby}"
+        assert not in_slots & set(standby), f"{fe.address}: standby overlaps the slots"
+        assert in_slots | set(standby) == set(copies), f"{fe.address}: endpoints missing or invented"
+        for b in fe.standby:
+            c = copies[(b.addr, b.port)]
+            assert b.protocol == fe.protocol and (b.state == BackendState.ACTIVE) == c.ready, f"{fe.address}: {b}"
+            assert b.node_local == c.local, f"{fe.address}: {b}"
+
+
+def check_health_check_counts_ready_local_endpoints(world: World, got: list[Frontend]) -> None:
+    """Distinct addresses of ready endpoints on this node over every service port, the larger family; never
+    terminating or not-ready ones (a ready copy of an address:port wins the merge)."""
+    families = {"IPv6" if ":" in ip else "IPv4" for ip in world.service.cluster_ips}
+    counts = [0]
+    for family in families:
+        ready_local: set[str] = set()
+        for port in world.service.ports:
+            seen: dict[tuple[str, int], Copies] = {}
+            for es in world.slices:
+                if (es.namespace, es.service_name, es.address_type) != ("default", "web", family):
+                    continue
+                for ep_port in es.ports:
+                    if (ep_port.name, ep_port.protocol) != (port.name, port.protocol):
+                        continue
+                    for ep in es.endpoints:
+                        if ep.addresses:
+                            copies = seen.setdefault((ep.addresses[0], ep_port.port), Copies())
+                            copies.ready |= ep.ready
+                            copies.local = bool(world.node.name) and ep.node_name == world.node.name
+            ready_local |= {addr for (addr, _), c in seen.items() if c.ready and c.local}
+        counts.append(len(ready_local))
+    assert local_ready_endpoints(world.service, world.slices, world.node) == max(counts)
+
+
 CHECKS = [value for name, value in sorted(globals().items()) if name.startswith("check_")]
 
 
@@ -374,4 +415,4 @@ def test_deterministic(world: World, rnd: random.Random) -> None:
 
 
 def test_every_check_is_run() -> None:
-    assert len(CHECKS) == 8
+    assert len(CHECKS) == 10
