@@ -65,9 +65,12 @@
 #define KPR_SVC_F_EXTERNAL 0x08 /* NodePort, LoadBalancer or externalIP: the tc path serves it */
 #define KPR_SVC_F_SOURCE_RANGES 0x10 /* loadBalancerSourceRanges: sources must match src_ranges4/6 */
 
-/* Backend states and flags (backend.state, backend.flags). */
-#define KPR_BACKEND_ACTIVE 0
-#define KPR_BACKEND_TERMINATING 1
+/* Backend states (backend.state): what becomes of flows already on a backend; slots decide where new flows go.
+ * kube-proxy never deletes TCP conntrack entries and deletes UDP ones only when their endpoint stops serving. */
+#define KPR_BACKEND_ACTIVE 0      /* ready */
+#define KPR_BACKEND_TERMINATING 1 /* serving but not ready (terminating): its flows stay */
+#define KPR_BACKEND_NOT_SERVING 2 /* neither ready nor serving: TCP flows stay, UDP flows pick again */
+#define KPR_BACKEND_GONE 3        /* in no EndpointSlice any more: kept only while tracked TCP flows name it */
 #define KPR_BACKEND_F_NODE_LOCAL 0x01
 
 /* What identifies a client in the affinity map (affinity_key.kind). */
@@ -97,7 +100,8 @@
 #define KPR_CNT_TC_DROP_SNAT_PORTS 19    /* tc: no free masquerade port */
 #define KPR_CNT_TC_DROP_FIB 20           /* tc: no route to send a translated packet on */
 #define KPR_CNT_TC_DROP_CT_FULL 21       /* tc: could not record a flow */
-#define KPR_CNT_TC_CT_STALE 22           /* tc: a flow's backend is gone; picked again */
+#define KPR_CNT_TC_CT_STALE 22           /* tc: a flow's backend is gone (or stopped serving UDP); picked again */
+#define KPR_CNT_TC_RESET_UNTRACKED 23    /* tc: a TCP segment of no tracked flow to a frontend: reset, not passed on */
 #define KPR_CNT_MAX 32
 
 /* services4/6 key: a frontend address:port/proto, its scope, and slot (0 = master, 1..count = backends). */

@@ -481,6 +481,27 @@ static __always_inline __u8 ct_flags_after(__u8 flags, __u8 tcp_flags)
 	return (tcp_flags & (TCP_FIN | TCP_RST)) ? flags | KPR_CT_F_CLOSING : flags;
 }
 
+/* A TCP segment that opens a connection: SYN without ACK. */
+static __always_inline bool tcp_opens(__u8 proto, __u8 tcp_flags)
+{
+	return proto == IPPROTO_TCP && (tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
+}
+
+/* Whether a tracked flow keeps its backend. kube-proxy never deletes TCP conntrack entries and deletes UDP ones when
+ * their endpoint stops serving: TCP stays on its backend until it ends, whatever the backend's state (terminating,
+ * not ready, gone from the slice); UDP while the backend serves. A new connection on an old tuple (a SYN after the
+ * flow closed, or towards a backend that no longer serves) picks again, as conntrack does when a tuple is reused. */
+static __always_inline bool ct_keeps_backend(__u8 backend_state, __u8 ct_flags, __u8 proto, __u8 tcp_flags)
+{
+	bool serving = backend_state <= KPR_BACKEND_TERMINATING;
+
+	if (proto != IPPROTO_TCP)
+		return serving;
+	if (tcp_opens(proto, tcp_flags))
+		return serving && !(ct_flags & KPR_CT_F_CLOSING);
+	return true;
+}
+
 /* A backend for a new flow: the client's affine one, else a random slot. 0: none (inconsistent maps). */
 static __always_inline __u32 affinity_pick(struct affinity_key *akey, const struct svc_value *svc, __u64 now)
 {
@@ -608,8 +629,13 @@ static __always_inline int new_flow4(struct __sk_buff *skb, struct flow4 *f, __u
 		tc_tails.call(skb, KPR_TAIL_REJECT4);
 		return TC_ACT_SHOT;
 	}
-	if (f->proto == IPPROTO_TCP && !(f->tcp_flags & TCP_SYN))
-		return TC_ACT_OK; /* a segment of a flow we do not know (e.g. from before a restart of the node) */
+	if (f->proto == IPPROTO_TCP && !tcp_opens(f->proto, f->tcp_flags)) {
+		/* A segment of no tracked flow (its backend is gone, or its entry was lost): the node has no such
+		 * connection either, so end it with a reset instead of handing it on untranslated. */
+		counter_inc(KPR_CNT_TC_RESET_UNTRACKED);
+		tc_tails.call(skb, KPR_TAIL_REJECT4);
+		return TC_ACT_SHOT;
+	}
 	backend_id = svc4_backend(&key, svc, f->saddr, now);
 	backend = backend_id ? backends4.lookup(&backend_id) : NULL;
 	if (!backend) {
@@ -707,7 +733,7 @@ static __always_inline int ingress4(struct __sk_buff *skb, bool from_pod)
 		__u32 backend_id = ct->backend_id;
 
 		backend = backends4.lookup(&backend_id);
-		if (backend) {
+		if (backend && ct_keeps_backend(backend->state, ct->flags, f.proto, f.tcp_flags)) {
 			__be32 snat_addr = ct->addr;
 			__be16 snat_port = ct->port;
 			__u8 flags = ct_flags_after(ct->flags, f.tcp_flags);
@@ -723,7 +749,7 @@ static __always_inline int ingress4(struct __sk_buff *skb, bool from_pod)
 				return TC_ACT_SHOT;
 			return redirect4(skb, &f);
 		}
-		counter_inc(KPR_CNT_TC_CT_STALE); /* the backend went away: pick again below */
+		counter_inc(KPR_CNT_TC_CT_STALE); /* its backend went away or stopped serving UDP: pick again below */
 		ct4.delete(&key);
 	}
 
@@ -890,8 +916,13 @@ static __always_inline int new_flow6(struct __sk_buff *skb, struct flow6 *f, __u
 		tc_tails.call(skb, KPR_TAIL_REJECT6);
 		return TC_ACT_SHOT;
 	}
-	if (f->proto == IPPROTO_TCP && !(f->tcp_flags & TCP_SYN))
-		return TC_ACT_OK;
+	if (f->proto == IPPROTO_TCP && !tcp_opens(f->proto, f->tcp_flags)) {
+		/* A segment of no tracked flow (its backend is gone, or its entry was lost): the node has no such
+		 * connection either, so end it with a reset instead of handing it on untranslated. */
+		counter_inc(KPR_CNT_TC_RESET_UNTRACKED);
+		tc_tails.call(skb, KPR_TAIL_REJECT6);
+		return TC_ACT_SHOT;
+	}
 	backend_id = svc6_backend(&key, svc, f->saddr, now);
 	backend = backend_id ? backends6.lookup(&backend_id) : NULL;
 	if (!backend) {
@@ -986,7 +1017,7 @@ static __always_inline int ingress6(struct __sk_buff *skb, bool from_pod)
 		__u32 backend_id = ct->backend_id;
 
 		backend = backends6.lookup(&backend_id);
-		if (backend) {
+		if (backend && ct_keeps_backend(backend->state, ct->flags, f.proto, f.tcp_flags)) {
 			__be32 snat_addr[4];
 			__be16 snat_port = ct->port;
 			__u8 flags = ct_flags_after(ct->flags, f.tcp_flags);

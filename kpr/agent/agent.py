@@ -6,6 +6,9 @@ simply has not seen yet (until then the maps keep serving what they hold). The f
 service and then prunes what no longer exists. After that, every change marks its services dirty; dirty services
 are synced once `min_sync_period` has passed since the first of them, so bursts of events cost one write each.
 A periodic drift check compares the maps with the reconciler's state and repairs differences.
+After a sync that ended UDP backends or frontends, their tc flows are deleted and the connected UDP sockets the
+socket hooks pointed at them destroyed; backends and frontends kept only for tracked TCP flows are released once no
+live flow names them (checked then and every FLOW_CHECK_PERIOD).
 On SIGTERM it stops and leaves programs and maps in place.
 """
 
@@ -25,15 +28,18 @@ from kpr import log
 from kpr.agent.healthcheck import HealthChecks
 from kpr.agent.metrics import Metrics
 from kpr.agent.store import Store
+from kpr.datapath import sockets
+from kpr.datapath.flows import scan_flows
 from kpr.datapath.loader import default_route_devices, load_and_attach_isolated
 from kpr.datapath.writers import MapWriteError, MapWriter, PinnedMapWriter
-from kpr.model.translate import translate
-from kpr.model.types import EndpointSliceSpec, Frontend, FrontendKind, NodeInfo, ServiceKey, ServiceSpec
-from kpr.reconcile.reconciler import Reconciler, ServiceSyncError
+from kpr.model.translate import local_ready_endpoints, needs_health_check, translate
+from kpr.model.types import EndpointSliceSpec, NodeInfo, ServiceKey, ServiceSpec
+from kpr.reconcile.reconciler import FlowEnds, Reconciler, ServiceSyncError
 from kpr.sources.events import KINDS, Event, Replace, SourceError, Upsert
 
 RETRY_BACKOFF = (0.5, 1, 2, 5, 10, 30)  # seconds before a failed service is tried again
 NODE_GRACE_SECONDS = 10.0
+FLOW_CHECK_PERIOD = 10.0  # seconds between looks at whether lingering backends still carry flows
 
 
 @dataclass
@@ -70,6 +76,9 @@ class Agent:
         self.failing_since: dict[ServiceKey, float] = {}  # service -> its first failure in a row
         self.trigger_times: dict[ServiceKey, float] = {}  # oldest unapplied EndpointSlice change per service
         self.next_drift_check = time.monotonic() + config.drift_check_period
+        self.next_flow_check = time.monotonic() + FLOW_CHECK_PERIOD
+        self.lingering_seen = (0, 0)  # (backends, frontends) lingering at the last flow check
+        self.last_sweep: dict[str, Any] = {}  # the last socket sweep's result, for `kpr status`
         self.reconciler: Reconciler | None = None
         self.source: Any = None
         self.devices: list[str] = []
@@ -186,13 +195,15 @@ class Agent:
             due |= self.dirty
         if due:
             self.sync(due)
+        if now >= self.next_flow_check:
+            self.settle_flows()
         if now >= self.next_drift_check:
             self.check_drift()
 
     def _idle_time(self) -> float:
         """Wait for events until a coalesced sync, a retry or a drift check falls due."""
         now = time.monotonic()
-        deadlines = [now + 1.0, self.next_drift_check]
+        deadlines = [now + 1.0, self.next_drift_check, self.next_flow_check]
         if self.dirty and self.dirty_since is not None:
             deadlines.append(self.dirty_since + self.config.min_sync_period)
         deadlines.extend(when for when, _ in self.retry_at.values())
@@ -238,9 +249,8 @@ class Agent:
         for key in sorted(services):
             self.dirty.discard(key)
             self._sync_one(key)
-        if self.reconciler.removed_backend_ids:
-            self._flush_flows(self.reconciler.removed_backend_ids)
-            self.reconciler.removed_backend_ids = []
+        if self.reconciler.flow_ends or self._lingering_counts() != self.lingering_seen:
+            self.settle_flows()
         self.dirty_since = time.monotonic() if self.dirty else None
         self.last_sync_seconds = time.monotonic() - started
         self.last_sync_wall = time.time()
@@ -267,7 +277,7 @@ class Agent:
             return
         self.retry_at.pop(key, None)
         self.failing_since.pop(key, None)
-        self._health_check(key, spec, frontends)
+        self._health_check(key, spec)
         trigger = self.trigger_times.pop(key, None)
         if trigger is not None:
             self.metrics.programming_latency.observe(max(0.0, time.time() - trigger))
@@ -288,38 +298,90 @@ class Agent:
                 backends=sum(len(f.backends) for f in frontends),
             )
 
-    def _health_check(self, key: ServiceKey, spec: ServiceSpec | None, frontends: list[Frontend]) -> None:
-        """Serve healthCheckNodePort for externalTrafficPolicy=Local services with this node's endpoint count."""
-        if spec is None or spec.external_traffic_policy != "Local" or not spec.health_check_node_port:
+    def _health_check(self, key: ServiceKey, spec: ServiceSpec | None) -> None:
+        """Serve healthCheckNodePort with this node's ready endpoint count, frontends on this node or not."""
+        if spec is None or not needs_health_check(spec):
             self.health_checks.remove(key)
             return
-        # An endpoint has an address per family (dual-stack): count per family, as kube-proxy's per-family proxiers do.
-        local: dict[int, set[str]] = {4: set(), 6: set()}
-        for f in frontends:
-            if f.kind != FrontendKind.CLUSTER_IP:
-                local[f.family].update(b.addr for b in f.backends if b.node_local)
-        error = self.health_checks.set(key, spec.health_check_node_port, max(len(s) for s in local.values()))
+        count = local_ready_endpoints(spec, self.store.slices_of(key), self.store.node)
+        error = self.health_checks.set(key, spec.health_check_node_port, count)
         if error:
             self.metrics.sync_errors.labels(reason="health_check_port").inc()
             self._remember_error(f"{key}: {error}")
             self.log.error("health check node port not served", service=str(key), error=error)
 
-    def _flush_flows(self, backend_ids: list[int]) -> None:
-        """Forget tc flows that point at removed backends, so their clients are not black-holed (UDP above all)."""
+    def settle_flows(self) -> None:
+        """End the flows of UDP backends that stopped serving or left (and of UDP frontends that went) as kube-proxy's
+        conntrack cleanup does, destroy the connected UDP sockets pointed at them, and release what was kept only for
+        tracked TCP flows once no live flow names it."""
         assert self.reconciler is not None
-        gone = set(backend_ids)
-        flushed = 0
-        try:
-            for name in ("ct4", "ct6"):
-                for key, value in self.reconciler.writer.items(name):
-                    if value.backend_id in gone:
-                        self.reconciler.writer.delete(name, key)
-                        flushed += 1
-        except (MapWriteError, OSError) as e:
-            self.log.warning("flushing flows of removed backends failed", error=str(e))
+        rec = self.reconciler
+        self.next_flow_check = time.monotonic() + FLOW_CHECK_PERIOD
+        ends = rec.take_flow_ends()
+        gone, rev_nats = rec.lingering()
+        if not ends and not gone and not rev_nats:
+            self.lingering_seen = (0, 0)
             return
-        if flushed:
-            self.log.info("flows of removed backends flushed", entries=flushed, backends=len(gone))
+        try:
+            scan = scan_flows(
+                rec.writer,
+                ends.udp_backends.keys(),
+                ends.udp_frontends.keys(),
+                watch_backends=gone,
+                watch_frontends=rev_nats,
+            )
+        except (MapWriteError, OSError) as e:
+            self.log.warning("reading tracked flows failed; trying again", error=str(e))
+            rec.flow_ends.udp_backends.update(ends.udp_backends)
+            rec.flow_ends.udp_frontends.update(ends.udp_frontends)
+            return
+        if scan.udp_flows_ended:
+            self.metrics.flows_ended.inc(scan.udp_flows_ended)
+            self.log.info(
+                "UDP flows of backends that stopped serving ended",
+                entries=scan.udp_flows_ended,
+                backends=sorted(_fmt(a) for a in ends.udp_backends.values()),
+                frontends=sorted(_fmt(a) for a in ends.udp_frontends.values()),
+            )
+        released = rec.release_unused(scan.backends_in_use, scan.rev_nats_in_use)
+        if released:
+            self.log.info("backends and frontends kept for tracked flows released", entries=released)
+        if scan.next_expiry_ns is not None:  # look again as soon as the flows holding them could have ended
+            due = time.monotonic() + max(0.0, (scan.next_expiry_ns - time.monotonic_ns()) / 1e9) + 0.1
+            self.next_flow_check = min(self.next_flow_check, due)
+        self.lingering_seen = self._lingering_counts()
+        self.metrics.lingering.labels(kind="backend").set(self.lingering_seen[0])
+        self.metrics.lingering.labels(kind="frontend").set(self.lingering_seen[1])
+        if ends:
+            self._end_udp_sockets(ends)
+
+    def _lingering_counts(self) -> tuple[int, int]:
+        assert self.reconciler is not None
+        backends, frontends = self.reconciler.lingering()
+        return len(backends), len(frontends)
+
+    def _end_udp_sockets(self, ends: FlowEnds) -> None:
+        """Destroy connected UDP sockets of the node that the socket hooks pointed at an ended backend or frontend."""
+        assert self.reconciler is not None
+        started = time.monotonic()
+        try:
+            wanted = sockets.targets(self.reconciler.writer, ends.udp_backends.values(), ends.udp_frontends.keys())
+        except (MapWriteError, OSError) as e:
+            self.log.warning("reading socket translations failed", error=str(e))
+            return
+        namespaces = sockets.node_network_namespaces(self.config.cgroup_root) if wanted else []
+        result = sockets.destroy_connected_udp(wanted, namespaces)
+        seconds = time.monotonic() - started  # reading sock_rev_nat included
+        self.metrics.sockets_destroyed.inc(result.destroyed)
+        self.metrics.socket_sweep_duration.observe(seconds)
+        self.last_sweep = {
+            "time": time.time(),
+            "candidates": result.candidates,
+            "namespaces": result.namespaces,
+            "destroyed": result.destroyed,
+            "seconds": round(seconds, 4),
+        }
+        self.log.info("connected UDP sockets of ended backends destroyed", **self.last_sweep, errors=result.errors)
 
     def check_drift(self) -> None:
         """Compare the maps with the state and repair what differs (something outside kpr changed them)."""
@@ -389,6 +451,9 @@ class Agent:
             "services": len(rec.by_service) if rec else 0,
             "frontends": len(rec.frontends) if rec else 0,
             "backends": len(rec.backends) if rec else 0,
+            "lingering_backends": self.lingering_seen[0],
+            "lingering_frontends": self.lingering_seen[1],
+            "last_socket_sweep": self.last_sweep or None,
             "recent_errors": list(self.recent_errors),
         }
 
@@ -397,3 +462,8 @@ class Agent:
         self.metrics.services.set(len(self.reconciler.by_service))
         self.metrics.frontends.set(len(self.reconciler.frontends))
         self.metrics.backends.set(len(self.reconciler.backends))
+
+
+def _fmt(address: tuple[str, int, str]) -> str:
+    addr, port, protocol = address
+    return f"[{addr}]:{port}/{protocol}" if ":" in addr else f"{addr}:{port}/{protocol}"

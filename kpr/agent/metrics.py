@@ -46,6 +46,28 @@ class Metrics:
         self.drift_repairs = Counter(
             "kpr_drift_repairs_total", "Maps found different from the agent's state and rewritten", ["map"], registry=r
         )
+        self.flows_ended = Counter(
+            "kpr_udp_flows_ended_total",
+            "tc-path conntrack entries deleted because their UDP backend stopped serving or their frontend went",
+            registry=r,
+        )
+        self.sockets_destroyed = Counter(
+            "kpr_udp_sockets_destroyed_total",
+            "Connected UDP sockets destroyed because the backend they were sent to stopped serving or left",
+            registry=r,
+        )
+        self.socket_sweep_duration = Histogram(
+            "kpr_socket_sweep_duration_seconds",
+            "Time to find and destroy such sockets in every network namespace of the node",
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.lingering = Gauge(
+            "kpr_lingering_entries",
+            "Backends gone from every slice, and removed frontends, kept while tracked TCP flows still use them",
+            ["kind"],
+            registry=r,
+        )
         self.services = Gauge("kpr_services", "Services programmed", registry=r)
         self.frontends = Gauge("kpr_frontends", "Frontends programmed", registry=r)
         self.backends = Gauge("kpr_backends", "Backends programmed", registry=r)

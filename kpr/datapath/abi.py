@@ -33,9 +33,20 @@ CT_F_SNAT = 0x01
 CT_F_CLOSING = 0x02
 SNAT_PORT_MIN = 61000
 SNAT_PORT_MAX = 65535
+CT_TCP_LIFETIME_S = 21600
+CT_CLOSING_LIFETIME_S = 10
+CT_UDP_LIFETIME_S = 60
 
 BACKEND_ACTIVE = 0
 BACKEND_TERMINATING = 1
+BACKEND_NOT_SERVING = 2
+BACKEND_GONE = 3
+BACKEND_STATE_NAMES = {
+    BACKEND_ACTIVE: "active",
+    BACKEND_TERMINATING: "terminating",
+    BACKEND_NOT_SERVING: "not-serving",
+    BACKEND_GONE: "gone",
+}
 BACKEND_F_NODE_LOCAL = 0x01
 
 AFFINITY_NETNS = 1
@@ -66,6 +77,7 @@ COUNTERS = {
     "tc_drop_fib": 20,
     "tc_drop_ct_full": 21,
     "tc_ct_stale": 22,
+    "tc_reset_untracked": 23,
 }
 CNT_MAX = 32
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from kpr.datapath import abi
 from kpr.datapath.abi import CData
-from kpr.model.types import PROTOCOL_NAMES, PROTOCOL_NUMBERS
+from kpr.model.types import PROTOCOL_NAMES, PROTOCOL_NUMBERS, BackendState
 
 # A frontend or backend address as the maps know it: (addr text, host-order port, protocol name).
 Address = tuple[str, int, str]
@@ -42,8 +42,16 @@ def svc_slot(backend_id: int) -> abi.SvcValue:
     return abi.SvcValue(backend_id=backend_id)
 
 
-def backend_value(addr: str, port: int, protocol: str, *, terminating: bool, node_local: bool) -> ctypes.Structure:
-    state = abi.BACKEND_TERMINATING if terminating else abi.BACKEND_ACTIVE
+# The model's endpoint states as backend.state; BACKEND_GONE has no model state (the reconciler sets it).
+BACKEND_STATES = {
+    BackendState.ACTIVE: abi.BACKEND_ACTIVE,
+    BackendState.TERMINATING: abi.BACKEND_TERMINATING,
+    BackendState.NOT_SERVING: abi.BACKEND_NOT_SERVING,
+}
+
+
+def backend_value(addr: str, port: int, protocol: str, *, state: int, node_local: bool) -> ctypes.Structure:
+    """A backends4/6 value; `state` is one of abi.BACKEND_* (BACKEND_STATES maps the model's states)."""
     flags = abi.BACKEND_F_NODE_LOCAL if node_local else 0
     proto = PROTOCOL_NUMBERS[protocol]
     if family_of(addr) == 4:
@@ -130,12 +138,16 @@ class DecodedBackend:
     addr: str
     port: int
     protocol: str
-    terminating: bool
+    state: int  # abi.BACKEND_*
     node_local: bool
 
     @property
     def address(self) -> Address:
         return (self.addr, self.port, self.protocol)
+
+    @property
+    def state_name(self) -> str:
+        return abi.BACKEND_STATE_NAMES.get(self.state, f"state {self.state}")
 
 
 def decode_backend(value: abi.Backend4 | abi.Backend6) -> DecodedBackend:
@@ -143,7 +155,7 @@ def decode_backend(value: abi.Backend4 | abi.Backend6) -> DecodedBackend:
         addr_of(value.addr),
         abi.port_of_be16(value.port),
         PROTOCOL_NAMES.get(value.proto, str(value.proto)),
-        value.state == abi.BACKEND_TERMINATING,
+        value.state,
         bool(value.flags & abi.BACKEND_F_NODE_LOCAL),
     )
 

@@ -8,6 +8,13 @@ Make before break. A change is planned as one unit per service:
      entries, removed frontends (master first), and finally backends nobody references.
 If any operation fails, the ones already applied are undone in reverse order, the in-memory state is left as it was
 and the error is raised: a service is never left half-programmed. In-memory state is committed only on success.
+
+Connection lifecycle (kube-proxy never deletes TCP conntrack entries; UDP ones only when their endpoint stops serving
+or leaves): every endpoint of a frontend's port is a backend entry, the usable ones in slots and the others standby,
+each with its state, so a flow keeps its backend through terminating and not-ready. A TCP or SCTP backend that leaves
+every slice is marked GONE instead of deleted, and a removed TCP or SCTP frontend keeps its rev_nat entry: tracked
+flows still name them. release_unused() deletes them once no tracked flow does. A UDP backend that stops serving or
+leaves, and a UDP frontend that goes, are reported in `flow_ends` so the agent ends their flows and connected sockets.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ class AppliedFrontend:
     rev_nat_id: int
     scopes: dict[int, ScopeState]
     source_ranges: frozenset[str] = frozenset()  # loadBalancerSourceRanges CIDRs, canonical
+    standby: frozenset[int] = frozenset()  # backend ids of the other endpoints (no map entry of their own)
 
     def affinity_backends(self) -> set[int]:
         if not self.scopes[abi.SCOPE_DEFAULT].flags & abi.SVC_F_AFFINITY:
@@ -63,9 +71,29 @@ class AppliedFrontend:
 @dataclass(slots=True)
 class BackendEntry:
     id: int
-    terminating: bool
+    state: int  # abi.BACKEND_*
     node_local: bool
-    refs: int = 0  # (frontend, scope) pairs whose slots hold it
+    refs: int = 0  # (frontend, scope) pairs whose slots hold it, plus frontends that hold it standby
+
+    def value(self, identity: Address) -> CData:
+        return codec.backend_value(*identity, state=self.state, node_local=self.node_local)
+
+
+def _keeps_flows(protocol: str) -> bool:
+    """Whether flows outlive their endpoint: TCP and SCTP, whose conntrack entries kube-proxy never deletes."""
+    return protocol != "UDP"
+
+
+@dataclass(slots=True)
+class FlowEnds:
+    """What the agent must end after a sync: the flows and connected sockets of UDP backends that stopped serving or
+    left (id -> backend address) and of UDP frontends that went (rev_nat id -> frontend address)."""
+
+    udp_backends: dict[int, Address] = field(default_factory=dict)
+    udp_frontends: dict[int, Address] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.udp_backends or self.udp_frontends)
 
 
 class ServiceSyncError(Exception):
@@ -92,7 +120,10 @@ class Reconciler:
         self.rev_nat_ids = IdAllocator(writer.capacity("rev_nat4") + writer.capacity("rev_nat6"), "rev_nat ids")
         self.ops_applied = 0
         self.restored_entries = 0  # map entries found at restore: when 0 there is nothing left over to prune
-        self.removed_backend_ids: list[int] = []  # deleted since the agent last flushed their flows
+        self.gone_backends: set[Address] = set()  # state GONE, no reference: kept while tracked flows name them
+        self.lingering_rev_nats: dict[int, tuple[str, int]] = {}  # removed TCP/SCTP frontends, kept likewise
+        self.unclaimed: set[Address] = set()  # restored backends no slot names, until the first sync has run
+        self.flow_ends = FlowEnds()  # since the agent last took them (take_flow_ends)
 
     def _backend_identity(self, backend_id: int) -> Address | None:
         return self._backend_by_id.get(backend_id)
@@ -171,7 +202,7 @@ class Reconciler:
         for fam in ("4", "6"):
             for k, v in contents[f"backends{fam}"]:
                 b = codec.decode_backend(v)
-                self.backends[b.address] = BackendEntry(int(k.value), b.terminating, b.node_local)
+                self.backends[b.address] = BackendEntry(int(k.value), b.state, b.node_local)
                 self._backend_by_id[int(k.value)] = b.address
                 self.backend_ids.reserve(int(k.value))
             masters: dict[Address, dict[int, abi.SvcValue]] = {}
@@ -210,6 +241,12 @@ class Reconciler:
                     self.by_service.setdefault(owner, set()).add(address)
                 else:
                     report.orphans += 1
+        in_use = {fe.rev_nat_id for fe in self.frontends.values()}
+        for fam in ("4", "6"):
+            for k, v in contents[f"rev_nat{fam}"]:
+                if int(k.value) not in in_use:  # a removed frontend's, kept for its flows (or garbage: same fate)
+                    self.lingering_rev_nats[int(k.value)] = codec.decode_rev_nat(v)
+                    self.rev_nat_ids.reserve(int(k.value))
         ranges: dict[int, set[str]] = {}
         for fam in ("4", "6"):
             for k, _ in contents[f"src_ranges{fam}"]:
@@ -223,13 +260,12 @@ class Reconciler:
                 for backend_id in set(scope.slots):
                     if backend_id in by_id:
                         by_id[backend_id].refs += 1
-        # A backend no slot names (an agent stopped between a slot delete and the backend delete) is not state:
-        # dropping it here lets prune's repair delete the entry instead of adopting it for good.
-        for identity, entry in list(self.backends.items()):
+        # A backend no slot names is standby (the maps do not say for which frontend), gone (kept for its flows), or
+        # garbage. The first sync reclaims standby ones with their ids, so the flows on them keep their backend;
+        # prune() then treats the rest as left.
+        for identity, entry in self.backends.items():
             if entry.refs == 0:
-                del self.backends[identity]
-                self._backend_by_id.pop(entry.id, None)
-                self.backend_ids.release(entry.id)
+                (self.gone_backends if entry.state == abi.BACKEND_GONE else self.unclaimed).add(identity)
         # Flows in conntrack may still name ids freed just before a restart: hand out new ids after theirs.
         for fam in ("4", "6"):
             for _, value in self.writer.items(f"ct{fam}"):
@@ -252,8 +288,84 @@ class Reconciler:
             plan = _Plan(self)
             plan.remove(address)
             ops += self._apply(ServiceKey("", "(orphan)"), plan)
+        ops += self.settle_unclaimed()
         if self.restored_entries:  # entries from before the restart that no service explains
             ops += self.repair(delete_only=True)
+        return ops
+
+    def settle_unclaimed(self) -> int:
+        """Restored backends the first sync did not reclaim have left every slice: mark gone, or delete (UDP)."""
+        ops = 0
+        for identity in sorted(self.unclaimed):
+            entry = self.backends.get(identity)
+            if entry is None or entry.refs > 0:
+                self.unclaimed.discard(identity)
+                continue
+            _, backends_map, _ = codec.maps_for(identity[0])
+            try:
+                if _keeps_flows(identity[2]):
+                    gone = BackendEntry(entry.id, abi.BACKEND_GONE, entry.node_local)
+                    self.writer.update(backends_map, codec.u32(entry.id), gone.value(identity))
+                    entry.state = abi.BACKEND_GONE
+                    self.gone_backends.add(identity)
+                else:
+                    self.writer.delete(backends_map, codec.u32(entry.id))
+                    self._forget_backend(identity, entry)
+            except MapWriteError:
+                continue  # kept as it is; the next settle tries again
+            self.unclaimed.discard(identity)
+            ops += 1
+        self.ops_applied += ops
+        return ops
+
+    def _forget_backend(self, identity: Address, entry: BackendEntry) -> None:
+        del self.backends[identity]
+        self._backend_by_id.pop(entry.id, None)
+        self.backend_ids.release(entry.id)
+        if not _keeps_flows(identity[2]) and entry.state <= abi.BACKEND_TERMINATING:  # it served until now
+            self.flow_ends.udp_backends[entry.id] = identity
+
+    # ---- flows: what outlives its endpoint, and until when ----
+
+    def take_flow_ends(self) -> FlowEnds:
+        ends, self.flow_ends = self.flow_ends, FlowEnds()
+        return ends
+
+    def lingering(self) -> tuple[set[int], set[int]]:
+        """(backend ids, rev_nat ids) kept only because tracked flows may still name them."""
+        return {self.backends[a].id for a in self.gone_backends}, set(self.lingering_rev_nats)
+
+    def release_unused(self, backend_ids_in_use: set[int], rev_nat_ids_in_use: set[int]) -> int:
+        """Delete the gone backends and removed frontends' rev_nat entries that no tracked flow names any more.
+
+        `*_in_use` are read from conntrack after the state was taken: nothing new can start naming a gone backend or
+        a removed frontend (neither is in any slot or master), so what is unused then stays unused.
+        """
+        ops = 0
+        for identity in sorted(self.gone_backends):
+            entry = self.backends[identity]
+            if entry.id in backend_ids_in_use:
+                continue
+            _, backends_map, _ = codec.maps_for(identity[0])
+            try:
+                self.writer.delete(backends_map, codec.u32(entry.id))
+            except MapWriteError:
+                continue
+            self.gone_backends.discard(identity)
+            self._forget_backend(identity, entry)
+            ops += 1
+        for rev_nat_id, (addr, _) in sorted(self.lingering_rev_nats.items()):
+            if rev_nat_id in rev_nat_ids_in_use:
+                continue
+            _, _, rev_nat_map = codec.maps_for(addr)
+            try:
+                self.writer.delete(rev_nat_map, codec.u32(rev_nat_id))
+            except MapWriteError:
+                continue
+            del self.lingering_rev_nats[rev_nat_id]
+            self.rev_nat_ids.release(rev_nat_id)
+            ops += 1
+        self.ops_applied += ops
         return ops
 
     # ---- drift: compare the maps with what the state says they hold ----
@@ -262,8 +374,10 @@ class Reconciler:
         want: dict[str, dict[bytes, bytes]] = {name: {} for name in _STATE_MAPS}
         for identity, b in self.backends.items():
             _, backends_map, _ = codec.maps_for(identity[0])
-            value = codec.backend_value(*identity, terminating=b.terminating, node_local=b.node_local)
-            want[backends_map][bytes(codec.u32(b.id))] = bytes(value)
+            want[backends_map][bytes(codec.u32(b.id))] = bytes(b.value(identity))
+        for rev_nat_id, (addr, port) in self.lingering_rev_nats.items():
+            _, _, rev_nat_map = codec.maps_for(addr)
+            want[rev_nat_map][bytes(codec.u32(rev_nat_id))] = bytes(codec.rev_nat_value(addr, port))
         for fe in self.frontends.values():
             for op in _Plan.frontend_entries(fe):
                 assert op.value is not None
@@ -381,44 +495,54 @@ class _Plan:
         self.new_backend_ids: dict[int, Address] = {}
         self.ref_delta: dict[Address, int] = {}
         self.new_rev_nat_ids: list[int] = []
+        self.lingering_rev_nats: dict[int, tuple[str, int]] = {}  # removed TCP/SCTP frontends' rev_nat entries
+        self.flow_ends = FlowEnds()
+        self.release_backends: list[MapOp] | None = None  # last of all; computed once the references are known
 
     def ops(self) -> list[MapOp]:
+        if self.release_backends is None:
+            self.release_backends = self._backend_releases()
         return (
             self.make_frontend
             + self.make_backend
             + self.make_slots
             + self.break_slots
             + self.break_frontend
-            + self._backend_deletes()
+            + self.release_backends
         )
 
     # -- backends --
 
     def _backend_id(self, b: Backend) -> int:
-        """The id for `b`, creating or updating its entry when needed."""
+        """The id for `b`, creating or updating its entry (state, locality) when needed."""
         identity = (b.addr, b.port, b.protocol)
         staged = self.new_backends.get(identity)
         if staged is not None:
             return staged.id
+        state = codec.BACKEND_STATES[b.state]
         current = self.rec.backends.get(identity)
-        if current is not None and current.terminating == b.terminating and current.node_local == b.node_local:
+        if current is not None and current.state == state and current.node_local == b.node_local:
             return current.id
-        value = codec.backend_value(b.addr, b.port, b.protocol, terminating=b.terminating, node_local=b.node_local)
         if current is None:
-            entry = BackendEntry(self.rec.backend_ids.allocate(), b.terminating, b.node_local)
+            entry = BackendEntry(self.rec.backend_ids.allocate(), state, b.node_local)
             prev = None
         else:
-            entry = BackendEntry(current.id, b.terminating, b.node_local, current.refs)
-            prev = codec.backend_value(*identity, terminating=current.terminating, node_local=current.node_local)
+            entry = BackendEntry(current.id, state, b.node_local, current.refs)
+            prev = current.value(identity)
+            if not _keeps_flows(b.protocol) and current.state <= abi.BACKEND_TERMINATING < state:
+                self.flow_ends.udp_backends[entry.id] = identity  # it stopped serving: its UDP flows move
         self.new_backends[identity] = entry
         self.new_backend_ids[entry.id] = identity
-        self.make_backend.append(MapOp("backends6" if ":" in b.addr else "backends4", U32(entry.id), value, prev))
+        backends_map = "backends6" if ":" in b.addr else "backends4"
+        self.make_backend.append(MapOp(backends_map, U32(entry.id), entry.value(identity), prev))
         return entry.id
 
     def _identity_of(self, backend_id: int) -> Address | None:
         return self.new_backend_ids.get(backend_id) or self.rec._backend_identity(backend_id)
 
-    def _backend_deletes(self) -> list[MapOp]:
+    def _backend_releases(self) -> list[MapOp]:
+        """Backends no frontend holds any more: TCP/SCTP ones are marked gone (tracked flows may name them), UDP ones
+        deleted."""
         ops = []
         for identity, delta in sorted(self.ref_delta.items()):
             if delta >= 0:
@@ -429,8 +553,12 @@ class _Plan:
             if entry is None or entry.refs + delta > 0:
                 continue
             _, backends_map, _ = codec.maps_for(identity[0])
-            prev = codec.backend_value(*identity, terminating=entry.terminating, node_local=entry.node_local)
-            ops.append(MapOp(backends_map, codec.u32(entry.id), None, prev))
+            prev = entry.value(identity)
+            if _keeps_flows(identity[2]):
+                gone = BackendEntry(entry.id, abi.BACKEND_GONE, entry.node_local).value(identity)
+                ops.append(MapOp(backends_map, codec.u32(entry.id), gone, prev))
+            else:
+                ops.append(MapOp(backends_map, codec.u32(entry.id), None, prev))
         return ops
 
     # -- frontends --
@@ -462,9 +590,10 @@ class _Plan:
             ids = [self._backend_id(b) for b in backends]
             old_slots = old_scopes[scope].slots if scope in old_scopes else []
             new_scopes[scope] = ScopeState(assign_slots(old_slots, ids), flags, f.affinity_timeout)
+        standby = frozenset(self._backend_id(b) for b in f.standby)
 
         fe = AppliedFrontend(
-            f.address, service, f.port_name, str(f.kind), rev_nat_id, new_scopes, frozenset(f.source_ranges)
+            f.address, service, f.port_name, str(f.kind), rev_nat_id, new_scopes, frozenset(f.source_ranges), standby
         )
         self._diff_frontend(services_map, old, fe)
         self.new_frontends[f.address] = fe
@@ -473,9 +602,13 @@ class _Plan:
         old = self.rec.frontends[address]
         services_map, _, rev_nat_map = codec.maps_for(address[0])
         self._diff_frontend(services_map, old, None)
-        self.break_frontend.append(
-            MapOp(rev_nat_map, codec.u32(old.rev_nat_id), None, codec.rev_nat_value(address[0], address[1]))
-        )
+        if _keeps_flows(address[2]):  # replies of its tracked flows are still shown as coming from it
+            self.lingering_rev_nats[old.rev_nat_id] = (address[0], address[1])
+        else:
+            self.break_frontend.append(
+                MapOp(rev_nat_map, codec.u32(old.rev_nat_id), None, codec.rev_nat_value(address[0], address[1]))
+            )
+            self.flow_ends.udp_frontends[old.rev_nat_id] = address
         prev_name = (
             codec.svc_name_value(old.kind, old.service.namespace, old.service.name, old.port_name)
             if old.service is not None
@@ -540,17 +673,16 @@ class _Plan:
         for cidr in sorted(old_ranges - new_ranges):
             self.break_slots.append(MapOp(*codec.src_range_entry(rev_nat_id, cidr), None, abi.U8(1)))
 
-        # Reference counts: one per (frontend, scope) that holds a backend.
-        for s in old_scopes.values():
-            for backend_id in set(s.slots):
-                identity = self._identity_of(backend_id)
-                if identity is not None:
-                    self.ref_delta[identity] = self.ref_delta.get(identity, 0) - 1
-        for s in new_scopes.values():
-            for backend_id in set(s.slots):
-                identity = self._identity_of(backend_id)
-                if identity is not None:
-                    self.ref_delta[identity] = self.ref_delta.get(identity, 0) + 1
+        # Reference counts: one per (frontend, scope) that holds a backend in its slots, one per frontend holding it
+        # standby.
+        old_held = [set(s.slots) for s in old_scopes.values()] + ([old.standby] if old else [])
+        new_held = [set(s.slots) for s in new_scopes.values()] + ([new.standby] if new else [])
+        for held, step in ((old_held, -1), (new_held, 1)):
+            for ids in held:
+                for backend_id in ids:
+                    identity = self._identity_of(backend_id)
+                    if identity is not None:
+                        self.ref_delta[identity] = self.ref_delta.get(identity, 0) + step
 
     @staticmethod
     def frontend_entries(fe: AppliedFrontend) -> list[MapOp]:
@@ -583,19 +715,28 @@ class _Plan:
             entry.refs = current.refs if current else 0
             rec.backends[identity] = entry
             rec._backend_by_id[entry.id] = identity
+            rec.gone_backends.discard(identity)  # back in a slice
+            rec.unclaimed.discard(identity)
+        rec.flow_ends.udp_backends.update(self.flow_ends.udp_backends)
+        rec.flow_ends.udp_frontends.update(self.flow_ends.udp_frontends)
         for identity, delta in self.ref_delta.items():
             held = rec.backends.get(identity)
             if held is None:
                 continue
             held.refs += delta
             if held.refs <= 0:
-                del rec.backends[identity]
-                rec._backend_by_id.pop(held.id, None)
-                rec.backend_ids.release(held.id)
-                rec.removed_backend_ids.append(held.id)
+                held.refs = 0
+                if _keeps_flows(identity[2]):
+                    held.state = abi.BACKEND_GONE
+                    rec.gone_backends.add(identity)
+                else:
+                    rec._forget_backend(identity, held)
         for address in self.removed:
             fe = rec.frontends.pop(address)
-            rec.rev_nat_ids.release(fe.rev_nat_id)
+            if fe.rev_nat_id in self.lingering_rev_nats:
+                rec.lingering_rev_nats[fe.rev_nat_id] = self.lingering_rev_nats[fe.rev_nat_id]
+            else:
+                rec.rev_nat_ids.release(fe.rev_nat_id)
             if fe.service is not None:
                 owned = rec.by_service.get(fe.service)
                 if owned is not None:

@@ -23,12 +23,18 @@ def test_flag_scope_and_state_constants_match() -> None:
         "KPR_SVC_F_EMPTY_DROP": abi.SVC_F_EMPTY_DROP,
         "KPR_BACKEND_ACTIVE": abi.BACKEND_ACTIVE,
         "KPR_BACKEND_TERMINATING": abi.BACKEND_TERMINATING,
+        "KPR_BACKEND_NOT_SERVING": abi.BACKEND_NOT_SERVING,
+        "KPR_BACKEND_GONE": abi.BACKEND_GONE,
         "KPR_BACKEND_F_NODE_LOCAL": abi.BACKEND_F_NODE_LOCAL,
         "KPR_AFFINITY_NETNS": abi.AFFINITY_NETNS,
         "KPR_AFFINITY_ADDR": abi.AFFINITY_ADDR,
         "KPR_CNT_MAX": abi.CNT_MAX,
         "KPR_SOCKET_LB_FULL": abi.SOCKET_LB_FULL,
         "KPR_SOCKET_LB_HOSTNS_ONLY": abi.SOCKET_LB_HOSTNS_ONLY,
+        "KPR_CT_TCP_LIFETIME_S": abi.CT_TCP_LIFETIME_S,
+        "KPR_CT_CLOSING_LIFETIME_S": abi.CT_CLOSING_LIFETIME_S,
+        "KPR_CT_UDP_LIFETIME_S": abi.CT_UDP_LIFETIME_S,
+        "KPR_CT_F_CLOSING": abi.CT_F_CLOSING,
     }
     assert {k: DEFINES[k] for k in expected} == expected
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from kpr.datapath import abi, codec
 from kpr.datapath.writers import FaultyMapWriter, MemoryMapWriter
-from kpr.model.types import Backend, Frontend, FrontendKind, ServiceKey
+from kpr.model.types import Backend, BackendState, Frontend, FrontendKind, ServiceKey
 from kpr.reconcile.reconciler import Reconciler, ServiceSyncError
 from kpr.reconcile.slots import assign_slots
 
@@ -25,12 +25,20 @@ pytestmark = pytest.mark.unit
 SVC = ServiceKey("default", "web")
 
 
-def backends(*last_octets: int, port: int = 8080, local: tuple[int, ...] = ()) -> tuple[Backend, ...]:
-    return tuple(Backend(f"10.244.1.{n}", port, "TCP", node_local=n in local) for n in last_octets)
+def backends(
+    *last_octets: int,
+    port: int = 8080,
+    local: tuple[int, ...] = (),
+    protocol: str = "TCP",
+    state: BackendState = BackendState.ACTIVE,
+) -> tuple[Backend, ...]:
+    return tuple(Backend(f"10.244.1.{n}", port, protocol, node_local=n in local, state=state) for n in last_octets)
 
 
-def frontend(bs: tuple[Backend, ...], *, addr: str = "10.96.0.10", port: int = 80, **kw: object) -> Frontend:
-    return Frontend(SVC, "http", FrontendKind.CLUSTER_IP, addr, port, "TCP", bs, **kw)  # type: ignore[arg-type]
+def frontend(
+    bs: tuple[Backend, ...], *, addr: str = "10.96.0.10", port: int = 80, protocol: str = "TCP", **kw: object
+) -> Frontend:
+    return Frontend(SVC, "http", FrontendKind.CLUSTER_IP, addr, port, protocol, bs, **kw)  # type: ignore[arg-type]
 
 
 def datapath_view(w: MemoryMapWriter) -> dict[tuple[str, int, str, int], frozenset[tuple[str, int, str]] | str]:
@@ -105,6 +113,20 @@ class CheckingWriter(MemoryMapWriter):
         self._check()
 
 
+def map_states(w: MemoryMapWriter) -> dict[tuple[str, int, str], str]:
+    """Every backend entry's address and state name, whatever references it."""
+    out = {}
+    for fam in ("4", "6"):
+        for _, v in w.items(f"backends{fam}"):
+            b = codec.decode_backend(v)
+            out[b.address] = b.state_name
+    return out
+
+
+def assert_maps_empty(w: MemoryMapWriter) -> None:
+    assert all(not t for name, t in w.tables.items() if name != "counters"), "maps must end empty"
+
+
 def run_steps(steps: list[list[Frontend]]) -> tuple[CheckingWriter, Reconciler]:
     w = CheckingWriter()
     rec = Reconciler(w)
@@ -122,7 +144,7 @@ def run_steps(steps: list[list[Frontend]]) -> tuple[CheckingWriter, Reconciler]:
 
 
 def test_scale_up_down_to_zero_and_back_keeps_every_step_consistent() -> None:
-    w, _ = run_steps(
+    w, rec = run_steps(
         [
             [frontend(backends(1))],
             [frontend(backends(1, 2, 3))],
@@ -133,7 +155,11 @@ def test_scale_up_down_to_zero_and_back_keeps_every_step_consistent() -> None:
             [],
         ]
     )
-    assert all(not t for t in w.tables.values() if t is not w.tables["counters"]), "maps must end empty"
+    # TCP backends and the frontend's rev_nat outlive the service while tracked flows may name them...
+    assert set(map_states(w).values()) == {"gone"} and len(w.tables["rev_nat4"]) == 1
+    assert not w.tables["services4"] and not w.tables["svc_names"]
+    rec.release_unused(set(), set())  # ...and go once none does
+    assert_maps_empty(w)
 
 
 def test_one_endpoint_change_costs_constant_operations_whatever_the_service_size() -> None:
@@ -212,8 +238,10 @@ def test_backend_shared_by_two_services_lives_until_the_last_one_lets_go() -> No
     rec.sync_service(other, [Frontend(other, "", FrontendKind.CLUSTER_IP, "10.96.0.11", 80, "TCP", shared)])
     assert len(w.tables["backends4"]) == 1
     rec.remove_service(SVC)
-    assert len(w.tables["backends4"]) == 1
+    assert map_states(w) == {shared[0].identity: "active"}
     rec.remove_service(other)
+    assert map_states(w) == {shared[0].identity: "gone"}
+    rec.release_unused(set(), set())
     assert not w.tables["backends4"]
 
 
@@ -293,7 +321,7 @@ def test_prune_removes_services_gone_while_the_agent_was_down_and_garbage() -> N
     first.sync_service(SVC, [frontend(backends(1))])
     first.sync_service(gone, [Frontend(gone, "", FrontendKind.CLUSTER_IP, "10.96.0.99", 53, "UDP", backends(9))])
     w.update(
-        "backends4", codec.u32(4242), codec.backend_value("10.9.9.9", 1, "TCP", terminating=False, node_local=False)
+        "backends4", codec.u32(4242), codec.backend_value("10.9.9.9", 1, "UDP", state=0, node_local=False)
     )  # garbage
     second = Reconciler(w)
     second.restore()
@@ -333,16 +361,28 @@ def test_assign_slots_keeps_survivors_in_place(old: list[int], new: list[int]) -
             assert b in slots  # a survivor only moves when compacting a hole
 
 
-def test_restore_drops_a_backend_no_slot_names_and_prune_deletes_it() -> None:
+def test_a_restored_backend_no_slot_names_is_reclaimed_by_the_first_sync_or_treated_as_left() -> None:
     w = MemoryMapWriter()
-    Reconciler(w).sync_service(SVC, [frontend(backends(1))])
-    stray = codec.backend_value("10.244.1.99", 8080, "TCP", terminating=False, node_local=False)
-    w.update("backends4", codec.u32(99), stray)  # as if an agent died between a slot delete and the backend delete
+    terminating = backends(2, state=BackendState.TERMINATING)
+    Reconciler(w).sync_service(SVC, [frontend(backends(1), standby=terminating)])
+    draining_id = next(int(k.value) for k, v in w.items("backends4") if v.state == abi.BACKEND_TERMINATING)
+    stray_tcp = codec.backend_value("10.244.1.99", 8080, "TCP", state=abi.BACKEND_ACTIVE, node_local=False)
+    stray_udp = codec.backend_value("10.244.1.98", 53, "UDP", state=abi.BACKEND_ACTIVE, node_local=False)
+    w.update("backends4", codec.u32(99), stray_tcp)  # as if an agent died between a slot delete and the release
+    w.update("backends4", codec.u32(98), stray_udp)
     second = Reconciler(w)
     second.restore()
-    assert ("10.244.1.99", 8080, "TCP") not in second.backends
-    assert second.prune([SVC]) == 1
-    assert len(w.tables["backends4"]) == 1 and all(v == (0, 0, 0) for v in second.drift().values())
+    # Standby entries have no map entry naming them: they are kept until the first sync reclaims them, same id.
+    assert second.backends[terminating[0].identity].id == draining_id
+    assert second.sync_service(SVC, [frontend(backends(1), standby=terminating)]).ops == 0
+    assert second.prune([SVC]) == 2  # the TCP stray marked gone (its flows may live), the UDP one deleted
+    assert map_states(w) == {
+        ("10.244.1.1", 8080, "TCP"): "active",
+        ("10.244.1.2", 8080, "TCP"): "terminating",
+        ("10.244.1.99", 8080, "TCP"): "gone",
+    }
+    assert second.take_flow_ends().udp_backends == {98: ("10.244.1.98", 53, "UDP")}
+    assert all(v == (0, 0, 0) for v in second.drift().values())
 
 
 def test_ids_named_by_conntrack_are_not_handed_out_again_right_after_a_restart() -> None:
@@ -355,3 +395,152 @@ def test_ids_named_by_conntrack_are_not_handed_out_again_right_after_a_restart()
     second.restore()
     second.sync_service(SVC, [frontend(backends(1, 7))])
     assert second.backends[("10.244.1.7", 8080, "TCP")].id > 3
+
+
+# ---- connection lifecycle: what outlives an endpoint's usability ----
+
+TERMINATING, NOT_SERVING = BackendState.TERMINATING, BackendState.NOT_SERVING
+
+
+def ids_by_address(w: MemoryMapWriter) -> dict[tuple[str, int, str], int]:
+    return {codec.decode_backend(v).address: int(k.value) for k, v in w.items("backends4")}
+
+
+def test_a_rollout_keeps_each_endpoint_under_one_id_from_ready_to_gone() -> None:
+    two = backends(2)[0].identity
+    w, rec = run_steps([[frontend(backends(1, 2, 3))]])
+    first_id = ids_by_address(w)[two]
+    steps = [
+        (backends(2, state=TERMINATING), "terminating", 4),  # state, then slot moved, master shrunk, slot deleted
+        (backends(2, state=NOT_SERVING), "not-serving", 1),
+        ((), "gone", 1),  # left the slice: kept for tracked TCP flows
+        (backends(2, state=TERMINATING), "terminating", 1),  # back in a slice (a label put back): the same id again
+    ]
+    for standby, state, cost in steps:
+        before = w.ops
+        rec.sync_service(SVC, [frontend(backends(1, 3), standby=standby)])
+        assert map_states(w)[two] == state and ids_by_address(w)[two] == first_id
+        assert w.ops - before == cost, state
+        assert datapath_view(w)[("10.96.0.10", 80, "TCP", 0)] == frozenset(b.identity for b in backends(1, 3))
+    before = w.ops
+    rec.sync_service(SVC, [frontend(backends(1, 2, 3))])  # ready again: active, in a slot
+    assert map_states(w)[two] == "active" and ids_by_address(w)[two] == first_id and w.ops - before == 3
+    assert not rec.take_flow_ends()  # TCP: nothing to end
+
+
+def test_udp_backends_that_stop_serving_or_leave_and_udp_frontends_that_go_are_reported() -> None:
+    w = MemoryMapWriter()
+    rec = Reconciler(w)
+    udp = backends(1, 2, port=53, protocol="UDP")
+    dns = frontend(udp, port=53, protocol="UDP")
+    rec.sync_service(SVC, [dns])
+    one, two = (ids_by_address(w)[b.identity] for b in udp)
+
+    def step(*fes: Frontend) -> tuple[dict[int, tuple[str, int, str]], dict[int, tuple[str, int, str]]]:
+        rec.sync_service(SVC, list(fes))
+        ends = rec.take_flow_ends()
+        return ends.udp_backends, ends.udp_frontends
+
+    shrunk = frontend(udp[:1], port=53, protocol="UDP", standby=backends(2, port=53, protocol="UDP", state=TERMINATING))
+    assert step(shrunk) == ({}, {})  # terminating but serving: its UDP flows stay
+    stopped = frontend(
+        udp[:1], port=53, protocol="UDP", standby=backends(2, port=53, protocol="UDP", state=NOT_SERVING)
+    )
+    assert step(stopped) == ({two: udp[1].identity}, {})  # stopped serving: its flows must move
+    assert step(frontend(udp[:1], port=53, protocol="UDP")) == ({}, {})  # left, but it no longer served
+    assert udp[1].identity not in map_states(w)  # UDP: deleted at once
+    web = frontend(backends(7))
+    rev_nat_dns = rec.frontends[dns.address].rev_nat_id
+    assert step(web) == ({one: udp[0].identity}, {rev_nat_dns: dns.address})  # the UDP frontend went, with its backend
+    assert set(w.tables["rev_nat4"]) == {bytes(codec.u32(rec.frontends[web.address].rev_nat_id))}
+
+
+def test_a_removed_tcp_frontend_keeps_its_rev_nat_until_no_flow_names_it() -> None:
+    w = MemoryMapWriter()
+    rec = Reconciler(w)
+    a, b = frontend(backends(1)), frontend(backends(1), port=81)
+    rec.sync_service(SVC, [a, b])
+    b_id = rec.frontends[b.address].rev_nat_id
+    rec.sync_service(SVC, [a])
+    assert rec.lingering() == (set(), {b_id}) and len(w.tables["rev_nat4"]) == 2
+    assert rec.release_unused(set(), {b_id}) == 0  # a tracked flow still shows replies as coming from it
+    assert rec.release_unused(set(), set()) == 1
+    assert rec.lingering() == (set(), set()) and len(w.tables["rev_nat4"]) == 1
+    assert all(v == (0, 0, 0) for v in rec.drift().values())
+
+
+def test_release_unused_deletes_only_gone_backends_no_flow_names() -> None:
+    w, rec = run_steps([[frontend(backends(1, 2, 3))], [frontend(backends(1))]])
+    ids = ids_by_address(w)
+    two, three = ids[backends(2)[0].identity], ids[backends(3)[0].identity]
+    assert rec.lingering() == ({two, three}, set())
+    assert rec.release_unused({two, 12345}, set()) == 1
+    assert set(ids_by_address(w).values()) == {ids[backends(1)[0].identity], two}
+    assert rec.release_unused(set(), set()) == 1
+    assert rec.lingering() == (set(), set())
+    assert all(v == (0, 0, 0) for v in rec.drift().values())
+
+
+def test_a_restart_keeps_draining_gone_and_lingering_entries_exactly() -> None:
+    w = MemoryMapWriter()
+    first = Reconciler(w)
+    desired = [frontend(backends(1, 3), standby=backends(2, state=TERMINATING))]
+    first.sync_service(SVC, [frontend(backends(1, 2, 3, 4)), frontend(backends(1), port=81)])
+    first.sync_service(SVC, desired)  # 2 terminating, 4 gone, port 81's frontend removed
+    snapshot = {name: dict(t) for name, t in w.tables.items()}
+    second = Reconciler(w)
+    second.restore()
+    assert second.lingering() == first.lingering()
+    assert second.sync_service(SVC, desired).ops == 0
+    assert second.prune([SVC]) == 0  # nothing deleted: tracked flows keep their backends through the restart
+    assert w.tables == snapshot
+    assert all(v == (0, 0, 0) for v in second.drift().values())
+    assert second.release_unused(set(), set()) == 2
+
+
+STATUSES = st.sampled_from(("ready", "ready", "terminating", "not-serving", "absent"))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(STATUSES, min_size=6, max_size=6), min_size=1, max_size=8), st.sampled_from(("TCP", "UDP")))
+def test_flows_keep_their_backend_until_released_and_udp_ends_are_reported(
+    steps: list[list[str]], protocol: str
+) -> None:
+    """Any rollout-like sequence: make before break at every write; a TCP backend id once handed out names the same
+    address until release_unused; every UDP backend that stops serving or leaves is reported exactly then."""
+    states = {"ready": BackendState.ACTIVE, "terminating": TERMINATING, "not-serving": NOT_SERVING}
+
+    def desired(statuses: list[str]) -> list[Frontend]:
+        by_status = {s: [n + 1 for n, got in enumerate(statuses) if got == s] for s in states}
+        standby = tuple(
+            b
+            for s in ("terminating", "not-serving")
+            for b in backends(*by_status[s], protocol=protocol, state=states[s])
+        )
+        return [frontend(backends(*by_status["ready"], protocol=protocol), protocol=protocol, standby=standby)]
+
+    run_steps([desired(s) for s in steps])
+    # run_steps checked make before break; replay once more watching ids and reported ends step by step
+    w2 = MemoryMapWriter()
+    rec2 = Reconciler(w2)
+    named: dict[int, tuple[str, int, str]] = {}
+    previous = ["absent"] * 6
+    for statuses in steps:
+        rec2.sync_service(SVC, desired(statuses))
+        now = ids_by_address(w2)
+        inverse = {i: a for a, i in now.items()}
+        ends = rec2.take_flow_ends().udp_backends
+        for n, (was, is_) in enumerate(zip(previous, statuses, strict=True)):
+            address = (f"10.244.1.{n + 1}", 8080, protocol)
+            stopped = was in ("ready", "terminating") and is_ in ("not-serving", "absent")
+            if protocol == "UDP":
+                assert (address in ends.values()) == stopped, (n, was, is_, ends)
+        if protocol == "TCP":
+            for backend_id, address in named.items():
+                assert inverse.get(backend_id) == address, "a tracked flow's backend changed or vanished"
+            named.update(inverse)
+        previous = statuses
+    gone = {i for a, i in ids_by_address(w2).items() if map_states(w2)[a] == "gone"}
+    keep = set(sorted(gone)[: len(gone) // 2])
+    rec2.release_unused(keep, set())
+    assert {i for a, i in ids_by_address(w2).items() if map_states(w2)[a] == "gone"} == keep
