@@ -33,6 +33,7 @@ class Explanation:
     candidates: list[str] = field(default_factory=list)
     affinity_timeout: int = 0
     steps: list[str] = field(default_factory=list)
+    draining: list[str] = field(default_factory=list)  # backends outside the slots still carrying tracked flows
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,7 +55,28 @@ def parse_destination(text: str) -> tuple[str, int, str]:
     return addr, int(port), proto
 
 
-def explain(rows: list[FrontendRow], source: str, destination: str, *, external: bool = False) -> Explanation:
+def explain(
+    rows: list[FrontendRow],
+    source: str,
+    destination: str,
+    *,
+    external: bool = False,
+    draining: dict[str, list[str]] | None = None,
+) -> Explanation:
+    """`draining` (kpr.datapath.inspect.draining_flows) names the backends outside the slots that tracked flows of
+    each frontend still use; the explanation mentions them."""
+    ex = _explain(rows, source, destination, external)
+    held = (draining or {}).get(ex.destination)
+    if held and ex.verdict != "not-a-frontend":
+        ex.draining = held
+        ex.steps.append(
+            "Flows already tracked on backends that take no new flows stay on them until they end, as kube-proxy's "
+            "conntrack keeps them (UDP ones only while the backend serves): " + ", ".join(held) + "."
+        )
+    return ex
+
+
+def _explain(rows: list[FrontendRow], source: str, destination: str, external: bool) -> Explanation:
     addr, port, proto = parse_destination(destination)
     try:
         src = str(ipaddress.ip_address(source))

@@ -261,11 +261,13 @@ def services(
 @output_option
 @click.option("--address", default=None, help="Only backends on this address.")
 def backends(bpffs_dir: Path, output: str, address: str | None) -> None:
-    """Every backend in the maps with its state and the frontends that use it.
+    """Every backend in the maps with its state, its tracked (tc) flows and the frontends whose slots use it.
 
     \b
-    ID  BACKEND               STATE   LOCAL  USED BY
-    1   10.244.1.11:8080/TCP  active  yes    default/web 10.96.0.10:80/TCP
+    ID  BACKEND               STATE        LOCAL  FLOWS  USED BY
+    1   10.244.1.11:8080/TCP  active       yes    4      default/web 10.96.0.10:80/TCP
+    2   10.244.1.12:8080/TCP  terminating  yes    2      (standby: no new flows)
+    3   10.244.2.13:8080/TCP  gone         no     1      (gone: kept while its flows last)
     """
     from kpr.cli.render import backends_table
     from kpr.datapath.inspect import read_backends
@@ -297,11 +299,12 @@ def explain(bpffs_dir: Path, output: str, external: bool, source: str, destinati
     """
     from kpr.cli.explain import BadTarget, explanation_text
     from kpr.cli.explain import explain as explain_flow
-    from kpr.datapath.inspect import read_services
+    from kpr.datapath.inspect import read_draining_flows, read_services
 
     rows = _read_maps(bpffs_dir, read_services)
+    draining = _read_maps(bpffs_dir, read_draining_flows)
     try:
-        result = explain_flow(rows, source, destination, external=external)
+        result = explain_flow(rows, source, destination, external=external, draining=draining)
     except BadTarget as e:
         raise click.BadParameter(str(e)) from e
     click.echo(json.dumps(result.as_dict(), indent=2) if output == "json" else explanation_text(result))

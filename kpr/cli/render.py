@@ -49,13 +49,20 @@ def services_table(frontends: Sequence[FrontendRow]) -> str:
 
 
 def backends_table(backends: Sequence[BackendListing]) -> str:
+    """One line per backend; one in no slot is standby (new flows avoid it, tracked ones stay) or gone (kept while
+    its tracked flows last)."""
+
+    def used_by(b: BackendListing) -> str:
+        if b.frontends:
+            return ", ".join(b.frontends)
+        return "(gone: kept while its flows last)" if b.state == "gone" else "(standby: no new flows)"
+
     rows = [
-        [str(b.id), b.address, b.state, "yes" if b.node_local else "no", ", ".join(b.frontends) or "(none)"]
-        for b in backends
+        [str(b.id), b.address, b.state, "yes" if b.node_local else "no", str(b.flows), used_by(b)] for b in backends
     ]
     if not rows:
         return "no backends programmed"
-    return table(["ID", "BACKEND", "STATE", "LOCAL", "USED BY"], rows)
+    return table(["ID", "BACKEND", "STATE", "LOCAL", "FLOWS", "USED BY"], rows)
 
 
 def conntrack_table(flows: Sequence[FlowRow]) -> str:
@@ -125,6 +132,13 @@ def status_text(s: dict[str, Any], now: float, verbose: bool = False) -> str:
         else:
             row("Last sync", "not yet (waiting for the first list of every kind)")
         row("Programmed", ", ".join(_count(agent[k], k[:-1]) for k in ("services", "frontends", "backends")))
+        sweep = agent.get("last_socket_sweep")
+        if sweep:
+            row(
+                "Socket sweep",
+                f"{_ago(now - sweep['time'])} ago: {sweep['destroyed']} connected UDP socket(s) of ended backends "
+                f"destroyed in {sweep['namespaces']} namespace(s), {sweep['seconds'] * 1000:.1f} ms",
+            )
     hooks = len(s["programs"])
     total = hooks + len(s["missing_hooks"])
     mode = "full" if hooks and not s["missing_hooks"] else ("partial" if hooks else "off")
@@ -140,6 +154,14 @@ def status_text(s: dict[str, Any], now: float, verbose: bool = False) -> str:
         f"bpf_set_retval {_yes(k['bpf_set_retval'])}, batch map ops {_yes(k['batch_map_ops'])}, "
         f"headers for BCC {_yes(k['kernel_headers_for_bcc'])}",
     )
+    states = s.get("backends") or {}
+    if states:
+        row(
+            "Backends",
+            f"{states.get('active', 0)} active, {states.get('terminating', 0)} terminating, "
+            f"{states.get('not-serving', 0)} not serving, {states.get('gone', 0)} gone (kept for their flows); "
+            f"{states.get('flows_off_slots', 0)} tracked flow(s) on backends that take no new ones",
+        )
     if s["maps"]:
         lines.append(f"Maps ({s['bpffs_dir']}):")
         for m in s["maps"]:
@@ -158,7 +180,8 @@ def status_text(s: dict[str, Any], now: float, verbose: bool = False) -> str:
                 "tc path",
                 f"new flows {c.get('tc_ct_new', 0)}, to backends {c.get('tc_dnat', 0)}, "
                 f"replies {c.get('tc_revnat', 0)}, masqueraded {c.get('tc_snat', 0)}, "
-                f"resets {c.get('tc_reject_tcp', 0)}, unreachables {c.get('tc_reject_udp', 0)}, "
+                f"resets {c.get('tc_reject_tcp', 0)} ({c.get('tc_reset_untracked', 0)} of untracked segments), "
+                f"unreachables {c.get('tc_reject_udp', 0)}, flows re-picked {c.get('tc_ct_stale', 0)}, "
                 f"dropped: no local backend {c.get('tc_drop_no_local', 0)}, "
                 f"source range {c.get('tc_drop_source_range', 0)}, no route {c.get('tc_drop_fib', 0)}",
             )

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kpr.datapath import abi, bpfsys
-from kpr.datapath.inspect import read_counters
+from kpr.datapath.inspect import backends_from, read_counters
 from kpr.datapath.loader import (
     BPF_FS_MAGIC,
     CGROUP2_SUPER_MAGIC,
@@ -23,6 +23,7 @@ from kpr.datapath.loader import (
     attached_programs,
     fs_magic,
 )
+from kpr.datapath.writers import PinnedMapWriter
 
 FULL_WARNING = 0.9  # a map this full is flagged
 
@@ -48,6 +49,7 @@ class Status:
     programs: list[dict[str, Any]] = field(default_factory=list)
     missing_hooks: list[str] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
+    backends: dict[str, int] = field(default_factory=dict)  # per state, plus "flows_off_slots" (tc flows draining)
     kernel: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -76,6 +78,20 @@ def map_fill(bpffs_dir: Path) -> list[MapFill]:
         with bpfsys.Map(str(bpffs_dir / name), spec.key, spec.value) as m:
             fills.append(MapFill(name, len(m.items()), m.info.max_entries))
     return fills
+
+
+def backend_states(bpffs_dir: Path) -> dict[str, int]:
+    """How many backends are in each state, and how many tracked flows sit on backends new flows no longer use."""
+    writer = PinnedMapWriter(bpffs_dir)
+    try:
+        listing = backends_from(writer)
+    finally:
+        writer.close()
+    counts = dict.fromkeys(abi.BACKEND_STATE_NAMES.values(), 0)
+    for b in listing:
+        counts[b.state] = counts.get(b.state, 0) + 1
+    counts["flows_off_slots"] = sum(b.flows for b in listing if not b.frontends)
+    return counts
 
 
 def kernel_facts(bpffs_dir: Path, cgroup: Path) -> dict[str, Any]:
@@ -107,6 +123,8 @@ def collect(bpffs_dir: Path, cgroup: Path, agent_address: str) -> Status:
     if bpffs_dir.exists():
         status.maps = map_fill(bpffs_dir)
         status.counters = read_counters(bpffs_dir)
+        if {m.name for m in status.maps} >= {"backends4", "ct4"}:
+            status.backends = backend_states(bpffs_dir)
     else:
         status.warnings.append(f"{bpffs_dir} does not exist: kpr has not run here (or was cleaned up)")
     if cgroup.exists():

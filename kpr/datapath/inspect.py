@@ -9,6 +9,7 @@ from typing import Any
 
 from kpr.datapath import abi, codec
 from kpr.datapath.bpfsys import BpfError, Map
+from kpr.datapath.flows import ct_expired
 from kpr.datapath.writers import MapWriter, PinnedMapWriter
 from kpr.model.types import PROTOCOL_NAMES
 
@@ -101,7 +102,7 @@ def services_from(writer: MapWriter) -> list[FrontendRow]:
                         BackendRow(
                             s.backend_id,
                             fmt_address(b.addr, b.port, b.protocol),
-                            "terminating" if b.terminating else "active",
+                            b.state_name,
                             b.node_local,
                         )
                     )
@@ -136,41 +137,64 @@ def read_counters(bpffs_dir: Path) -> dict[str, int]:
 class BackendListing:
     id: int
     address: str
-    state: str
+    state: str  # active | terminating | not-serving | gone
     node_local: bool
     frontends: list[str]  # "ns/name:port frontend" of every frontend with a slot on it
+    flows: int = 0  # live tc-path flows on it
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def read_backends(bpffs_dir: Path) -> list[BackendListing]:
-    """Every backend entry, with the frontends whose slots point at it (none: garbage the agent will prune)."""
+    """Every backend entry, with the frontends whose slots point at it and the tc flows still on it.
+
+    A backend in no slot is standby (terminating, not ready, or not for this node's policy or zone: flows already on
+    it keep it) or gone (in no EndpointSlice any more, kept while tracked TCP flows use it).
+    """
+    writer = PinnedMapWriter(bpffs_dir)
+    try:
+        return backends_from(writer)
+    finally:
+        writer.close()
+
+
+def backends_from(writer: MapWriter, now_ns: int | None = None) -> list[BackendListing]:
     users: dict[int, list[str]] = {}
-    for row in read_services(bpffs_dir):
+    for row in services_from(writer):
         for scope in row.scopes:
             for b in scope.backends:
                 label = f"{row.service} {row.frontend}"
                 if label not in users.setdefault(b.id, []):
                     users[b.id].append(label)
-    writer = PinnedMapWriter(bpffs_dir, ["backends4", "backends6"])
-    try:
-        out = []
-        for fam in ("4", "6"):
-            for k, v in writer.items(f"backends{fam}"):
-                decoded = codec.decode_backend(v)
-                out.append(
-                    BackendListing(
-                        int(k.value),
-                        fmt_address(decoded.addr, decoded.port, decoded.protocol),
-                        "terminating" if decoded.terminating else "active",
-                        decoded.node_local,
-                        users.get(int(k.value), []),
-                    )
+    flows = flows_per_backend(writer, now_ns)
+    out = []
+    for fam in ("4", "6"):
+        for k, v in writer.items(f"backends{fam}"):
+            decoded = codec.decode_backend(v)
+            backend_id = int(k.value)
+            out.append(
+                BackendListing(
+                    backend_id,
+                    fmt_address(decoded.addr, decoded.port, decoded.protocol),
+                    decoded.state_name,
+                    decoded.node_local,
+                    users.get(backend_id, []),
+                    flows.get(backend_id, 0),
                 )
-        return sorted(out, key=lambda listing: listing.id)
-    finally:
-        writer.close()
+            )
+    return sorted(out, key=lambda listing: listing.id)
+
+
+def flows_per_backend(writer: MapWriter, now_ns: int | None = None) -> dict[int, int]:
+    """Live tc-path flows (their original-direction entries) per backend id."""
+    now = time.monotonic_ns() if now_ns is None else now_ns
+    counts: dict[int, int] = {}
+    for name in ("ct4", "ct6"):
+        for key, value in writer.items(name):
+            if key.dir == abi.CT_ORIGINAL and not ct_expired(value, key.proto, now):
+                counts[value.backend_id] = counts.get(value.backend_id, 0) + 1
+    return counts
 
 
 def filter_services(
@@ -248,3 +272,38 @@ def read_conntrack(bpffs_dir: Path) -> list[FlowRow]:
         return sorted(rows, key=lambda r: (r.idle_seconds, r.protocol, r.source))
     finally:
         writer.close()
+
+
+def read_draining_flows(bpffs_dir: Path) -> dict[str, list[str]]:
+    writer = PinnedMapWriter(bpffs_dir)
+    try:
+        return draining_flows(writer)
+    finally:
+        writer.close()
+
+
+def draining_flows(writer: MapWriter, now_ns: int | None = None) -> dict[str, list[str]]:
+    """Per frontend ("addr:port/PROTO"), the backends outside its slots that live tc flows still use, in words:
+    "10.244.1.12:8080/TCP (terminating): 3 flows"."""
+    now = time.monotonic_ns() if now_ns is None else now_ns
+    in_slots = {(r.rev_nat_id, b.id) for r in services_from(writer) for s in r.scopes for b in s.backends}
+    out: dict[str, list[str]] = {}
+    for fam in ("4", "6"):
+        frontends = {int(k.value): codec.decode_rev_nat(v) for k, v in writer.items(f"rev_nat{fam}")}
+        backends = {int(k.value): codec.decode_backend(v) for k, v in writer.items(f"backends{fam}")}
+        counts: dict[tuple[int, int, int], int] = {}
+        for key, value in writer.items(f"ct{fam}"):
+            if key.dir != abi.CT_ORIGINAL or ct_expired(value, key.proto, now):
+                continue
+            if (value.rev_nat_id, value.backend_id) not in in_slots:
+                flow = (value.rev_nat_id, value.backend_id, key.proto)
+                counts[flow] = counts.get(flow, 0) + 1
+        for (rev_nat_id, backend_id, proto), n in sorted(counts.items()):
+            protocol = PROTOCOL_NAMES.get(proto, str(proto))
+            fe = frontends.get(rev_nat_id)
+            be = backends.get(backend_id)
+            if fe is None:
+                continue
+            label = f"{fmt_address(be.addr, be.port, be.protocol)} ({be.state_name})" if be else f"(id {backend_id})"
+            out.setdefault(fmt_address(fe[0], fe[1], protocol), []).append(f"{label}: {n} flow{'s' * (n != 1)}")
+    return out

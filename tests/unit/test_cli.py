@@ -8,9 +8,10 @@ from click.testing import CliRunner
 from kpr.cli.explain import BadTarget, explain, explanation_text, parse_destination
 from kpr.cli.main import main
 from kpr.cli.render import backends_table, services_table, status_text
-from kpr.datapath.inspect import filter_services, services_from
+from kpr.datapath import abi, codec
+from kpr.datapath.inspect import BackendListing, backends_from, draining_flows, filter_services, services_from
 from kpr.datapath.writers import MemoryMapWriter
-from kpr.model.types import Backend, Frontend, FrontendKind, ServiceKey
+from kpr.model.types import Backend, BackendState, Frontend, FrontendKind, ServiceKey
 from kpr.reconcile.reconciler import Reconciler
 
 pytestmark = pytest.mark.unit
@@ -18,8 +19,8 @@ pytestmark = pytest.mark.unit
 WEB, LOCAL, EMPTY = ServiceKey("default", "web"), ServiceKey("shop", "local"), ServiceKey("default", "empty")
 
 
-def b(last: int, port: int = 8080, local: bool = True, terminating: bool = False) -> Backend:
-    return Backend(f"10.244.1.{last}", port, "TCP", node_local=local, terminating=terminating)
+def b(last: int, port: int = 8080, local: bool = True, state: BackendState = BackendState.ACTIVE) -> Backend:
+    return Backend(f"10.244.1.{last}", port, "TCP", node_local=local, state=state)
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def maps() -> MemoryMapWriter:
                 "10.96.0.10",
                 80,
                 "TCP",
-                (b(11), b(12, terminating=True)),
+                (b(11), b(12, state=BackendState.TERMINATING)),
                 affinity_timeout=600,
             ),
             Frontend(
@@ -97,25 +98,70 @@ def test_filters(maps: MemoryMapWriter) -> None:
     assert filter_services(rows, service="nope") == []
 
 
-def test_backends_table(maps: MemoryMapWriter) -> None:
-    from kpr.datapath.inspect import BackendListing
-
+def test_backends_table() -> None:
     text = backends_table(
         [
-            BackendListing(1, "10.244.1.11:8080/TCP", "active", True, ["default/web 10.96.0.10:80/TCP"]),
-            BackendListing(2, "10.244.1.99:80/TCP", "active", False, []),
+            BackendListing(1, "10.244.1.11:8080/TCP", "active", True, ["default/web 10.96.0.10:80/TCP"], 4),
+            BackendListing(2, "10.244.1.12:8080/TCP", "terminating", True, [], 2),
+            BackendListing(3, "10.244.2.13:80/TCP", "gone", False, [], 1),
         ]
     )
-    assert text.splitlines()[1].split() == [
-        "1",
-        "10.244.1.11:8080/TCP",
-        "active",
-        "yes",
-        "default/web",
-        "10.96.0.10:80/TCP",
-    ]
-    assert text.splitlines()[2].endswith("(none)")
+    lines = text.splitlines()
+    assert lines[0].split() == ["ID", "BACKEND", "STATE", "LOCAL", "FLOWS", "USED", "BY"]
+    assert lines[1].split() == ["1", "10.244.1.11:8080/TCP", "active", "yes", "4", "default/web", "10.96.0.10:80/TCP"]
+    assert lines[2].split()[2:5] == ["terminating", "yes", "2"] and lines[2].endswith("(standby: no new flows)")
+    assert lines[3].split()[2:5] == ["gone", "no", "1"] and lines[3].endswith("(gone: kept while its flows last)")
     assert backends_table([]) == "no backends programmed"
+
+
+def _track(
+    w: MemoryMapWriter, rec: Reconciler, client_port: int, frontend: tuple[str, int, str], backend: Backend
+) -> None:
+    """A tc-path flow as bpf/tc.c records it: the original-direction entry naming the frontend and the backend."""
+    key = abi.CtKey4(
+        src=abi.be32_of_ipv4("192.0.2.7"),
+        dst=abi.be32_of_ipv4(frontend[0]),
+        sport=abi.be16_of_port(client_port),
+        dport=abi.be16_of_port(frontend[1]),
+        proto=6,
+        dir=abi.CT_ORIGINAL,
+    )
+    value = abi.CtValue4(
+        last_seen_ns=10**18,  # far in the future of any test clock: live
+        backend_id=rec.backends[backend.identity].id,
+        rev_nat_id=rec.frontends[frontend].rev_nat_id,
+    )
+    w.update("ct4", key, value)
+
+
+def test_backends_and_explain_show_the_flows_left_on_terminating_and_gone_backends() -> None:
+    w = MemoryMapWriter()
+    rec = Reconciler(w)
+    np = ServiceKey("default", "np")
+    web = (b(11), b(12), b(13))
+
+    def fe(backends: tuple[Backend, ...], standby: tuple[Backend, ...] = ()) -> Frontend:
+        return Frontend(np, "", FrontendKind.NODE_PORT, "172.16.0.1", 30080, "TCP", backends, standby=standby)
+
+    rec.sync_service(np, [fe(web)])
+    address = ("172.16.0.1", 30080, "TCP")
+    for port, backend in ((40001, web[0]), (40002, web[1]), (40003, web[1]), (40004, web[2])):
+        _track(w, rec, port, address, backend)
+    rec.sync_service(np, [fe(web[:1], standby=(b(12, state=BackendState.TERMINATING),))])  # 12 draining, 13 gone
+    listing = {x.address: (x.state, x.flows, x.frontends) for x in backends_from(w, now_ns=0)}
+    assert listing == {
+        "10.244.1.11:8080/TCP": ("active", 1, ["default/np 172.16.0.1:30080/TCP"]),
+        "10.244.1.12:8080/TCP": ("terminating", 2, []),
+        "10.244.1.13:8080/TCP": ("gone", 1, []),
+    }
+    draining = draining_flows(w, now_ns=0)
+    assert draining == {
+        "172.16.0.1:30080/TCP": ["10.244.1.12:8080/TCP (terminating): 2 flows", "10.244.1.13:8080/TCP (gone): 1 flow"]
+    }
+    ex = explain(services_from(w), "192.0.2.9", "172.16.0.1:30080/TCP", external=True, draining=draining)
+    assert ex.candidates == ["10.244.1.11:8080/TCP"] and ex.draining == draining["172.16.0.1:30080/TCP"]
+    assert "stay on them until they end" in explanation_text(ex)
+    assert codec.decode_backend(next(v for _, v in w.items("backends4") if v.state == abi.BACKEND_GONE)).port == 8080
 
 
 @pytest.mark.parametrize(
@@ -198,6 +244,7 @@ STATUS = {
         "services": 12,
         "frontends": 24,
         "backends": 36,
+        "last_socket_sweep": {"time": 1170.0, "candidates": 3, "namespaces": 7, "destroyed": 2, "seconds": 0.0123},
         "recent_errors": [{"time": 1100.0, "error": "Service shop/x: spec.ports[0].port 0 is out of range"}],
     },
     "agent_error": "",
@@ -209,6 +256,7 @@ STATUS = {
     ],
     "programs": [{"hook": "connect4", "id": 7, "name": "kpr_connect4"}],
     "missing_hooks": ["connect6"],
+    "backends": {"active": 30, "terminating": 4, "not-serving": 1, "gone": 1, "flows_off_slots": 9},
     "counters": {
         "xlate_fwd": 900,
         "xlate_rev": 880,
@@ -239,9 +287,12 @@ Agent:        healthy (pid 42, node node1, up 3m00s)
 Source:       kubernetes-api (in-cluster); Service watching at rv 812
 Last sync:    5s ago, took 2.1 ms; 0 queued, 0 failing
 Programmed:   12 services, 24 frontends, 36 backends
+Socket sweep: 10s ago: 2 connected UDP socket(s) of ended backends destroyed in 7 namespace(s), 12.3 ms
 Socket LB:    partial: 1/2 hooks attached to /sys/fs/cgroup
 North-south:  not configured
 Kernel:       6.18.0; BTF yes, bpffs yes, cgroup2 yes, bpf_set_retval yes, batch map ops yes, headers for BCC yes
+Backends:     30 active, 4 terminating, 1 not serving, 1 gone (kept for their flows); 9 tracked flow(s) on backends \
+that take no new ones
 Maps (/sys/fs/bpf/kpr):
   services4             60 / 327680     0.0%
   affinity           61000 / 65536     93.1%  <- over 90%
