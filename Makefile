@@ -11,7 +11,8 @@ help:
 	@echo "make test   - set up, then lint and run the unit, datapath and agent tests"
 	@echo "make unit   - the tests that need no root"
 	@echo "make lint   - ruff and mypy"
-	@echo "make bench  - kpr vs kube-proxy iptables/nftables vs the pod IP, writes docs/benchmarks/ (BENCH_ARGS=--quick)"
+	@echo "make bench  - kpr vs kube-proxy iptables/nftables vs the pod IP, and the UDP socket sweep at 10k sockets;"
+	@echo "              writes docs/benchmarks/ (BENCH_ARGS=--quick)"
 	@echo "make clean  - remove the venv and any lab left behind by a killed run"
 
 setup:
@@ -33,6 +34,7 @@ lint: setup
 bench: setup
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
 	$(PY) bench/run.py $(BENCH_ARGS)
+	$(PY) bench/socket_sweep.py
 
 clean:
 	-[ -x $(PY) ] && $(PY) -c 'from kpr.lab import sweep_stale; sweep_stale()'

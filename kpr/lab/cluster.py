@@ -22,7 +22,9 @@ from typing import Any, TypeVar
 
 import yaml
 
-from kpr.lab.topology import CLIENT_PATH, Lab, Node, Pod
+from kpr.lab.topology import CLIENT_PATH, Lab, Node, Pod, Where
+
+HOLDER_PATH = Path(__file__).with_name("holder.py")
 
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
@@ -78,6 +80,16 @@ def endpoint(
     }
 
 
+# The conditions the EndpointSlice controller writes as a pod goes through its life (KEP-1672).
+POD_CONDITIONS: dict[str, dict[str, bool]] = {
+    "starting": {"ready": False, "serving": False, "terminating": False},  # not ready yet
+    "ready": {"ready": True, "serving": True, "terminating": False},
+    "unready": {"ready": False, "serving": False, "terminating": False},  # failing its readiness probe
+    "terminating": {"ready": False, "serving": True, "terminating": True},  # deleted, still answering probes
+    "stopping": {"ready": False, "serving": False, "terminating": True},  # deleted, no longer answering
+}
+
+
 def endpoint_slice(
     service_name: str,
     endpoints: Sequence[dict[str, Any]],
@@ -104,6 +116,15 @@ def endpoint_slice(
 
 def pod_endpoints(pods: Iterable[Pod], family: int = 4, **conditions: Any) -> list[dict[str, Any]]:
     return [endpoint(p.ipv4 if family == 4 else p.ipv6, p.node, **conditions) for p in pods]
+
+
+def pods_in_states(pods: dict[Pod, str], family: int = 4) -> list[dict[str, Any]]:
+    """Endpoints of pods in the named states of POD_CONDITIONS ("gone" pods are left out, as the controller does)."""
+    return [
+        endpoint(p.ipv4 if family == 4 else p.ipv6, p.node, **POD_CONDITIONS[state])
+        for p, state in pods.items()
+        if state != "gone"
+    ]
 
 
 def write_manifest(directory: Path, filename: str, objects: Sequence[dict[str, Any]]) -> Path:
@@ -172,6 +193,36 @@ def start_client_loop(
 def finish_client_loop(loop: subprocess.Popen[str], timeout: float = 120) -> dict[str, Any]:
     out, _ = loop.communicate(timeout=timeout)
     return json.loads(out)
+
+
+def start_holder(
+    lab: Lab,
+    where: Where,
+    *,
+    tcp: tuple[str, int] | None = None,
+    connections: int = 4,
+    udp: tuple[str, int] | None = None,
+    interval: float = 0.05,
+    timeout: float = 1.0,
+) -> subprocess.Popen[str]:
+    """kpr.lab.holder in the background, once it has started; finish_holder() stops it and reads what it saw."""
+    argv = [sys.executable, "-I", "-S", str(HOLDER_PATH), "--interval", str(interval), "--timeout", str(timeout)]
+    if tcp:
+        argv += ["--tcp", tcp[0], str(tcp[1]), "--connections", str(connections)]
+    if udp:
+        argv += ["--udp", udp[0], str(udp[1])]
+    proc = lab.spawn(where, argv, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "holding":
+        raise RuntimeError(f"holder did not start: exit {proc.wait()}")
+    return proc
+
+
+def finish_holder(proc: subprocess.Popen[str], timeout: float = 30) -> dict[str, Any]:
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=timeout)
+    result: dict[str, Any] = json.loads(out)
+    return result
 
 
 def listen_in(netns: str, host: str = "127.0.0.1", port: int = 0) -> socket.socket:

@@ -1,11 +1,14 @@
 """A tiny dual-stack echo server for lab pods: it answers every connection and datagram with its own name.
 
-    python -m kpr.lab.echo --name pod-a --tcp 8080 --udp 8080
+    python -m kpr.lab.echo --name pod-a --tcp 8080 --udp 8080 --stream 9000
 
 TCP: on accept it sends one line "{name} {peer_ip} {peer_port}\\n", then shuts the connection down (the server closes
-first, so TIME_WAIT stays on the server and a fast client does not run out of ports). UDP: every datagram gets the same
-line back, sent from the address the datagram was addressed to. IPv4 peers of the dual-stack sockets are printed as
-plain IPv4. "ready" is printed (flushed) once every socket listens; SIGTERM and SIGINT exit cleanly with status 0.
+first, so TIME_WAIT stays on the server and a fast client does not run out of ports). Stream (TCP): the connection
+stays open and every line received is answered with "{name} {line}\\n", for clients that hold connections for long.
+UDP: every datagram gets the "{name} {peer_ip} {peer_port}" line back, sent from the address the datagram was
+addressed to. IPv4 peers of the dual-stack sockets are printed as plain IPv4. "ready" is printed (flushed) once every
+socket listens; SIGTERM and SIGINT close every connection (a FIN, as an application shutting down cleanly does) and
+exit with status 0.
 
 Standard library only and no imports from the rest of kpr: it starts in a few milliseconds and runs by file path.
 """
@@ -82,6 +85,45 @@ def _serve_tcp(name: str, listener: socket.socket) -> None:
             conn.close()
 
 
+def _accept_streams(name: str, listener: socket.socket, selector: selectors.BaseSelector) -> None:
+    while True:
+        try:
+            conn, _addr = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return
+        conn.setblocking(False)
+        selector.register(conn, selectors.EVENT_READ, _Stream(name, conn, selector))
+
+
+class _Stream:
+    """One held connection: answers each complete line with "{name} {line}"."""
+
+    def __init__(self, name: str, conn: socket.socket, selector: selectors.BaseSelector) -> None:
+        self.name, self.conn, self.selector, self.pending = name, conn, selector, b""
+
+    def __call__(self, _name: str, _sock: socket.socket) -> None:
+        try:
+            data = self.conn.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.selector.unregister(self.conn)
+            self.conn.close()
+            return
+        self.pending += data
+        *lines, self.pending = self.pending.split(b"\n")
+        try:
+            for line in lines:
+                self.conn.sendall(self.name.encode() + b" " + line + b"\n")
+        except OSError:
+            self.selector.unregister(self.conn)
+            self.conn.close()
+
+
 def _serve_udp(name: str, sock: socket.socket) -> None:
     while True:
         try:
@@ -110,9 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True, help="the name every reply starts with")
     parser.add_argument("--tcp", type=int, action="append", default=[], metavar="PORT", help="TCP port (repeatable)")
     parser.add_argument("--udp", type=int, action="append", default=[], metavar="PORT", help="UDP port (repeatable)")
+    parser.add_argument(
+        "--stream", type=int, action="append", default=[], metavar="PORT", help="TCP port held open (repeatable)"
+    )
     args = parser.parse_args(argv)
-    if not args.tcp and not args.udp:
-        parser.error("give at least one --tcp or --udp port")
+    if not args.tcp and not args.udp and not args.stream:
+        parser.error("give at least one --tcp, --udp or --stream port")
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
@@ -127,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
             sock = _udp_socket(port)
             sockets.append(sock)
             selector.register(sock, selectors.EVENT_READ, _serve_udp)
+        for port in dict.fromkeys(args.stream):
+            sock = _tcp_listener(port)
+            sockets.append(sock)
+            selector.register(
+                sock, selectors.EVENT_READ, lambda name, listener: _accept_streams(name, listener, selector)
+            )
         sys.stdout.write("ready\n")
         sys.stdout.flush()
         while True:
@@ -135,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     except _Stop:
         return 0
     finally:
+        for key in list(selector.get_map().values()):
+            if isinstance(key.data, _Stream):
+                key.data.conn.close()  # held connections end with a FIN
         selector.close()
         for sock in sockets:
             sock.close()

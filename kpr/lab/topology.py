@@ -559,6 +559,7 @@ class Lab:
         *,
         tcp_ports: Sequence[int] = (8080,),
         udp_ports: Sequence[int] = (8080,),
+        stream_ports: Sequence[int] = (),
         echo: bool = True,
     ) -> Pod:
         """A pod namespace on the node's cni0 bridge, with an echo server answering as `name` unless echo=False."""
@@ -583,7 +584,7 @@ class Lab:
             try:
                 self._wire_pod(the_node, pod)
                 if echo:
-                    self.start_echo(pod, tcp_ports=tcp_ports, udp_ports=udp_ports)
+                    self.start_echo(pod, tcp_ports=tcp_ports, udp_ports=udp_ports, stream_ports=stream_ports)
             except BaseException:
                 with contextlib.suppress(Exception):
                     self.remove_pod(name)
@@ -717,6 +718,7 @@ class Lab:
         *,
         tcp_ports: Sequence[int] = (8080,),
         udp_ports: Sequence[int] = (8080,),
+        stream_ports: Sequence[int] = (),
         timeout: float = 10.0,
     ) -> subprocess.Popen[Any]:
         """Start kpr.lab.echo in a node, pod or external and return once it listens on every port."""
@@ -727,6 +729,8 @@ class Lab:
             argv += ["--tcp", str(port)]
         for port in udp_ports:
             argv += ["--udp", str(port)]
+        for port in stream_ports:
+            argv += ["--stream", str(port)]
         log_path = self.run_dir / f"echo-{owner}-{name}.log"
         with open(log_path, "ab") as log:
             proc = self._spawn(where, argv, internal=True, stdout=subprocess.PIPE, stderr=log)
