@@ -21,13 +21,11 @@ Nothing is left attached when ADD fails.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
 import re
 import sys
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +46,6 @@ ERR_INVALID_CONFIG = 7
 ERR_TRY_AGAIN_LATER = 11
 ERR_KPR = 999  # anything else: the message says what
 
-CLONE_NEWNET = 0x40000000
 _CONTAINER_ID_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
 _NETWORK_NAME_RE = _CONTAINER_ID_RE
 _IFNAMSIZ = 16
@@ -157,25 +154,9 @@ class _ContainerSide:
 
 def _in_netns(ns_fd: int, fn: Callable[[], T]) -> T:
     """Run fn() in a short-lived thread that has joined the network namespace `ns_fd` (setns is per thread)."""
-    results: list[T] = []
-    errors: list[BaseException] = []
+    from kpr.datapath import netns
 
-    def target() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.setns(ns_fd, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err))
-            results.append(fn())
-        except BaseException as e:
-            errors.append(e)
-
-    thread = threading.Thread(target=target, name="kpr-cni-netns", daemon=True)
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return results[0]
+    return netns.run_in(ns_fd, fn, name="kpr-cni-netns")
 
 
 def _kind(link: Any) -> str | None:

@@ -15,7 +15,6 @@ CRI-O's pod sandboxes).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import ipaddress
 import os
@@ -27,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kpr.datapath import abi, codec
+from kpr.datapath import abi, codec, netns
 from kpr.datapath.writers import MapWriter
 
 NETLINK_SOCK_DIAG = 4
@@ -39,7 +38,6 @@ NLM_F_DUMP = 0x300
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 TCP_ESTABLISHED = 1  # a connected UDP socket's state
-CLONE_NEWNET = 0x40000000
 NETNS_DIRS = (Path("/run/netns"), Path("/var/run/netns"))
 
 _NLMSG = struct.Struct("=IHHII")  # struct nlmsghdr
@@ -130,21 +128,17 @@ def destroy_connected_udp(wanted: dict[int, Target], namespaces: Iterable[str], 
     paths = list(namespaces)
 
     def sweep() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
         remaining = dict(wanted)
         for path in paths:
             if not remaining or time.monotonic() - started > timeout:
                 break
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                continue  # gone meanwhile
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    result.errors.append(f"setns {path}: {os.strerror(ctypes.get_errno())}")
-                    continue
-            finally:
-                os.close(fd)
+                netns.join(path)
+            except FileNotFoundError:
+                continue  # the namespace went away meanwhile
+            except OSError as e:
+                result.errors.append(str(e))
+                continue
             result.namespaces += 1
             try:
                 result.destroyed += _sweep_namespace(remaining)

@@ -6,7 +6,6 @@ watches. `LabAgent` runs the real `kpr agent` process inside a lab node's networ
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -14,7 +13,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -22,12 +20,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from kpr.datapath import netns
 from kpr.lab.topology import CLIENT_PATH, Lab, Node, Pod, Where
 
 HOLDER_PATH = Path(__file__).with_name("holder.py")
 
 T = TypeVar("T")
-CLONE_NEWNET = 0x40000000
 
 # (name, port, targetPort, protocol) or with a nodePort as fifth element
 Port = tuple[str, int, int | str, str] | tuple[str, int, int | str, str, int]
@@ -225,38 +223,21 @@ def finish_holder(proc: subprocess.Popen[str], timeout: float = 30) -> dict[str,
     return result
 
 
-def listen_in(netns: str, host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+def listen_in(netns_name: str, host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     """A listening TCP socket that lives in a lab namespace, for an in-process server the lab's agents can reach.
 
     A socket belongs to the namespace it was created in, so a short-lived thread enters the namespace (setns only
     affects the calling thread), makes the socket and ends; this process and the host network are untouched.
     """
-    made: list[socket.socket] = []
-    errors: list[BaseException] = []
 
-    def create() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns into {netns}")
-            finally:
-                os.close(fd)
-            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(128)
-            made.append(sock)
-        except BaseException as e:
-            errors.append(e)
+    def create() -> socket.socket:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        return sock
 
-    thread = threading.Thread(target=create, name=f"netns-{netns}")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return made[0]
+    return netns.run_in(f"/run/netns/{netns_name}", create, name=f"netns-{netns_name}")
 
 
 class LabAgent:

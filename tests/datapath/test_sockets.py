@@ -3,17 +3,14 @@ and SOCK_DESTROY ends exactly the ones kpr's sock_rev_nat entries name, connecte
 
 from __future__ import annotations
 
-import ctypes
-import os
 import socket
 import struct
-import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import pytest
 
-from kpr.datapath import abi, sockets
+from kpr.datapath import abi, netns, sockets
 from kpr.datapath.writers import MemoryMapWriter
 from kpr.lab import Lab
 from kpr.lab.topology import Pod
@@ -26,28 +23,8 @@ T = TypeVar("T")
 
 
 def in_netns(pod: Pod, make: Callable[[], T]) -> T:
-    """Run make() in a thread that joined the pod's network namespace (sockets stay in the namespace they are made)."""
-    out: list[T] = []
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            fd = os.open(f"/run/netns/{pod.netns}", os.O_RDONLY)
-            try:
-                if ctypes.CDLL(None, use_errno=True).setns(fd, sockets.CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-            finally:
-                os.close(fd)
-            out.append(make())
-        except BaseException as e:
-            errors.append(e)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return out[0]
+    """make() in the pod's network namespace (sockets stay in the namespace they are made in)."""
+    return netns.run_in(f"/run/netns/{pod.netns}", make)
 
 
 def connected(family: int, peer: tuple[str, int], v6only: bool = True) -> socket.socket:
