@@ -120,7 +120,9 @@ def status_text(s: dict[str, Any], now: float, verbose: bool = False) -> str:
         watches = source.get("watches")
         if watches:
             text += "; " + ", ".join(
-                f"{kind} {w['state']} at rv {w['resource_version'] or '-'}" for kind, w in watches.items()
+                f"{kind} {w['state']} at rv {w['resource_version'] or '-'}"
+                + (f" ({w['problem']})" if w.get("problem") else "")
+                for kind, w in watches.items()
             )
         row("Source", text)
         if agent["last_sync"]:

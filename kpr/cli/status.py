@@ -140,6 +140,12 @@ def collect(bpffs_dir: Path, cgroup: Path, agent_address: str) -> Status:
         status.warnings.append(f"socket hooks without a kpr program: {', '.join(status.missing_hooks)}")
     if agent is not None and not agent.get("healthy"):
         status.warnings.append(f"agent unhealthy: {agent.get('health')}")
+    for kind, watch in ((agent or {}).get("source", {}).get("watches") or {}).items():
+        if watch.get("state") == "forbidden":
+            status.warnings.append(
+                f"the API server refuses to let kpr list {kind}s ({watch.get('problem')}); "
+                "bind deploy/clusterrole.yaml to the agent's ServiceAccount"
+            )
     if agent is None and status.maps:
         status.warnings.append("the agent does not answer; the maps keep serving what they hold")
     for name, value in status.counters.items():

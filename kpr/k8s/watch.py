@@ -107,7 +107,8 @@ class Reflector:
         self.watch_timeout = watch_timeout
         self.resource_version = ""  # "" means: list first
         self.log = log.get("kpr.k8s").bind(kind=resource.kind)
-        self.state = "starting"  # starting | listing | watching | backoff
+        self.state = "starting"  # starting | listing | watching | backoff | forbidden
+        self.problem = ""  # why the last attempt failed, for `kpr status`
         self.lists = 0
         self.watches = 0
         self.last_event = 0.0
@@ -124,6 +125,7 @@ class Reflector:
                     self.relist()
                 self.watch()
                 self._failures = 0
+                self.problem = ""
             except Expired as e:
                 self.log.info("resourceVersion expired; relisting", detail=str(e))
                 self.resource_version = ""
@@ -157,6 +159,7 @@ class Reflector:
             if not token:
                 break
         self.lists += 1
+        self.problem = ""
         self.resource_version = version
         self.out.put(Replace(self.resource.kind, tuple(objects), frozenset(invalid)))
         self.log.info("listed", objects=len(objects), resource_version=version)
@@ -244,6 +247,9 @@ class Reflector:
         if isinstance(e, ApiException) and e.status == 410:
             self.resource_version = ""
             return
+        if isinstance(e, ApiException) and e.status in (401, 403):
+            self._denied(e)
+            return
         delay = BACKOFF[min(self._failures, len(BACKOFF) - 1)] * random.uniform(0.8, 1.2)
         retry_after = _retry_after(e)
         if retry_after is not None:
@@ -258,7 +264,34 @@ class Reflector:
             resource_version=self.resource_version,
         )
         self.out.put(SourceError(self.resource.kind, f"{reason}: {str(e)[:200]}", "watch_failed"))
+        self.problem = f"{reason}: {str(e)[:200]}"
         self.stop.wait(delay)
+
+    def _denied(self, e: Any) -> None:
+        """401/403: retrying soon will not help, and the operator must hear exactly what is missing."""
+        message = _status_message(e) or str(e.reason)
+        first = self.state != "forbidden"
+        self.state = "forbidden"
+        self.problem = f"HTTP {e.status}: {message}"
+        if first:  # once per episode: the retries below would repeat it every 30 s
+            self.log.error(
+                "the API server refuses this agent: kpr cannot program anything until it is allowed",
+                status=e.status,
+                detail=message,
+                hint="the agent needs list and watch on services, endpointslices.discovery.k8s.io and nodes "
+                "(deploy/clusterrole.yaml, bound to its ServiceAccount)",
+            )
+            self.out.put(SourceError(self.resource.kind, self.problem, "forbidden"))
+        self._failures += 1
+        self.stop.wait(BACKOFF[min(self._failures, len(BACKOFF) - 1)])
+
+
+def _status_message(e: Any) -> str:
+    """The message of the metav1.Status an API error carries (\"... is forbidden: User ... cannot list ...\")."""
+    try:
+        return str(orjson.loads(e.body).get("message") or "")
+    except (orjson.JSONDecodeError, TypeError, AttributeError):
+        return ""
 
 
 def _lines(response: Any) -> Iterator[bytes]:
@@ -303,6 +336,7 @@ class ApiSource:
         return {
             r.resource.kind: {
                 "state": r.state,
+                "problem": r.problem,
                 "resource_version": r.resource_version,
                 "lists": r.lists,
                 "watches": r.watches,
