@@ -3,12 +3,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test unit lint bench clean
+.PHONY: help setup k8s demo test unit lint bench clean
 
 help:
 	@echo "make demo   - set up, then load balance a Service in the lab namespaces and show kpr services"
 	@echo "make demo MODE=chaining - the same with the client pod chained by kpr-cni (per-packet LB at its veth)"
-	@echo "make test   - set up, then lint and run the unit, datapath and agent tests"
+	@echo "make demo MODE=kubernetes - kpr on the real Kubernetes control plane: kubectl, a Deployment, a rollout"
+	@echo "make test   - set up, then lint and run every tier (unit, datapath, agent, real Kubernetes)"
+	@echo "make k8s    - build the pinned Kubernetes release's binaries into .cache/k8s/bin (once; then cached)"
 	@echo "make unit   - the tests that need no root"
 	@echo "make lint   - ruff and mypy"
 	@echo "make bench  - kpr vs kube-proxy iptables/nftables vs the pod IP, and the UDP socket sweep at 10k sockets;"
@@ -18,10 +20,14 @@ help:
 setup:
 	@bash scripts/setup.sh all
 
-demo: setup
+# The real Kubernetes components for the lab (go build from the module proxy; a no-op once cached).
+k8s:
+	@bash scripts/k8s-build.sh
+
+demo: setup $(if $(filter kubernetes,$(MODE)),k8s)
 	$(PY) -m kpr.lab.demo $(if $(MODE),--mode $(MODE))
 
-test: setup lint
+test: setup k8s lint
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
 unit: setup

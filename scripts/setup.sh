@@ -8,6 +8,7 @@ PACKAGES=(
   python3-bpfcc libbpfcc bpftool   # BCC from Debian: the PyPI package named "bcc" is an unrelated project
   linux-headers-amd64              # BCC compiles against kernel headers (see the link below)
   iproute2 iptables nftables conntrack socat
+  openssl                          # the real-Kubernetes lab: certificates for its control plane
   containernetworking-plugins      # the reference CNI plugins, the "existing plugin" in chaining tests
   python3-venv
   ruby shellcheck                  # tests/unit/test_deploy.py: `ruby -c Vagrantfile`, shellcheck on vagrant/*.sh
