@@ -109,11 +109,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--mode",
-        choices=["socket", "chaining"],
+        choices=["socket", "chaining", "kubernetes"],
         default="socket",
-        help="chaining: --socket-lb=hostns-only and the client pod chained by kpr-cni",
+        help="chaining: --socket-lb=hostns-only and the client pod chained by kpr-cni; kubernetes: the real "
+        "control plane (make k8s builds it), kubectl, a Deployment and a rollout",
     )
-    chaining = parser.parse_args().mode == "chaining"
+    mode = parser.parse_args().mode
+    if mode == "kubernetes":
+        from kpr.lab import demo_kubernetes
+
+        return demo_kubernetes.main()
+    chaining = mode == "chaining"
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kpr-demo-") as tmp, Lab() as lab:
         manifests = Path(tmp)
