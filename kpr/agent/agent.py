@@ -32,7 +32,7 @@ from kpr.datapath import sockets
 from kpr.datapath.flows import scan_flows
 from kpr.datapath.loader import default_route_devices, load_and_attach_isolated
 from kpr.datapath.writers import MapWriteError, MapWriter, PinnedMapWriter
-from kpr.model.translate import local_ready_endpoints, needs_health_check, translate
+from kpr.model.translate import local_ready_endpoints, needs_health_check, node_eligible, translate
 from kpr.model.types import EndpointSliceSpec, NodeInfo, ServiceKey, ServiceSpec
 from kpr.reconcile.reconciler import FlowEnds, Reconciler, ServiceSyncError
 from kpr.sources.events import KINDS, Event, Replace, SourceError, Upsert
@@ -303,8 +303,8 @@ class Agent:
         if spec is None or not needs_health_check(spec):
             self.health_checks.remove(key)
             return
-        count = local_ready_endpoints(spec, self.store.slices_of(key), self.store.node)
-        error = self.health_checks.set(key, spec.health_check_node_port, count)
+        counts = local_ready_endpoints(spec, self.store.slices_of(key), self.store.node)
+        error = self.health_checks.set(key, spec.health_check_node_port, counts)
         if error:
             self.metrics.sync_errors.labels(reason="health_check_port").inc()
             self._remember_error(f"{key}: {error}")
@@ -418,6 +418,9 @@ class Agent:
         if failing:
             return False, f"{len(failing)} service(s) failing to program for more than {limit:.0f}s"
         return True, "ok"
+
+    def node_eligible(self) -> bool:
+        return node_eligible(self.store.node)
 
     def alive(self) -> bool:
         return time.monotonic() - self.loop_beat < max(10.0, 2 * self.config.sync_period)

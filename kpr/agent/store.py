@@ -57,11 +57,9 @@ class Store:
         return {old.service_key}
 
     def set_node(self, node: NodeInfo) -> set[ServiceKey]:
-        """A node change (zone, addresses) can change every service's frontends."""
-        if node == self.node:
-            return set()
-        self.node = node
-        return set(self.services)
+        """A node change (zone, addresses) can change every service's frontends; its health facts change none."""
+        old, self.node = self.node, node
+        return set() if old.translation_facts() == node.translation_facts() else set(self.services)
 
     def replace_services(
         self, services: Iterable[ServiceSpec], keep: frozenset[tuple[str, str]] = frozenset()

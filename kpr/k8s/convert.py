@@ -434,9 +434,12 @@ def node_from_dict(d: Mapping[str, Any], nodeport_address_filter: Sequence[str] 
         cidrs = parse_cidrs(nodeport_address_filter, "nodeport address filter", "cidrs")
         networks = [ipaddress.ip_network(cidr) for cidr in cidrs]
         addresses = [a for a in addresses if any(ipaddress.ip_address(a) in net for net in networks)]
+    taints = tuple(str(_map(t).get("key") or "") for t in _seq(_map(d.get("spec")).get("taints")))
     return NodeInfo(
         name=name,
         zone=labels.get(ZONE_LABEL, ""),
         nodeport_addresses=_unique(addresses),
         labels=labels,
+        being_deleted=bool(meta.get("deletionTimestamp")),
+        taints=tuple(t for t in taints if t),
     )

@@ -44,6 +44,7 @@ __all__ = [
     "local_ready_endpoints",
     "merge_endpoints",
     "needs_health_check",
+    "node_eligible",
     "topology_mode_from_hints",
     "translate",
 ]
@@ -350,16 +351,18 @@ def needs_health_check(service: ServiceSpec) -> bool:
     )
 
 
-def local_ready_endpoints(service: ServiceSpec, slices: Iterable[EndpointSliceSpec], node: NodeInfo) -> int:
-    """healthCheckNodePort's localEndpoints: mirrors EndpointsMap.LocalReadyEndpoints.
+def local_ready_endpoints(
+    service: ServiceSpec, slices: Iterable[EndpointSliceSpec], node: NodeInfo
+) -> dict[str, int]:
+    """healthCheckNodePort's localEndpoints per IP family of the service: mirrors EndpointsMap.LocalReadyEndpoints.
 
     The distinct addresses of ready endpoints on this node, over every service port (kube-proxy squashes by IP: a pod
     serving two ports is one endpoint). Terminating and not-ready ones never count, so a node whose last local
-    endpoint terminates answers 503 and the load balancer drains it. kube-proxy runs one proxier per IP family; a
-    dual-stack pod has an address in each, so the larger family count is the one a single health server reports.
+    endpoint terminates answers 503 and the load balancer drains it. kube-proxy runs one proxier, with its own health
+    server, per IP family: a probe over IPv4 reports the IPv4 endpoints, one over IPv6 the IPv6 ones.
     """
     slices_by_family = _service_slices(service, slices)
-    counts = [0]
+    counts = {}
     for family in _service_families(service):
         addresses = {
             c.addr
@@ -367,8 +370,18 @@ def local_ready_endpoints(service: ServiceSpec, slices: Iterable[EndpointSliceSp
             for c in merge_endpoints(slices_by_family[family], port, family, node.name)
             if c.is_local and c.ready
         }
-        counts.append(len(addresses))
-    return max(counts)
+        counts[family] = len(addresses)
+    return counts
+
+
+TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
+
+
+def node_eligible(node: NodeInfo) -> bool:
+    """Mirrors ProxyHealthServer.NodeEligible: a node being deleted, or that the cluster autoscaler is about to delete,
+    fails /healthz so load balancers stop sending it new connections. A node kpr has no Node object for (the manifests
+    source without one) counts as eligible; kube-proxy always has one."""
+    return not node.being_deleted and TO_BE_DELETED_TAINT not in node.taints
 
 
 def frontends_by_address(frontends: Iterable[Frontend]) -> dict[tuple[str, int, str], Frontend]:

@@ -101,6 +101,12 @@ class NodeInfo:
     zone: str = ""  # the topology.kubernetes.io/zone label
     nodeport_addresses: tuple[str, ...] = ()  # the node addresses NodePort frontends listen on
     labels: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    being_deleted: bool = False  # metadata.deletionTimestamp is set
+    taints: tuple[str, ...] = ()  # spec.taints[].key
+
+    def translation_facts(self) -> tuple[str, str, tuple[str, ...]]:
+        """What translate() reads of the node: a change elsewhere (taints, deletion) re-programs nothing."""
+        return (self.name, self.zone, self.nodeport_addresses)
 
 
 class BackendState(StrEnum):

@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from kpr.agent import http
+from kpr.datapath import netns
 from kpr.datapath.loader import attached_programs
 from kpr.lab import Lab
 from kpr.lab.cluster import LabAgent, endpoint_slice, pod_endpoints, service, wait_until, write_manifest
@@ -22,7 +25,7 @@ pytestmark = pytest.mark.datapath
 GET = """
 import json, sys, urllib.request, urllib.error
 try:
-    r = urllib.request.urlopen(sys.argv[1], timeout=5)
+    r = urllib.request.urlopen(urllib.request.Request(sys.argv[1], method=sys.argv[2]), timeout=5)
     status, headers, body = r.status, dict(r.headers), r.read().decode()
 except urllib.error.HTTPError as e:
     status, headers, body = e.code, dict(e.headers), e.read().decode()
@@ -30,9 +33,9 @@ print(json.dumps({"status": status, "headers": headers, "body": body}))
 """
 
 
-def http_get(lab: Lab, node: Node, url: str) -> dict[str, Any]:
-    """GET from inside the node's namespace, where the agent listens."""
-    return json.loads(lab.run(node, [sys.executable, "-c", GET, url]).stdout)  # type: ignore[no-any-return]
+def http_get(lab: Lab, node: Node, url: str, method: str = "GET") -> dict[str, Any]:
+    """A request from inside the node's namespace, where the agent listens."""
+    return json.loads(lab.run(node, [sys.executable, "-c", GET, url, method]).stdout)  # type: ignore[no-any-return]
 
 
 @pytest.fixture
@@ -91,7 +94,10 @@ def test_health_and_metrics_endpoints_follow_changes(running: tuple[Lab, LabAgen
     health = http_get(lab, node, "http://127.0.0.1:10256/healthz")
     assert health["status"] == 200
     body = json.loads(health["body"])
-    assert set(body) == {"lastUpdated", "currentTime", "nodeEligible"} and body["lastUpdated"].endswith("Z")
+    # kube-proxy v1.37's ProxyHealth
+    assert set(body) == {"lastUpdated", "currentTime", "nodeEligible", "healthy", "status"}
+    assert body["lastUpdated"].endswith("Z") and body["nodeEligible"] is True and body["healthy"] is True
+    assert set(body["status"]) == {"IPv4", "IPv6"}
     assert http_get(lab, node, "http://127.0.0.1:10256/livez")["status"] == 200
     assert http_get(lab, node, "http://127.0.0.1:10249/proxyMode")["body"] == "kpr"
 
@@ -228,3 +234,52 @@ def test_cleanup_kube_proxy_keep_kpr_switches_a_node_while_the_agent_serves(
     assert lab.client(lab.pods["client"], "tcp", "10.96.5.10", 80, count=20)["ok"] == 20
     usage = agent.kpr("cleanup", "--keep-kpr", check=False)
     assert usage.returncode != 0 and "--keep-kpr goes with --kube-proxy" in usage.stderr
+
+
+def node_manifest(name: str, **metadata: Any) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, **metadata}, "spec": {}}
+
+
+def test_healthz_as_kube_proxy_answers_it_any_method_over_both_families_and_when_the_node_goes(
+    running: tuple[Lab, LabAgent, Path],
+) -> None:
+    """kube-proxy (>= 1.28): /healthz fails with nodeEligible false for a node being deleted or tainted by the cluster
+    autoscaler, so load balancers drain it; Go's server answers every method and its 0.0.0.0 listens on IPv6 too."""
+    lab, agent, manifests = running
+    node = agent.node
+    for url in ("http://127.0.0.1:10256/healthz", "http://[::1]:10256/healthz", f"http://[{node.ipv6}]:10256/livez"):
+        assert http_get(lab, node, url)["status"] == 200, url
+    # an IPv6 or wildcard --metrics-bind-address serves both families too (the same listener code, in this namespace)
+    registry = CollectorRegistry()
+    for address, port in (("[::]", 10349), ("0.0.0.0", 10350), ("[::1]", 10351)):
+        server = netns.run_in(
+            f"/run/netns/{node.netns}",
+            lambda a=address, p=port: http.serve(f"{a}:{p}", http.metrics_routes(registry), "m"),
+        )
+        try:
+            urls = [f"http://[::1]:{port}/proxyMode"] + (
+                [f"http://127.0.0.1:{port}/proxyMode"] if address != "[::1]" else []
+            )
+            assert all(http_get(lab, node, url)["body"] == "kpr" for url in urls), address
+        finally:
+            server.shutdown()
+            server.server_close()
+    head = http_get(lab, node, "http://127.0.0.1:10256/healthz", "HEAD")
+    assert head["status"] == 200 and head["body"] == "" and int(head["headers"]["Content-Length"]) > 0
+    assert http_get(lab, node, "http://127.0.0.1:10256/healthz", "OPTIONS")["status"] == 200
+    assert http_get(lab, node, "http://127.0.0.1:10256/healthz/", "GET")["status"] == 404
+
+    for label, obj in (
+        ("deleted", node_manifest(node.name, deletionTimestamp="2026-12-05T10:00:00Z")),
+        ("tainted", {**node_manifest(node.name), "spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler"}]}}),
+    ):
+        write_manifest(manifests, "node.yaml", [obj])
+        drained = wait_until(
+            lambda: (r := http_get(lab, node, "http://127.0.0.1:10256/healthz"))["status"] == 503 and r,
+            10,
+            f"/healthz to fail for a {label} node",
+        )
+        assert json.loads(drained["body"])["nodeEligible"] is False
+        assert http_get(lab, node, "http://127.0.0.1:10256/livez")["status"] == 200  # alive all the same
+        write_manifest(manifests, "node.yaml", [node_manifest(node.name)])
+        wait_until(lambda: http_get(lab, node, "http://127.0.0.1:10256/healthz")["status"] == 200, 10, "eligible again")

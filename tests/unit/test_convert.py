@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
+from kpr.agent.store import Store
 from kpr.k8s.convert import (
     InvalidObject,
     endpoint_slice_from_dict,
@@ -16,7 +17,7 @@ from kpr.k8s.convert import (
     parse_trigger_time,
     service_from_dict,
 )
-from kpr.model.types import Endpoint, EndpointPort, ServiceKey, ServicePort
+from kpr.model.types import Endpoint, EndpointPort, NodeInfo, ServiceKey, ServicePort, ServiceSpec
 
 pytestmark = pytest.mark.unit
 
@@ -391,6 +392,25 @@ def test_node_address_filter() -> None:
 def test_node_without_zone_or_addresses() -> None:
     node = node_from_dict({"metadata": {"name": "bare", "labels": None}, "status": None})
     assert (node.name, node.zone, node.nodeport_addresses) == ("bare", "", ())
+    assert (node.being_deleted, node.taints) == (False, ())
+
+
+def test_node_deletion_and_taints_are_kept_for_the_health_check() -> None:
+    node = node_from_dict(
+        {
+            "metadata": {"name": "n", "deletionTimestamp": "2026-12-05T10:00:00Z"},
+            "spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}, {"effect": "x"}]},
+        }
+    )
+    assert node.being_deleted and node.taints == ("ToBeDeletedByClusterAutoscaler",)
+
+
+def test_a_change_of_health_facts_alone_reprograms_no_service() -> None:
+    store = Store(NodeInfo("n", zone="z"))
+    store.upsert_service(ServiceSpec(ServiceKey("default", "web"), cluster_ips=("10.96.0.1",)))
+    assert store.set_node(NodeInfo("n", zone="z", taints=("ToBeDeletedByClusterAutoscaler",))) == set()
+    assert store.node.taints == ("ToBeDeletedByClusterAutoscaler",)
+    assert store.set_node(NodeInfo("n", zone="other")) == {ServiceKey("default", "web")}
 
 
 def test_node_invalid() -> None:

@@ -24,7 +24,13 @@ import pytest
 import yaml
 
 from kpr.k8s.convert import endpoint_slice_from_dict, object_kind, service_from_dict
-from kpr.model.translate import frontends_by_address, local_ready_endpoints, needs_health_check, translate
+from kpr.model.translate import (
+    frontends_by_address,
+    local_ready_endpoints,
+    needs_health_check,
+    node_eligible,
+    translate,
+)
 from kpr.model.types import (
     Backend,
     BackendState,
@@ -267,7 +273,7 @@ def test_load_balancer_ips_need_type_load_balancer() -> None:
 
 
 def test_health_check_counts_distinct_ready_local_addresses_of_load_balancers_with_local_policy() -> None:
-    """kube-proxy's LocalReadyEndpoints (squashed by IP) and NeedsHealthCheck (LoadBalancer + Local only)."""
+    """kube-proxy's LocalReadyEndpoints (squashed by IP, per family) and NeedsHealthCheck (LoadBalancer + Local)."""
     svc = ServiceSpec(
         key=ServiceKey("default", "web"),
         type="LoadBalancer",
@@ -285,12 +291,21 @@ def test_health_check_counts_distinct_ready_local_addresses_of_load_balancers_wi
     terminating = Endpoint(("10.244.0.2",), ready=False, serving=True, terminating=True, node_name="node-a")
     remote = Endpoint(("10.244.1.1",), node_name="node-b")
     assert needs_health_check(svc)
-    assert local_ready_endpoints(svc, [es(ready, terminating, remote)], NODE) == 1  # one pod, two ports: one
-    assert local_ready_endpoints(svc, [es(terminating, remote)], NODE) == 0  # terminating only: drained
-    assert local_ready_endpoints(svc, [], NODE) == 0
+    assert local_ready_endpoints(svc, [es(ready, terminating, remote)], NODE) == {"IPv4": 1}  # one pod, two ports
+    assert local_ready_endpoints(svc, [es(terminating, remote)], NODE) == {"IPv4": 0}  # terminating only: drained
+    assert local_ready_endpoints(svc, [], NODE) == {"IPv4": 0}
     assert not needs_health_check(ServiceSpec(**{**_fields(svc), "type": "NodePort"}))
     assert not needs_health_check(ServiceSpec(**{**_fields(svc), "external_traffic_policy": "Cluster"}))
 
 
 def _fields(svc: ServiceSpec) -> dict[str, object]:
     return {f: getattr(svc, f) for f in ServiceSpec.__dataclass_fields__}
+
+
+def test_a_node_being_deleted_or_marked_by_the_autoscaler_is_not_eligible() -> None:
+    assert node_eligible(NodeInfo("n"))
+    assert not node_eligible(NodeInfo("n", being_deleted=True))
+    assert not node_eligible(
+        NodeInfo("n", taints=("node.kubernetes.io/unschedulable", "ToBeDeletedByClusterAutoscaler"))
+    )
+    assert node_eligible(NodeInfo("n", taints=("node.kubernetes.io/unschedulable",)))

@@ -368,10 +368,10 @@ def check_every_endpoint_is_a_backend_or_standby(world: World, got: list[Fronten
 
 
 def check_health_check_counts_ready_local_endpoints(world: World, got: list[Frontend]) -> None:
-    """Distinct addresses of ready endpoints on this node over every service port, the larger family; never
+    """Per family of the service: distinct addresses of ready endpoints on this node over every service port; never
     terminating or not-ready ones (a ready copy of an address:port wins the merge)."""
     families = {"IPv6" if ":" in ip else "IPv4" for ip in world.service.cluster_ips}
-    counts = [0]
+    counts = {}
     for family in families:
         ready_local: set[str] = set()
         for port in world.service.ports:
@@ -388,8 +388,8 @@ def check_health_check_counts_ready_local_endpoints(world: World, got: list[Fron
                             copies.ready |= ep.ready
                             copies.local = bool(world.node.name) and ep.node_name == world.node.name
             ready_local |= {addr for (addr, _), c in seen.items() if c.ready and c.local}
-        counts.append(len(ready_local))
-    assert local_ready_endpoints(world.service, world.slices, world.node) == max(counts)
+        counts[family] = len(ready_local)
+    assert local_ready_endpoints(world.service, world.slices, world.node) == counts
 
 
 CHECKS = [value for name, value in sorted(globals().items()) if name.startswith("check_")]
