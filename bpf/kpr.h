@@ -41,6 +41,9 @@
 #ifndef KPR_SRC_RANGES_MAX
 #define KPR_SRC_RANGES_MAX 16384
 #endif
+#ifndef KPR_NETNS_ADDRS_MAX
+#define KPR_NETNS_ADDRS_MAX 16384 /* network namespaces (pods) of the node */
+#endif
 
 /* Source ports the tc path uses when it masquerades to the node address. Outside the kernel's default
  * ip_local_port_range (32768-60999) and the NodePort range (30000-32767), so never a node's own connection. */
@@ -102,6 +105,9 @@
 #define KPR_CNT_TC_DROP_CT_FULL 21       /* tc: could not record a flow */
 #define KPR_CNT_TC_CT_STALE 22           /* tc: a flow's backend is gone (or stopped serving UDP); picked again */
 #define KPR_CNT_TC_RESET_UNTRACKED 23    /* tc: a TCP segment of no tracked flow to a frontend: reset, not passed on */
+#define KPR_CNT_REJECT_SOURCE_RANGE 24   /* socket: a client outside loadBalancerSourceRanges: refused (EPERM) */
+#define KPR_CNT_SOURCE_UNKNOWN 25        /* socket: a source-ranged frontend dialled from a namespace whose address
+					  * kpr does not know yet: refused (EPERM) */
 #define KPR_CNT_MAX 32
 
 /* services4/6 key: a frontend address:port/proto, its scope, and slot (0 = master, 1..count = backends). */
@@ -287,7 +293,9 @@ struct src_range_key6 {
 	__be32 addr[4];
 };
 
-/* devices: the node devices the tc programs serve, by ifindex, with the addresses masquerading uses. */
+/* devices: the node devices the tc programs serve, by ifindex, with the addresses masquerading uses.
+ * netns_addrs: the primary addresses of the node's network namespaces (its own and its pods'), by netns cookie, for
+ * what a socket hook cannot see: the source address an unbound socket will use (loadBalancerSourceRanges). */
 struct device_info {
 	__be32 addr4;
 	__be32 addr6[4];
@@ -323,6 +331,8 @@ BPF_TABLE_PINNED("lpm_trie", struct src_range_key4, __u8, src_ranges4, KPR_SRC_R
 BPF_TABLE_PINNED("lpm_trie", struct src_range_key6, __u8, src_ranges6, KPR_SRC_RANGES_MAX, KPR_PIN("src_ranges6"),
 		 BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", __u32, struct device_info, devices, 64, KPR_PIN("devices"));
+BPF_TABLE_PINNED("hash", __u64, struct device_info, netns_addrs, KPR_NETNS_ADDRS_MAX, KPR_PIN("netns_addrs"),
+		 BPF_F_NO_PREALLOC);
 
 /* config (one entry): what the agent tells the datapath. With socket_lb HOSTNS_ONLY the socket hooks translate only
  * sockets of the host's network namespace; pods are then served per packet at their veth (CNI chaining). */

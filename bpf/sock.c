@@ -16,6 +16,12 @@
 #define XLATE_DONE 1   /* destination rewritten to a backend */
 #define XLATE_REJECT 2 /* no usable backend (or inconsistent maps): fail fast with ECONNREFUSED */
 #define XLATE_DROP 3   /* Local policy with endpoints elsewhere only: fail with EHOSTUNREACH */
+#define XLATE_DENY 4   /* a source outside loadBalancerSourceRanges (or not known): fail with EPERM */
+
+/* Which hook a shared core runs in: what the context lets it read differs (msg_src_ip4 only in sendmsg4). */
+#define HOOK_CONNECT 0
+#define HOOK_SENDMSG4 1
+#define HOOK_SENDMSG6 2
 
 struct dest4 {
 	__be32 addr;
@@ -131,11 +137,9 @@ static __always_inline __u32 svc6_slot_backend(struct svc_key6 *key, __u16 slots
 }
 
 /* The master entry for in-cluster traffic: the internal scope when the frontend has two. */
-static __always_inline struct svc_value *svc4_lookup(struct svc_key4 *key)
+static __always_inline struct svc_value *svc4_in_cluster(struct svc_key4 *key, struct svc_value *svc)
 {
-	struct svc_value *svc = services4.lookup(key);
-
-	if (svc && (svc->flags & KPR_SVC_F_TWO_SCOPES)) {
+	if (svc->flags & KPR_SVC_F_TWO_SCOPES) {
 		struct svc_value *internal;
 
 		key->scope = KPR_SCOPE_INTERNAL;
@@ -148,11 +152,9 @@ static __always_inline struct svc_value *svc4_lookup(struct svc_key4 *key)
 	return svc;
 }
 
-static __always_inline struct svc_value *svc6_lookup(struct svc_key6 *key)
+static __always_inline struct svc_value *svc6_in_cluster(struct svc_key6 *key, struct svc_value *svc)
 {
-	struct svc_value *svc = services6.lookup(key);
-
-	if (svc && (svc->flags & KPR_SVC_F_TWO_SCOPES)) {
+	if (svc->flags & KPR_SVC_F_TWO_SCOPES) {
 		struct svc_value *internal;
 
 		key->scope = KPR_SCOPE_INTERNAL;
@@ -163,6 +165,98 @@ static __always_inline struct svc_value *svc6_lookup(struct svc_key6 *key)
 		key->scope = KPR_SCOPE_DEFAULT;
 	}
 	return svc;
+}
+
+/* ::ffff:a.b.c.d, a dual-stack socket dialling an IPv4 frontend. */
+static __always_inline bool is_v4_mapped(const __u32 *addr)
+{
+	return addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0x0000ffff);
+}
+
+/* A source address sendmsg() names (IP_PKTINFO), read by the hook's entry where the context allows it (only the
+ * sendmsg hooks may read msg_src_ip4/6, and only field by field); zero when none. */
+struct msg_src {
+	__be32 v4;
+	__be32 v6[4];
+};
+
+/* The address this socket's packets will leave with: the one sendmsg names, its bound one, else its network
+ * namespace's primary address (a pod has one; the host's is the node IP), which the agent keeps in netns_addrs.
+ * 0: not known yet. */
+static __always_inline __be32 sock4_source(struct bpf_sock_addr *ctx, const struct msg_src *msg)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct device_info *addrs;
+	__u64 cookie;
+
+	if (msg->v4)
+		return msg->v4;
+	if (sk && sk->src_ip4)
+		return sk->src_ip4;
+	cookie = bpf_get_netns_cookie(ctx);
+	addrs = netns_addrs.lookup(&cookie);
+	return addrs ? addrs->addr4 : 0;
+}
+
+static __always_inline bool sock6_source(struct bpf_sock_addr *ctx, const struct msg_src *msg, __be32 *src)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct device_info *addrs;
+	__u64 cookie;
+
+	if (msg->v6[0] | msg->v6[1] | msg->v6[2] | msg->v6[3]) {
+		__builtin_memcpy(src, msg->v6, 16);
+		return true;
+	}
+	if (sk) {
+		src[0] = sk->src_ip6[0];
+		src[1] = sk->src_ip6[1];
+		src[2] = sk->src_ip6[2];
+		src[3] = sk->src_ip6[3];
+		if (src[0] | src[1] | src[2] | src[3])
+			return true;
+	}
+	cookie = bpf_get_netns_cookie(ctx);
+	addrs = netns_addrs.lookup(&cookie);
+	if (!addrs || !(addrs->addr6[0] | addrs->addr6[1] | addrs->addr6[2] | addrs->addr6[3]))
+		return false;
+	__builtin_memcpy(src, addrs->addr6, 16);
+	return true;
+}
+
+/* loadBalancerSourceRanges for clients on the node, as kube-proxy's firewall chain applies them to every source:
+ * the source must be in the frontend's allowed prefixes (src_ranges4/6). A source kpr cannot tell is refused too. */
+static __always_inline bool sock4_allowed(struct bpf_sock_addr *ctx, const struct msg_src *msg, __u32 rev_nat_id)
+{
+	struct src_range_key4 key = {};
+
+	key.addr = sock4_source(ctx, msg);
+	if (!key.addr) {
+		counter_inc(KPR_CNT_SOURCE_UNKNOWN);
+		return false;
+	}
+	key.prefixlen = 64;
+	key.rev_nat_id = bpf_htonl(rev_nat_id);
+	if (src_ranges4.lookup(&key))
+		return true;
+	counter_inc(KPR_CNT_REJECT_SOURCE_RANGE);
+	return false;
+}
+
+static __always_inline bool sock6_allowed(struct bpf_sock_addr *ctx, const struct msg_src *msg, __u32 rev_nat_id)
+{
+	struct src_range_key6 key = {};
+
+	if (!sock6_source(ctx, msg, key.addr)) {
+		counter_inc(KPR_CNT_SOURCE_UNKNOWN);
+		return false;
+	}
+	key.prefixlen = 160;
+	key.rev_nat_id = bpf_htonl(rev_nat_id);
+	if (src_ranges6.lookup(&key))
+		return true;
+	counter_inc(KPR_CNT_REJECT_SOURCE_RANGE);
+	return false;
 }
 
 /* Remember {socket, backend} -> frontend so recvmsg/getpeername can show the frontend again. */
@@ -199,7 +293,8 @@ static __always_inline void sock6_record_rev(void *ctx, const struct backend6 *b
 }
 
 /* Forward translation, IPv4: rewrite *dst from a frontend to a backend. */
-static __always_inline int sock4_xlate_fwd(void *ctx, struct dest4 *dst, __u8 proto)
+static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx, struct dest4 *dst, __u8 proto,
+					   const struct msg_src *msg)
 {
 	struct svc_key4 key = {};
 	struct affinity_key akey = {};
@@ -212,9 +307,12 @@ static __always_inline int sock4_xlate_fwd(void *ctx, struct dest4 *dst, __u8 pr
 	key.addr = dst->addr;
 	key.port = dst->port;
 	key.proto = proto;
-	svc = svc4_lookup(&key);
+	svc = services4.lookup(&key);
 	if (!svc)
 		return XLATE_PASS;
+	if ((svc->flags & KPR_SVC_F_SOURCE_RANGES) && !sock4_allowed(ctx, msg, svc->rev_nat_id))
+		return XLATE_DENY;
+	svc = svc4_in_cluster(&key, svc);
 	slots = svc->count;
 	if (!slots)
 		return empty_verdict(svc->flags);
@@ -238,7 +336,8 @@ static __always_inline int sock4_xlate_fwd(void *ctx, struct dest4 *dst, __u8 pr
 	return XLATE_DONE;
 }
 
-static __always_inline int sock6_xlate_fwd(void *ctx, struct dest6 *dst, __u8 proto)
+static __always_inline int sock6_xlate_fwd(struct bpf_sock_addr *ctx, struct dest6 *dst, __u8 proto,
+					   const struct msg_src *msg)
 {
 	struct svc_key6 key = {};
 	struct affinity_key akey = {};
@@ -251,9 +350,12 @@ static __always_inline int sock6_xlate_fwd(void *ctx, struct dest6 *dst, __u8 pr
 	__builtin_memcpy(key.addr, dst->addr, sizeof(key.addr));
 	key.port = dst->port;
 	key.proto = proto;
-	svc = svc6_lookup(&key);
+	svc = services6.lookup(&key);
 	if (!svc)
 		return XLATE_PASS;
+	if ((svc->flags & KPR_SVC_F_SOURCE_RANGES) && !sock6_allowed(ctx, msg, svc->rev_nat_id))
+		return XLATE_DENY;
+	svc = svc6_in_cluster(&key, svc);
 	slots = svc->count;
 	if (!slots)
 		return empty_verdict(svc->flags);
@@ -339,14 +441,13 @@ static __always_inline int verdict(int xlate)
 		bpf_set_retval(-EHOSTUNREACH);
 		return 0;
 	}
+	if (xlate == XLATE_DENY) {
+		bpf_set_retval(-EPERM);
+		return 0;
+	}
 	return 1;
 }
 
-/* ::ffff:a.b.c.d, a dual-stack socket dialling an IPv4 frontend. */
-static __always_inline bool is_v4_mapped(const __u32 *addr)
-{
-	return addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0x0000ffff);
-}
 
 /* With --socket-lb=hostns-only, sockets of other namespaces (chained pods) are left to the per-packet path. */
 static __always_inline bool socket_lb_applies(void *ctx)
@@ -359,14 +460,17 @@ static __always_inline bool socket_lb_applies(void *ctx)
 	return bpf_get_netns_cookie(ctx) == cfg->host_netns_cookie;
 }
 
-static __always_inline int sock4_fwd(struct bpf_sock_addr *ctx)
+static __always_inline int sock4_fwd(struct bpf_sock_addr *ctx, int hook)
 {
 	struct dest4 dst = { .addr = ctx->user_ip4, .port = (__be16)ctx->user_port };
+	struct msg_src msg = {};
 	int xlate;
 
 	if (!socket_lb_applies(ctx))
 		return 1;
-	xlate = sock4_xlate_fwd(ctx, &dst, ctx->protocol);
+	if (hook == HOOK_SENDMSG4)
+		msg.v4 = ctx->msg_src_ip4;
+	xlate = sock4_xlate_fwd(ctx, &dst, ctx->protocol, &msg);
 
 	if (xlate == XLATE_DONE) {
 		/* Rewrite the destination to the chosen backend before the SYN (or datagram) exists. */
@@ -376,17 +480,26 @@ static __always_inline int sock4_fwd(struct bpf_sock_addr *ctx)
 	return verdict(xlate);
 }
 
-static __always_inline int sock6_fwd(struct bpf_sock_addr *ctx)
+static __always_inline int sock6_fwd(struct bpf_sock_addr *ctx, int hook)
 {
 	__u32 addr[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3] };
+	struct msg_src msg = {};
 	int xlate;
 
 	if (!socket_lb_applies(ctx))
 		return 1;
+	if (hook == HOOK_SENDMSG6) {
+		msg.v6[0] = ctx->msg_src_ip6[0];
+		msg.v6[1] = ctx->msg_src_ip6[1];
+		msg.v6[2] = ctx->msg_src_ip6[2];
+		msg.v6[3] = ctx->msg_src_ip6[3];
+		if (is_v4_mapped(msg.v6)) /* a dual-stack socket naming an IPv4 source */
+			msg.v4 = msg.v6[3];
+	}
 	if (is_v4_mapped(addr)) {
 		struct dest4 dst4 = { .addr = addr[3], .port = (__be16)ctx->user_port };
 
-		xlate = sock4_xlate_fwd(ctx, &dst4, ctx->protocol);
+		xlate = sock4_xlate_fwd(ctx, &dst4, ctx->protocol, &msg);
 		if (xlate == XLATE_DONE) {
 			ctx->user_ip6[3] = dst4.addr;
 			ctx->user_port = dst4.port;
@@ -397,7 +510,7 @@ static __always_inline int sock6_fwd(struct bpf_sock_addr *ctx)
 	struct dest6 dst = { .port = (__be16)ctx->user_port };
 
 	__builtin_memcpy(dst.addr, addr, sizeof(dst.addr));
-	xlate = sock6_xlate_fwd(ctx, &dst, ctx->protocol);
+	xlate = sock6_xlate_fwd(ctx, &dst, ctx->protocol, &msg);
 	if (xlate == XLATE_DONE) {
 		ctx->user_ip6[0] = dst.addr[0];
 		ctx->user_ip6[1] = dst.addr[1];
@@ -448,12 +561,12 @@ static __always_inline void sock6_rev(struct bpf_sock_addr *ctx)
 
 int kpr_connect4(struct bpf_sock_addr *ctx)
 {
-	return sock4_fwd(ctx);
+	return sock4_fwd(ctx, HOOK_CONNECT);
 }
 
 int kpr_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return sock4_fwd(ctx);
+	return sock4_fwd(ctx, HOOK_SENDMSG4);
 }
 
 int kpr_recvmsg4(struct bpf_sock_addr *ctx)
@@ -470,12 +583,12 @@ int kpr_peername4(struct bpf_sock_addr *ctx)
 
 int kpr_connect6(struct bpf_sock_addr *ctx)
 {
-	return sock6_fwd(ctx);
+	return sock6_fwd(ctx, HOOK_CONNECT);
 }
 
 int kpr_sendmsg6(struct bpf_sock_addr *ctx)
 {
-	return sock6_fwd(ctx);
+	return sock6_fwd(ctx, HOOK_SENDMSG6);
 }
 
 int kpr_recvmsg6(struct bpf_sock_addr *ctx)

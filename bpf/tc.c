@@ -602,7 +602,12 @@ static __always_inline int new_flow4(struct __sk_buff *skb, struct flow4 *f, __u
 	if (!svc)
 		return TC_ACT_OK; /* not ours: the stack decides */
 	if (from_pod) {
-		/* A chained pod is an in-cluster client: any frontend, and the internal scope when it has two. */
+		/* A chained pod is an in-cluster client: any frontend, and the internal scope when it has two; kube-proxy's
+		 * loadBalancerSourceRanges firewall applies to it as to any source. */
+		if ((svc->flags & KPR_SVC_F_SOURCE_RANGES) && !src4_allowed(svc->rev_nat_id, f->saddr)) {
+			counter_inc(KPR_CNT_TC_DROP_SOURCE_RANGE);
+			return TC_ACT_SHOT;
+		}
 		if (svc->flags & KPR_SVC_F_TWO_SCOPES) {
 			struct svc_value *internal;
 
@@ -889,7 +894,12 @@ static __always_inline int new_flow6(struct __sk_buff *skb, struct flow6 *f, __u
 	if (!svc)
 		return TC_ACT_OK; /* not ours: the stack decides */
 	if (from_pod) {
-		/* A chained pod is an in-cluster client: any frontend, and the internal scope when it has two. */
+		/* A chained pod is an in-cluster client: any frontend, and the internal scope when it has two; kube-proxy's
+		 * loadBalancerSourceRanges firewall applies to it as to any source. */
+		if ((svc->flags & KPR_SVC_F_SOURCE_RANGES) && !src6_allowed(svc->rev_nat_id, f->saddr)) {
+			counter_inc(KPR_CNT_TC_DROP_SOURCE_RANGE);
+			return TC_ACT_SHOT;
+		}
 		if (svc->flags & KPR_SVC_F_TWO_SCOPES) {
 			struct svc_value *internal;
 

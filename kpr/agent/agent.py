@@ -28,7 +28,7 @@ from kpr import log
 from kpr.agent.healthcheck import HealthChecks
 from kpr.agent.metrics import Metrics
 from kpr.agent.store import Store
-from kpr.datapath import sockets
+from kpr.datapath import abi, netns, sockets
 from kpr.datapath.flows import scan_flows
 from kpr.datapath.loader import default_route_devices, load_and_attach_isolated
 from kpr.datapath.writers import MapWriteError, MapWriter, PinnedMapWriter
@@ -40,6 +40,7 @@ from kpr.sources.events import KINDS, Event, Replace, SourceError, Upsert
 RETRY_BACKOFF = (0.5, 1, 2, 5, 10, 30)  # seconds before a failed service is tried again
 NODE_GRACE_SECONDS = 10.0
 FLOW_CHECK_PERIOD = 10.0  # seconds between looks at whether lingering backends still carry flows
+NETNS_REFRESH_PERIOD = 1.0  # seconds between looks at the node's namespaces while source ranges are in use
 
 
 @dataclass
@@ -79,6 +80,8 @@ class Agent:
         self.next_flow_check = time.monotonic() + FLOW_CHECK_PERIOD
         self.lingering_seen = (0, 0)  # (backends, frontends) lingering at the last flow check
         self.last_sweep: dict[str, Any] = {}  # the last socket sweep's result, for `kpr status`
+        self.next_netns_refresh = 0.0
+        self.netns_written: dict[int, tuple[str, str]] = {}  # netns cookie -> (IPv4, IPv6) in netns_addrs
         self.reconciler: Reconciler | None = None
         self.source: Any = None
         self.devices: list[str] = []
@@ -197,6 +200,8 @@ class Agent:
             self.sync(due)
         if now >= self.next_flow_check:
             self.settle_flows()
+        if now >= self.next_netns_refresh and self.reconciler is not None and self.reconciler.ranged_frontends:
+            self.refresh_namespace_addresses()
         if now >= self.next_drift_check:
             self.check_drift()
 
@@ -204,6 +209,8 @@ class Agent:
         """Wait for events until a coalesced sync, a retry or a drift check falls due."""
         now = time.monotonic()
         deadlines = [now + 1.0, self.next_drift_check, self.next_flow_check]
+        if self.reconciler is not None and self.reconciler.ranged_frontends:
+            deadlines.append(self.next_netns_refresh)
         if self.dirty and self.dirty_since is not None:
             deadlines.append(self.dirty_since + self.config.min_sync_period)
         deadlines.extend(when for when, _ in self.retry_at.values())
@@ -251,6 +258,8 @@ class Agent:
             self._sync_one(key)
         if self.reconciler.flow_ends or self._lingering_counts() != self.lingering_seen:
             self.settle_flows()
+        if self.reconciler.ranged_frontends and not self.netns_written:
+            self.refresh_namespace_addresses()  # the first source-ranged frontend: its clients' sources at once
         self.dirty_since = time.monotonic() if self.dirty else None
         self.last_sync_seconds = time.monotonic() - started
         self.last_sync_wall = time.time()
@@ -355,6 +364,40 @@ class Agent:
         if ends:
             self._end_udp_sockets(ends)
 
+    def refresh_namespace_addresses(self) -> None:
+        """Keep netns_addrs, the source address of each of the node's network namespaces, for the socket hooks'
+        loadBalancerSourceRanges check (an unbound socket has no source address yet at connect()). The host's is the
+        node IP kube-proxy compares (the Node's first InternalIP), where known. Only while some frontend has ranges."""
+        assert self.reconciler is not None
+        self.next_netns_refresh = time.monotonic() + NETNS_REFRESH_PERIOD
+        writer = self.reconciler.writer
+        try:
+            found = netns.addresses_of(netns.node_namespaces(self.config.cgroup_root))
+        except OSError as e:
+            self.log.warning("reading the node's network namespaces failed", error=str(e))
+            return
+        wanted = {a.cookie: (a.ipv4, a.ipv6) for a in found.values()}
+        own = found.get("/proc/self/ns/net")
+        if own is not None:
+            primary = self.store.node.primary_ips
+            v4 = next((ip for ip in primary if ":" not in ip), own.ipv4)
+            v6 = next((ip for ip in primary if ":" in ip), own.ipv6)
+            wanted[own.cookie] = (v4, v6)
+        try:
+            for netns_cookie, (v4, v6) in wanted.items():
+                if self.netns_written.get(netns_cookie) != (v4, v6):
+                    value = abi.DeviceInfo(
+                        addr4=abi.be32_of_ipv4(v4) if v4 else 0,
+                        addr6=abi.be32x4_of_ipv6(v6) if v6 else abi.Be32x4(),
+                    )
+                    writer.update("netns_addrs", abi.U64(netns_cookie), value)
+                    self.netns_written[netns_cookie] = (v4, v6)
+            for netns_cookie in set(self.netns_written) - set(wanted):
+                writer.delete("netns_addrs", abi.U64(netns_cookie))
+                del self.netns_written[netns_cookie]
+        except MapWriteError as e:
+            self.log.warning("writing namespace addresses failed", error=str(e))
+
     def _lingering_counts(self) -> tuple[int, int]:
         assert self.reconciler is not None
         backends, frontends = self.reconciler.lingering()
@@ -369,7 +412,7 @@ class Agent:
         except (MapWriteError, OSError) as e:
             self.log.warning("reading socket translations failed", error=str(e))
             return
-        namespaces = sockets.node_network_namespaces(self.config.cgroup_root) if wanted else []
+        namespaces = netns.node_namespaces(self.config.cgroup_root) if wanted else []
         result = sockets.destroy_connected_udp(wanted, namespaces)
         seconds = time.monotonic() - started  # reading sock_rev_nat included
         self.metrics.sockets_destroyed.inc(result.destroyed)

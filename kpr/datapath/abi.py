@@ -78,6 +78,8 @@ COUNTERS = {
     "tc_drop_ct_full": 21,
     "tc_ct_stale": 22,
     "tc_reset_untracked": 23,
+    "reject_source_range": 24,
+    "source_unknown": 25,
 }
 CNT_MAX = 32
 
@@ -322,6 +324,7 @@ MAPS: dict[str, MapSpec] = {
         MapSpec("src_ranges4", SrcRangeKey4, U8),
         MapSpec("src_ranges6", SrcRangeKey6, U8),
         MapSpec("devices", U32, DeviceInfo),
+        MapSpec("netns_addrs", U64, DeviceInfo),
         MapSpec("tc_tails", U32, U32, programs=True),
         MapSpec("config", U32, KprConfig, array=True),
     )

@@ -24,7 +24,6 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from kpr.datapath import abi, codec, netns
 from kpr.datapath.writers import MapWriter
@@ -38,7 +37,6 @@ NLM_F_DUMP = 0x300
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 TCP_ESTABLISHED = 1  # a connected UDP socket's state
-NETNS_DIRS = (Path("/run/netns"), Path("/var/run/netns"))
 
 _NLMSG = struct.Struct("=IHHII")  # struct nlmsghdr
 # struct inet_diag_req_v2 with its struct inet_diag_sockid: family, protocol, ext, pad, states, sport, dport
@@ -85,35 +83,6 @@ def targets(
             if (addr, port) in wanted or value.rev_nat_id in frontends:
                 out[int(key.cookie)] = Target(int(key.cookie), addr, port)
     return out
-
-
-def node_network_namespaces(cgroup_root: Path) -> list[str]:
-    """One path per distinct network namespace of the node: its processes' (from the cgroup subtree) and /run/netns."""
-    seen: dict[tuple[int, int], str] = {}
-
-    def add(path: str) -> None:
-        try:
-            st = os.stat(path)
-        except OSError:  # the process exited, or a stale bind mount
-            return
-        seen.setdefault((st.st_dev, st.st_ino), path)
-
-    add("/proc/self/ns/net")
-    for dirpath, _dirs, _files in os.walk(cgroup_root):
-        try:
-            pids = Path(dirpath, "cgroup.procs").read_text().split()
-        except OSError:
-            continue
-        for pid in pids:
-            add(f"/proc/{pid}/ns/net")
-    for directory in NETNS_DIRS:
-        try:
-            entries = list(os.scandir(directory))
-        except OSError:
-            continue
-        for entry in entries:
-            add(entry.path)
-    return list(seen.values())
 
 
 def destroy_connected_udp(wanted: dict[int, Target], namespaces: Iterable[str], timeout: float = 5.0) -> SweepResult:

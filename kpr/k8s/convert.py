@@ -426,10 +426,17 @@ def node_from_dict(d: Mapping[str, Any], nodeport_address_filter: Sequence[str] 
         raise InvalidObject(f"{obj}: metadata.name is missing")
     labels = {str(k): str(v) for k, v in _map(meta.get("labels")).items()}
     addresses: list[str] = []
+    by_type: dict[str, list[str]] = {kind: [] for kind in _NODEPORT_ADDRESS_TYPES}
     for i, raw in enumerate(_seq(_map(d.get("status")).get("addresses"))):
         a = _map(raw)
         if a.get("type") in _NODEPORT_ADDRESS_TYPES:
             addresses.append(_ip(obj, f"status.addresses[{i}].address", a.get("address")))
+            by_type[str(a.get("type"))].append(addresses[-1])
+    # kube-proxy's node IP per family (utilnode.GetNodeHostIPs): the first InternalIP, else the first ExternalIP
+    primary = [
+        next((ip for kind in _NODEPORT_ADDRESS_TYPES for ip in by_type[kind] if (":" in ip) == v6), "")
+        for v6 in (False, True)
+    ]
     if nodeport_address_filter is not None:
         cidrs = parse_cidrs(nodeport_address_filter, "nodeport address filter", "cidrs")
         networks = [ipaddress.ip_network(cidr) for cidr in cidrs]
@@ -439,6 +446,7 @@ def node_from_dict(d: Mapping[str, Any], nodeport_address_filter: Sequence[str] 
         name=name,
         zone=labels.get(ZONE_LABEL, ""),
         nodeport_addresses=_unique(addresses),
+        primary_ips=tuple(ip for ip in primary if ip),
         labels=labels,
         being_deleted=bool(meta.get("deletionTimestamp")),
         taints=tuple(t for t in taints if t),

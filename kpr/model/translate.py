@@ -17,6 +17,7 @@ kube-proxy is the reference; each piece names the kube-proxy function it mirrors
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from ipaddress import ip_address, ip_network
 from socket import AF_INET, AF_INET6, inet_pton
 from typing import NamedTuple
 
@@ -287,11 +288,7 @@ def _family_frontends(
         if _family(ip) == family
     ]
     if service.type == "LoadBalancer":
-        ranges = tuple(cidr for cidr in service.load_balancer_source_ranges if _family(cidr) == family)
-        if ranges:  # the node itself may always reach its LoadBalancer IPs (health checks, hairpin traffic)
-            ranges += tuple(
-                f"{ip}/{32 if family == 'IPv4' else 128}" for ip in node.nodeport_addresses if _family(ip) == family
-            )
+        ranges = _firewall_sources(service, family, node)
         out += [
             frontend(
                 FrontendKind.LOAD_BALANCER,
@@ -311,6 +308,18 @@ def _family_frontends(
             if _family(ip) == family
         ]
     return out
+
+
+def _firewall_sources(service: ServiceSpec, family: str, node: NodeInfo) -> tuple[str, ...]:
+    """The sources loadBalancerSourceRanges allows, as kube-proxy's firewall chain (iptables and nftables proxiers'
+    syncProxyRules): the ranges of the family; and when one contains the node's IP, the LoadBalancer IPs themselves
+    (a VIP-style load balancer whose IP is local to the node loops the node's own requests back from that IP)."""
+    ranges = tuple(cidr for cidr in service.load_balancer_source_ranges if _family(cidr) == family)
+    primary = next((ip for ip in node.primary_ips if _family(ip) == family), None)
+    host = 32 if family == "IPv4" else 128
+    if primary and any(ip_address(primary) in ip_network(cidr) for cidr in ranges):
+        ranges += tuple(f"{ip}/{host}" for ip in service.load_balancer_ips if _family(ip) == family)
+    return ranges
 
 
 def _frontend_order(fe: Frontend) -> tuple[tuple[int, bytes], int, str]:

@@ -124,6 +124,7 @@ class Reconciler:
         self.lingering_rev_nats: dict[int, tuple[str, int]] = {}  # removed TCP/SCTP frontends, kept likewise
         self.unclaimed: set[Address] = set()  # restored backends no slot names, until the first sync has run
         self.flow_ends = FlowEnds()  # since the agent last took them (take_flow_ends)
+        self.ranged_frontends = 0  # frontends with loadBalancerSourceRanges: the socket hooks need source addresses
 
     def _backend_identity(self, backend_id: int) -> Address | None:
         return self._backend_by_id.get(backend_id)
@@ -254,6 +255,7 @@ class Reconciler:
                 ranges.setdefault(rev_nat_id, set()).add(cidr)
         for fe in self.frontends.values():
             fe.source_ranges = frozenset(ranges.get(fe.rev_nat_id, ()))
+        self.ranged_frontends = sum(1 for fe in self.frontends.values() if fe.source_ranges)
         by_id = {e.id: e for e in self.backends.values()}
         for fe in self.frontends.values():
             for scope in fe.scopes.values():
@@ -733,6 +735,7 @@ class _Plan:
                     rec._forget_backend(identity, held)
         for address in self.removed:
             fe = rec.frontends.pop(address)
+            rec.ranged_frontends -= bool(fe.source_ranges)
             if fe.rev_nat_id in self.lingering_rev_nats:
                 rec.lingering_rev_nats[fe.rev_nat_id] = self.lingering_rev_nats[fe.rev_nat_id]
             else:
@@ -744,6 +747,8 @@ class _Plan:
                     if not owned:
                         del rec.by_service[fe.service]
         for address, fe in self.new_frontends.items():
+            old = rec.frontends.get(address)
+            rec.ranged_frontends += bool(fe.source_ranges) - bool(old and old.source_ranges)
             rec.frontends[address] = fe
             rec.by_service.setdefault(service, set()).add(address)
 

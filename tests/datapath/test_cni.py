@@ -91,6 +91,7 @@ class Cluster:
     backends: list[Pod]
     conflist: dict[str, Any]
     cni_path: Path
+    manifests: Path
     pods: list[ChainedPod] = field(default_factory=list)
 
     # ---- the container runtime's part
@@ -276,7 +277,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             (cni_path / plugin).symlink_to(REFERENCE_PLUGINS / plugin)
         (cni_path / "kpr-cni").symlink_to(KPR_CNI)
         conflist = lab_conflist(json.loads(CONFLIST.read_text()), node, lab.run_dir)
-        cl = Cluster(lab, node, agent, backends, conflist, cni_path)
+        cl = Cluster(lab, node, agent, backends, conflist, cni_path, manifests)
         yield cl
         for pod in cl.pods:
             cl.remove_pod(pod)
@@ -374,6 +375,33 @@ def test_no_endpoints_is_refused_at_once(cluster: Cluster, pod: ChainedPod, prot
     assert result["errors"] == {"ECONNREFUSED": 10}, f"{result}{cluster.diagnosis(pod)}"
     assert result["error_latency_ms"]["max"] < 100
     assert cluster.counters()[key] - before == 10
+
+
+def test_load_balancer_source_ranges_apply_to_chained_pods(cluster: Cluster, pod: ChainedPod) -> None:
+    """kube-proxy's firewall checks a pod's source like any other: outside the ranges the veth drops (and counts)."""
+    lb_ip = "172.16.100.9"
+
+    def ranged(cidr: str) -> list[dict[str, Any]]:
+        svc = service("ranged", ["10.96.7.12"], PORTS, type="LoadBalancer", loadBalancerSourceRanges=[cidr])
+        svc["status"] = {"loadBalancer": {"ingress": [{"ip": lb_ip}]}}
+        return [svc, endpoint_slice("ranged", pod_endpoints(cluster.backends[:1], 4), SLICE_PORTS, family=4)]
+
+    frontend = f"{lb_ip}:{TCP_PORT}/TCP"
+    try:
+        write_manifest(cluster.manifests, "ranged.yaml", ranged(f"{pod.address(4)}/32"))
+        wait_until(lambda: frontend in {r.frontend for r in read_services(cluster.node.bpffs_dir)}, 15, "ranged")
+        allowed = cluster.client(pod, "tcp", lb_ip, TCP_PORT, count=10)
+        assert allowed["served"] == {"pod-a": 10}, f"{allowed}{cluster.diagnosis(pod)}"
+        write_manifest(cluster.manifests, "ranged.yaml", ranged("192.0.2.0/24"))
+        before = cluster.counters()["tc_drop_source_range"]
+        wait_until(
+            lambda: cluster.client(pod, "tcp", lb_ip, TCP_PORT, count=1, timeout=0.5)["errors"] == {"timeout": 1},
+            15,
+            "the pod outside the ranges dropped",
+        )
+        assert cluster.counters()["tc_drop_source_range"] > before
+    finally:
+        (cluster.manifests / "ranged.yaml").unlink(missing_ok=True)
 
 
 def test_the_node_itself_is_still_served_at_connect(cluster: Cluster) -> None:

@@ -63,8 +63,9 @@ class Cluster:
     agents: list[LabAgent]
     manifests: Path
 
-    def objects(self, local_pods: list[Pod]) -> list[dict[str, Any]]:
-        """Every Service of the suite; `local_pods` are the endpoints of the externalTrafficPolicy=Local one."""
+    def objects(self, local_pods: list[Pod], ranges: list[str] | None = None) -> list[dict[str, Any]]:
+        """Every Service of the suite; `local_pods` are the endpoints of the externalTrafficPolicy=Local one, `ranges`
+        (default: `ext` only) the loadBalancerSourceRanges of the "ranged" one."""
         both = ["10.96.6.1", "fd00:96::6:1"]
         return [
             node_object(self.n1),
@@ -98,9 +99,9 @@ class Cluster:
                 service(
                     "ranged",
                     ["10.96.6.4"],
-                    [("http", 80, 8080, "TCP", 30084)],
+                    [("http", 80, 8080, "TCP", 30084), ("dns", 53, 8080, "UDP", 30085)],
                     type="LoadBalancer",
-                    loadBalancerSourceRanges=[f"{self.ext.ipv4}/32"],
+                    loadBalancerSourceRanges=ranges or [f"{self.ext.ipv4}/32"],
                 ),
                 RANGED4,
             ),
@@ -222,6 +223,37 @@ def test_no_endpoints_is_answered_with_a_reset_or_port_unreachable_at_once(
     assert result["errors"] == {"ECONNREFUSED": 5}
     assert result["error_latency_ms"]["max"] < 100
     assert c.counters(c.n1)[key] - before == 5
+
+
+def test_load_balancer_source_ranges_apply_to_pods_and_the_node_as_kube_proxys_firewall(cluster: Cluster) -> None:
+    """kube-proxy's firewall chain checks every source, in-cluster ones too: a pod or the node outside the ranges is
+    refused (at connect(), with EPERM, where kube-proxy's drop makes the client wait), one inside is served; when a
+    range holds the node's IP, the LoadBalancer IPs count as allowed sources (kube-proxy's node-IP rule)."""
+    c = cluster
+
+    def refused() -> int:
+        return c.counters(c.n1)["reject_source_range"]
+
+    before = refused()
+    for who in (c.client, c.n1):
+        result = c.lab.client(who, "tcp", RANGED4, 80, count=3, timeout=2)
+        assert result["errors"] == {"EPERM": 3} and result["error_latency_ms"]["max"] < 100, (who.name, result)
+    udp = c.lab.client(c.client, "udp", RANGED4, 53, count=2, timeout=1)
+    assert udp["errors"] == {"EPERM": 2}  # sendmsg() is refused the same way
+    assert refused() - before == 8
+    try:
+        write_manifest(c.manifests, "all.yaml", c.objects([c.b], [f"{c.ext.ipv4}/32", f"{c.client.ipv4}/32"]))
+        wait_until(lambda: c.lab.client(c.client, "tcp", RANGED4, 80, count=1)["ok"] == 1, 15, "the pod allowed")
+        assert c.lab.client(c.client, "tcp", RANGED4, 80, count=10)["served"] == {"pod-a": 10}
+        assert c.lab.client(c.n1, "tcp", RANGED4, 80, count=2, timeout=2)["errors"] == {"EPERM": 2}
+        write_manifest(c.manifests, "all.yaml", c.objects([c.b], ["172.16.0.0/24"]))  # holds node1's IP
+        wait_until(lambda: c.lab.client(c.n1, "tcp", RANGED4, 80, count=1)["ok"] == 1, 15, "the node allowed")
+        assert c.lab.client(c.client, "tcp", RANGED4, 80, count=2, timeout=2)["errors"] == {"EPERM": 2}
+        rows = [r for r in read_services(c.n1.bpffs_dir) if r.frontend == f"{RANGED4}:80/TCP"]
+        assert "source-ranges" in rows[0].scopes[0].flags
+    finally:
+        write_manifest(c.manifests, "all.yaml", c.objects([c.b]))
+    wait_until(lambda: c.lab.client(c.ext, "tcp", RANGED4, 80, count=1)["ok"] == 1, 15, "back to ext only")
 
 
 def test_health_check_node_port_follows_local_endpoints(cluster: Cluster) -> None:

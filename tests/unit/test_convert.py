@@ -380,7 +380,12 @@ def test_node() -> None:
     assert node.name == "node-a"
     assert node.zone == "zone-a"
     assert node.nodeport_addresses == ("192.168.0.10", "fd00:192::10", "203.0.113.50")
+    assert node.primary_ips == ("192.168.0.10", "fd00:192::10")  # the first InternalIP of each family
     assert node.labels["kubernetes.io/hostname"] == "node-a"
+    external_only = node_from_dict(
+        {"metadata": {"name": "n"}, "status": {"addresses": [{"type": "ExternalIP", "address": "203.0.113.9"}]}}
+    )
+    assert external_only.primary_ips == ("203.0.113.9",)
 
 
 def test_node_address_filter() -> None:

@@ -89,6 +89,7 @@ def run_case(case: Mapping[str, Any]) -> list[Frontend]:
         name=raw_node["name"],
         zone=raw_node.get("zone") or "",
         nodeport_addresses=tuple(raw_node.get("nodeportAddresses") or ()),
+        primary_ips=tuple(raw_node.get("primaryIPs") or ()),
     )
     services: list[ServiceSpec] = []
     slices: list[EndpointSliceSpec] = []
@@ -240,7 +241,7 @@ def test_external_addresses_of_a_family_without_cluster_ip_are_ignored() -> None
     )
     got = {fe.addr: fe for fe in translate(svc, [], NODE)}
     assert set(got) == {"10.96.0.1", "203.0.113.8"}
-    assert got["203.0.113.8"].source_ranges == ("10.0.0.0/8", "192.168.0.10/32")  # plus the node itself
+    assert got["203.0.113.8"].source_ranges == ("10.0.0.0/8",)
 
 
 def test_frontends_by_address_first_wins() -> None:
