@@ -41,6 +41,9 @@
 #ifndef KPR_SRC_RANGES_MAX
 #define KPR_SRC_RANGES_MAX 16384
 #endif
+#ifndef KPR_NODEPORT_ADDRS_MAX
+#define KPR_NODEPORT_ADDRS_MAX 4096 /* the node's addresses NodePorts answer on, per family */
+#endif
 #ifndef KPR_NETNS_ADDRS_MAX
 #define KPR_NETNS_ADDRS_MAX 16384 /* network namespaces (pods) of the node */
 #endif
@@ -259,7 +262,8 @@ struct ct_key6 {
 };
 
 /* ORIGINAL: the backend and, when masqueraded, the node address:port used. REPLY: the client to restore (when
- * masqueraded) and the frontend (rev_nat_id) to show as the source. */
+ * masqueraded). Both: the frontend address:port the client dialled, which replies show as their source (for a
+ * NodePort, the node address it was reached on; rev_nat_id names the frontend entry). */
 struct ct_value4 {
 	__u64 last_seen_ns;
 	__u32 backend_id;
@@ -268,6 +272,9 @@ struct ct_value4 {
 	__be16 port;
 	__u8 flags; /* KPR_CT_F_* */
 	__u8 pad;
+	__be32 fe_addr;
+	__be16 fe_port;
+	__u16 pad2;
 };
 
 struct ct_value6 {
@@ -278,6 +285,10 @@ struct ct_value6 {
 	__be16 port;
 	__u8 flags;
 	__u8 pad;
+	__be32 fe_addr[4];
+	__be16 fe_port;
+	__u16 pad2;
+	__u32 pad3;
 };
 
 /* src_ranges4/6 (LPM trie): {rev_nat_id, source prefix} present = allowed (loadBalancerSourceRanges). */
@@ -333,6 +344,19 @@ BPF_TABLE_PINNED("lpm_trie", struct src_range_key6, __u8, src_ranges6, KPR_SRC_R
 BPF_TABLE_PINNED("hash", __u32, struct device_info, devices, 64, KPR_PIN("devices"));
 BPF_TABLE_PINNED("hash", __u64, struct device_info, netns_addrs, KPR_NETNS_ADDRS_MAX, KPR_PIN("netns_addrs"),
 		 BPF_F_NO_PREALLOC);
+
+/* nodeport_addrs4/6: the node's addresses NodePorts answer on (--nodeport-addresses; by default every local
+ * address, as kube-proxy's iptables mode). NodePort frontends are keyed by the wildcard address (0.0.0.0, ::): a
+ * lookup that misses on a destination found here tries the wildcard, so a node address coming or going rewrites
+ * one entry, not one per NodePort. The value holds KPR_NODEPORT_F_* flags. */
+#define KPR_NODEPORT_F_LOOPBACK 0x01 /* served to the host's own sockets only (kube-proxy's localhost NodePorts) */
+struct nodeport_addr6 {
+	__be32 addr[4];
+};
+BPF_TABLE_PINNED("hash", __be32, __u8, nodeport_addrs4, KPR_NODEPORT_ADDRS_MAX, KPR_PIN("nodeport_addrs4"),
+		 BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct nodeport_addr6, __u8, nodeport_addrs6, KPR_NODEPORT_ADDRS_MAX,
+		 KPR_PIN("nodeport_addrs6"), BPF_F_NO_PREALLOC);
 
 /* config (one entry): what the agent tells the datapath. With socket_lb HOSTNS_ONLY the socket hooks translate only
  * sockets of the host's network namespace; pods are then served per packet at their veth (CNI chaining). */

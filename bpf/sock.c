@@ -136,6 +136,46 @@ static __always_inline __u32 svc6_slot_backend(struct svc_key6 *key, __u16 slots
 	return slot->backend_id;
 }
 
+/* Whether a socket belongs to the host's own network namespace (written by the agent into config). */
+static __always_inline bool in_host_netns(void *ctx)
+{
+	__u32 zero = 0;
+	struct kpr_config *cfg = config.lookup(&zero);
+
+	return cfg && bpf_get_netns_cookie(ctx) == cfg->host_netns_cookie;
+}
+
+/* The frontend a socket dials: the exact entry, else, for a node address NodePorts answer on, the NodePort's
+ * wildcard entry (*key is changed to it). A loopback NodePort address counts for the host's own sockets only, as
+ * kube-proxy's localhost NodePorts: a pod's 127.0.0.1 is its own. */
+static __always_inline struct svc_value *svc4_frontend(void *ctx, struct svc_key4 *key)
+{
+	struct svc_value *svc = services4.lookup(key);
+	__u8 *np;
+
+	if (svc)
+		return svc;
+	np = nodeport_addrs4.lookup(&key->addr);
+	if (!np || ((*np & KPR_NODEPORT_F_LOOPBACK) && !in_host_netns(ctx)))
+		return NULL;
+	key->addr = 0;
+	return services4.lookup(key);
+}
+
+static __always_inline struct svc_value *svc6_frontend(void *ctx, struct svc_key6 *key)
+{
+	struct svc_value *svc = services6.lookup(key);
+	__u8 *np;
+
+	if (svc)
+		return svc;
+	np = nodeport_addrs6.lookup((struct nodeport_addr6 *)key->addr);
+	if (!np || ((*np & KPR_NODEPORT_F_LOOPBACK) && !in_host_netns(ctx)))
+		return NULL;
+	__builtin_memset(key->addr, 0, sizeof(key->addr));
+	return services6.lookup(key);
+}
+
 /* The master entry for in-cluster traffic: the internal scope when the frontend has two. */
 static __always_inline struct svc_value *svc4_in_cluster(struct svc_key4 *key, struct svc_value *svc)
 {
@@ -307,7 +347,7 @@ static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx, struct des
 	key.addr = dst->addr;
 	key.port = dst->port;
 	key.proto = proto;
-	svc = services4.lookup(&key);
+	svc = svc4_frontend(ctx, &key);
 	if (!svc)
 		return XLATE_PASS;
 	if ((svc->flags & KPR_SVC_F_SOURCE_RANGES) && !sock4_allowed(ctx, msg, svc->rev_nat_id))
@@ -350,7 +390,7 @@ static __always_inline int sock6_xlate_fwd(struct bpf_sock_addr *ctx, struct des
 	__builtin_memcpy(key.addr, dst->addr, sizeof(key.addr));
 	key.port = dst->port;
 	key.proto = proto;
-	svc = services6.lookup(&key);
+	svc = svc6_frontend(ctx, &key);
 	if (!svc)
 		return XLATE_PASS;
 	if ((svc->flags & KPR_SVC_F_SOURCE_RANGES) && !sock6_allowed(ctx, msg, svc->rev_nat_id))
@@ -393,7 +433,8 @@ static __always_inline bool sock4_xlate_rev(void *ctx, struct dest4 *src)
 	if (!seen)
 		return false;
 	frontend = rev_nat4.lookup(&seen->rev_nat_id);
-	if (!frontend || frontend->addr != seen->addr || frontend->port != seen->port) {
+	/* (a NodePort's frontend is the wildcard address: the socket recorded the node address it dialled) */
+	if (!frontend || (frontend->addr && frontend->addr != seen->addr) || frontend->port != seen->port) {
 		/* The frontend is gone or now means something else: show the truth, not a stale address. */
 		sock_rev_nat4.delete(&key);
 		counter_inc(KPR_CNT_REV_NAT_STALE);
@@ -418,8 +459,10 @@ static __always_inline bool sock6_xlate_rev(void *ctx, struct dest6 *src)
 	if (!seen)
 		return false;
 	frontend = rev_nat6.lookup(&seen->rev_nat_id);
-	if (!frontend || frontend->addr[0] != seen->addr[0] || frontend->addr[1] != seen->addr[1] ||
-	    frontend->addr[2] != seen->addr[2] || frontend->addr[3] != seen->addr[3] || frontend->port != seen->port) {
+	if (!frontend || frontend->port != seen->port ||
+	    ((frontend->addr[0] | frontend->addr[1] | frontend->addr[2] | frontend->addr[3]) &&
+	     (frontend->addr[0] != seen->addr[0] || frontend->addr[1] != seen->addr[1] ||
+	      frontend->addr[2] != seen->addr[2] || frontend->addr[3] != seen->addr[3]))) {
 		sock_rev_nat6.delete(&key);
 		counter_inc(KPR_CNT_REV_NAT_STALE);
 		return false;

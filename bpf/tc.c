@@ -75,28 +75,39 @@ static __always_inline void counter_inc(__u32 idx)
 		*value += 1;
 }
 
+/* The ports (and TCP flags) of a TCP or UDP header that is there whole: a translation rewrites its checksum, so a
+ * header cut short is left to the stack (which drops it) rather than half-translated and tracked. */
 static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, __u8 proto, __be16 *sport, __be16 *dport,
 				    __u8 *tcp_flags)
 {
-	__be16 ports[2];
+	if (proto == IPPROTO_TCP) {
+		struct tcphdr tcp;
 
-	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
-		return -1;
-	if (bpf_skb_load_bytes(skb, off, ports, sizeof(ports)))
-		return -1;
-	*sport = ports[0];
-	*dport = ports[1];
-	*tcp_flags = 0;
-	if (proto == IPPROTO_TCP && bpf_skb_load_bytes(skb, off + TCP_FLAGS_OFF, tcp_flags, 1))
-		return -1;
-	return 0;
+		if (bpf_skb_load_bytes(skb, off, &tcp, sizeof(tcp)) || tcp.doff < 5)
+			return -1;
+		*sport = tcp.source;
+		*dport = tcp.dest;
+		*tcp_flags = ((__u8 *)&tcp)[TCP_FLAGS_OFF];
+		return 0;
+	}
+	if (proto == IPPROTO_UDP) {
+		struct udphdr udp;
+
+		if (bpf_skb_load_bytes(skb, off, &udp, sizeof(udp)))
+			return -1;
+		*sport = udp.source;
+		*dport = udp.dest;
+		*tcp_flags = 0;
+		return 0;
+	}
+	return -1;
 }
 
 static __always_inline int parse4(struct __sk_buff *skb, struct flow4 *f)
 {
 	struct iphdr ip;
 
-	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)))
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) || ip.version != 4)
 		return -1;
 	if (ip.ihl != 5 || (ip.frag_off & bpf_htons(0x3fff)))
 		return -1; /* IP options and fragments are left to the stack */
@@ -111,7 +122,7 @@ static __always_inline int parse6(struct __sk_buff *skb, struct flow6 *f)
 {
 	struct ipv6hdr ip;
 
-	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)))
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) || ip.version != 6)
 		return -1;
 	__builtin_memcpy(f->saddr, &ip.saddr, 16);
 	__builtin_memcpy(f->daddr, &ip.daddr, 16);
@@ -599,8 +610,15 @@ static __always_inline int new_flow4(struct __sk_buff *skb, struct flow4 *f, __u
 	key.port = f->dport;
 	key.proto = f->proto;
 	svc = services4.lookup(&key);
-	if (!svc)
-		return TC_ACT_OK; /* not ours: the stack decides */
+	if (!svc) {
+		/* A NodePort, on one of the node addresses NodePorts answer on: the wildcard frontend. */
+		if (!nodeport_addrs4.lookup(&f->daddr))
+			return TC_ACT_OK; /* not ours: the stack decides */
+		key.addr = 0;
+		svc = services4.lookup(&key);
+		if (!svc)
+			return TC_ACT_OK;
+	}
 	if (from_pod) {
 		/* A chained pod is an in-cluster client: any frontend, and the internal scope when it has two; kube-proxy's
 		 * loadBalancerSourceRanges firewall applies to it as to any source. */
@@ -659,6 +677,8 @@ static __always_inline int new_flow4(struct __sk_buff *skb, struct flow4 *f, __u
 	oval.backend_id = backend_id;
 	oval.rev_nat_id = svc->rev_nat_id;
 	oval.flags = ct_flags_after(0, f->tcp_flags);
+	oval.fe_addr = f->daddr; /* what the client dialled: its replies come from there */
+	oval.fe_port = f->dport;
 
 	rkey.src = backend->addr;
 	rkey.sport = backend->port;
@@ -667,6 +687,8 @@ static __always_inline int new_flow4(struct __sk_buff *skb, struct flow4 *f, __u
 	rval.last_seen_ns = now;
 	rval.backend_id = backend_id;
 	rval.rev_nat_id = svc->rev_nat_id;
+	rval.fe_addr = f->daddr;
+	rval.fe_port = f->dport;
 
 	if (from_pod || (backend->flags & KPR_BACKEND_F_NODE_LOCAL)) {
 		/* The backend answers the client directly (a pod's own address is routable in the cluster); egress toward
@@ -722,7 +744,6 @@ static __always_inline int ingress4(struct __sk_buff *skb, bool from_pod)
 	struct ct_key4 key = {};
 	struct ct_value4 *ct;
 	struct backend4 *backend;
-	struct rev_nat4 *frontend;
 	__u64 now = bpf_ktime_get_ns();
 
 	if (parse4(skb, &f))
@@ -761,18 +782,13 @@ static __always_inline int ingress4(struct __sk_buff *skb, bool from_pod)
 	key.dir = KPR_CT_REPLY;
 	ct = from_pod ? NULL : ct4.lookup(&key); /* masqueraded replies come back on node devices only */
 	if (ct && (ct->flags & KPR_CT_F_SNAT)) {
-		/* A masqueraded flow's reply: from the frontend, to the client. */
-		__u32 rev_nat_id = ct->rev_nat_id;
-		__be32 client = ct->addr;
-		__be16 client_port = ct->port;
+		/* A masqueraded flow's reply: from the frontend the client dialled, to the client. */
+		__be32 client = ct->addr, frontend = ct->fe_addr;
+		__be16 client_port = ct->port, frontend_port = ct->fe_port;
 
-		frontend = rev_nat4.lookup(&rev_nat_id);
-		if (!frontend)
-			return TC_ACT_SHOT;
 		ct->last_seen_ns = now;
 		ct->flags = ct_flags_after(ct->flags, f.tcp_flags);
-		if (rewrite4(skb, &f, false, frontend->addr, frontend->port) ||
-		    rewrite4(skb, &f, true, client, client_port))
+		if (rewrite4(skb, &f, false, frontend, frontend_port) || rewrite4(skb, &f, true, client, client_port))
 			return TC_ACT_SHOT;
 		counter_inc(KPR_CNT_TC_REVNAT);
 		return redirect4(skb, &f);
@@ -785,8 +801,8 @@ static __always_inline int egress4(struct __sk_buff *skb)
 	struct flow4 f = {};
 	struct ct_key4 key = {};
 	struct ct_value4 *ct;
-	struct rev_nat4 *frontend;
-	__u32 rev_nat_id;
+	__be32 frontend;
+	__be16 frontend_port;
 
 	if (parse4(skb, &f))
 		return TC_ACT_OK;
@@ -799,14 +815,12 @@ static __always_inline int egress4(struct __sk_buff *skb)
 	ct = ct4.lookup(&key);
 	if (!ct || (ct->flags & KPR_CT_F_SNAT))
 		return TC_ACT_OK;
-	rev_nat_id = ct->rev_nat_id;
-	frontend = rev_nat4.lookup(&rev_nat_id);
-	if (!frontend)
-		return TC_ACT_OK;
+	frontend = ct->fe_addr;
+	frontend_port = ct->fe_port;
 	ct->last_seen_ns = bpf_ktime_get_ns();
 	ct->flags = ct_flags_after(ct->flags, f.tcp_flags);
-	/* A node-local backend's reply leaves for the client: show the frontend as its source. */
-	if (rewrite4(skb, &f, false, frontend->addr, frontend->port))
+	/* A node-local backend's reply leaves for the client: show the frontend it dialled as its source. */
+	if (rewrite4(skb, &f, false, frontend, frontend_port))
 		return TC_ACT_SHOT;
 	counter_inc(KPR_CNT_TC_REVNAT);
 	return TC_ACT_OK;
@@ -891,8 +905,15 @@ static __always_inline int new_flow6(struct __sk_buff *skb, struct flow6 *f, __u
 	key.port = f->dport;
 	key.proto = f->proto;
 	svc = services6.lookup(&key);
-	if (!svc)
-		return TC_ACT_OK; /* not ours: the stack decides */
+	if (!svc) {
+		/* A NodePort, on one of the node addresses NodePorts answer on: the wildcard frontend. */
+		if (!nodeport_addrs6.lookup((struct nodeport_addr6 *)f->daddr))
+			return TC_ACT_OK; /* not ours: the stack decides */
+		__builtin_memset(key.addr, 0, 16);
+		svc = services6.lookup(&key);
+		if (!svc)
+			return TC_ACT_OK;
+	}
 	if (from_pod) {
 		/* A chained pod is an in-cluster client: any frontend, and the internal scope when it has two; kube-proxy's
 		 * loadBalancerSourceRanges firewall applies to it as to any source. */
@@ -951,6 +972,8 @@ static __always_inline int new_flow6(struct __sk_buff *skb, struct flow6 *f, __u
 	oval.backend_id = backend_id;
 	oval.rev_nat_id = svc->rev_nat_id;
 	oval.flags = ct_flags_after(0, f->tcp_flags);
+	__builtin_memcpy(oval.fe_addr, f->daddr, 16); /* what the client dialled: its replies come from there */
+	oval.fe_port = f->dport;
 
 	__builtin_memcpy(rkey.src, backend->addr, 16);
 	rkey.sport = backend->port;
@@ -959,6 +982,8 @@ static __always_inline int new_flow6(struct __sk_buff *skb, struct flow6 *f, __u
 	rval.last_seen_ns = now;
 	rval.backend_id = backend_id;
 	rval.rev_nat_id = svc->rev_nat_id;
+	__builtin_memcpy(rval.fe_addr, f->daddr, 16);
+	rval.fe_port = f->dport;
 
 	if (from_pod || (backend->flags & KPR_BACKEND_F_NODE_LOCAL)) {
 		__builtin_memcpy(rkey.dst, f->saddr, 16);
@@ -1011,7 +1036,6 @@ static __always_inline int ingress6(struct __sk_buff *skb, bool from_pod)
 	struct ct_key6 key = {};
 	struct ct_value6 *ct;
 	struct backend6 *backend;
-	struct rev_nat6 *frontend;
 	__u64 now = bpf_ktime_get_ns();
 
 	if (parse6(skb, &f))
@@ -1051,18 +1075,14 @@ static __always_inline int ingress6(struct __sk_buff *skb, bool from_pod)
 	key.dir = KPR_CT_REPLY;
 	ct = from_pod ? NULL : ct6.lookup(&key);
 	if (ct && (ct->flags & KPR_CT_F_SNAT)) {
-		__u32 rev_nat_id = ct->rev_nat_id;
-		__be32 client[4];
-		__be16 client_port = ct->port;
+		__be32 client[4], frontend[4];
+		__be16 client_port = ct->port, frontend_port = ct->fe_port;
 
 		__builtin_memcpy(client, ct->addr, 16);
-		frontend = rev_nat6.lookup(&rev_nat_id);
-		if (!frontend)
-			return TC_ACT_SHOT;
+		__builtin_memcpy(frontend, ct->fe_addr, 16);
 		ct->last_seen_ns = now;
 		ct->flags = ct_flags_after(ct->flags, f.tcp_flags);
-		if (rewrite6(skb, &f, false, frontend->addr, frontend->port) ||
-		    rewrite6(skb, &f, true, client, client_port))
+		if (rewrite6(skb, &f, false, frontend, frontend_port) || rewrite6(skb, &f, true, client, client_port))
 			return TC_ACT_SHOT;
 		counter_inc(KPR_CNT_TC_REVNAT);
 		return redirect6(skb, &f);
@@ -1075,8 +1095,8 @@ static __always_inline int egress6(struct __sk_buff *skb)
 	struct flow6 f = {};
 	struct ct_key6 key = {};
 	struct ct_value6 *ct;
-	struct rev_nat6 *frontend;
-	__u32 rev_nat_id;
+	__be32 frontend[4];
+	__be16 frontend_port;
 
 	if (parse6(skb, &f))
 		return TC_ACT_OK;
@@ -1089,13 +1109,11 @@ static __always_inline int egress6(struct __sk_buff *skb)
 	ct = ct6.lookup(&key);
 	if (!ct || (ct->flags & KPR_CT_F_SNAT))
 		return TC_ACT_OK;
-	rev_nat_id = ct->rev_nat_id;
-	frontend = rev_nat6.lookup(&rev_nat_id);
-	if (!frontend)
-		return TC_ACT_OK;
+	__builtin_memcpy(frontend, ct->fe_addr, 16);
+	frontend_port = ct->fe_port;
 	ct->last_seen_ns = bpf_ktime_get_ns();
 	ct->flags = ct_flags_after(ct->flags, f.tcp_flags);
-	if (rewrite6(skb, &f, false, frontend->addr, frontend->port))
+	if (rewrite6(skb, &f, false, frontend, frontend_port))
 		return TC_ACT_SHOT;
 	counter_inc(KPR_CNT_TC_REVNAT);
 	return TC_ACT_OK;

@@ -22,16 +22,19 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kpr import log
 from kpr.agent.healthcheck import HealthChecks
 from kpr.agent.metrics import Metrics
 from kpr.agent.store import Store
 from kpr.datapath import abi, netns, sockets
+from kpr.datapath.addresses import AddressWatch, local_addresses
 from kpr.datapath.flows import scan_flows
+from kpr.datapath.inspect import nodeport_addresses_from
 from kpr.datapath.loader import default_route_devices, load_and_attach_isolated
 from kpr.datapath.writers import MapWriteError, MapWriter, PinnedMapWriter
+from kpr.model.nodeports import nodeport_addresses
 from kpr.model.translate import local_ready_endpoints, needs_health_check, node_eligible, translate
 from kpr.model.types import EndpointSliceSpec, NodeInfo, ServiceKey, ServiceSpec
 from kpr.reconcile.reconciler import FlowEnds, Reconciler, ServiceSyncError
@@ -56,7 +59,7 @@ class AgentConfig:
     drift_check_period: float = 300.0
     sync_period: float = 30.0  # a queued change older than twice this makes /healthz fail, as in kube-proxy
     watch_idle_timeout: float = 90.0
-    nodeport_cidrs: list[str] | None = None
+    nodeport_addresses: tuple[str, ...] = ()  # --nodeport-addresses, parsed; empty: all
     devices: list[str] | None = None  # node devices for north-south traffic; None: those of the default routes
     socket_lb: str = "full"  # full | hostns-only (chained pods are served at their veth) | off
 
@@ -67,7 +70,7 @@ class Agent:
         self.metrics = metrics or Metrics()
         self.log = log.get("kpr.agent").bind(node=config.node_name)
         self.store = Store(NodeInfo(config.node_name))
-        self.events: queue.Queue[Event] = queue.Queue()
+        self.events: queue.Queue[Event | AddressesChanged] = queue.Queue()
         self.stop_event = threading.Event()
         self.synced_kinds: set[str] = set()
         self.programming = False  # True once the first full sync is done
@@ -82,6 +85,9 @@ class Agent:
         self.last_sweep: dict[str, Any] = {}  # the last socket sweep's result, for `kpr status`
         self.next_netns_refresh = 0.0
         self.netns_written: dict[int, tuple[str, str]] = {}  # netns cookie -> (IPv4, IPv6) in netns_addrs
+        self.local_addresses: list[str] = []  # the node's own addresses (its network namespace's)
+        self.nodeport_written: dict[str, bool] = {}  # NodePort address -> loopback-only, as in nodeport_addrs4/6
+        self.address_watch: AddressWatch | None = None
         self.reconciler: Reconciler | None = None
         self.source: Any = None
         self.devices: list[str] = []
@@ -117,6 +123,8 @@ class Agent:
                 bpffs=str(self.config.bpffs_dir),
             )
             writer = PinnedMapWriter(self.config.bpffs_dir)
+            self.address_watch = AddressWatch(lambda: self.events.put(AddressesChanged())).start()
+            self.local_addresses = local_addresses()
         self.reconciler = Reconciler(writer)
         restored = self.reconciler.restore()
         self.log.info(
@@ -127,23 +135,28 @@ class Agent:
             orphans=restored.orphans,
         )
         self._update_gauges()
+        self.nodeport_written = nodeport_addresses_from(writer)  # a restart keeps them until told otherwise
+        self.update_nodeport_addresses()
         self.source = source if source is not None else self._make_source()
         self.source.start()
+
+    def _source_queue(self) -> queue.Queue[Event]:
+        """The agent's queue as the sources see it: they put only their events on it."""
+        return cast("queue.Queue[Event]", self.events)
 
     def _make_source(self) -> Any:
         if self.config.manifests is not None:
             from kpr.sources.manifests import ManifestPoller, ManifestSource
 
-            manifests = ManifestSource(self.config.manifests, self.config.node_name, self.config.nodeport_cidrs)
+            manifests = ManifestSource(self.config.manifests, self.config.node_name)
             self.log.info("watching manifests", directory=str(self.config.manifests))
-            return ManifestPoller(manifests, self.events, self.stop_event, self.config.poll_interval)
+            return ManifestPoller(manifests, self._source_queue(), self.stop_event, self.config.poll_interval)
         from kpr.k8s.watch import ApiSource, api_client
 
         source = ApiSource(
             api_client(self.config.kubeconfig),
             self.config.node_name,
-            self.events,
-            nodeport_cidrs=self.config.nodeport_cidrs,
+            self._source_queue(),
             idle_timeout=self.config.watch_idle_timeout,
         )
         self.log.info("watching the Kubernetes API", kubeconfig=self.config.kubeconfig or "in-cluster")
@@ -164,6 +177,8 @@ class Agent:
     def stop(self) -> None:
         self.stop_event.set()
         self.health_checks.close()
+        if self.address_watch is not None:
+            self.address_watch.close()
         if self.source is not None and hasattr(self.source, "close"):
             self.source.close()
 
@@ -216,7 +231,11 @@ class Agent:
         deadlines.extend(when for when, _ in self.retry_at.values())
         return max(0.0, min(deadlines) - now)
 
-    def _take(self, event: Event) -> None:
+    def _take(self, event: Event | AddressesChanged) -> None:
+        if isinstance(event, AddressesChanged):
+            self.local_addresses = local_addresses()
+            self.update_nodeport_addresses()
+            return
         if isinstance(event, SourceError):
             self.metrics.source_errors.labels(kind=event.kind or "manifest", reason=event.reason).inc()
             self._remember_error(f"{event.kind or 'manifest'}: {event.message}")
@@ -227,7 +246,10 @@ class Agent:
         if isinstance(event, Upsert) and isinstance(event.obj, EndpointSliceSpec) and event.obj.trigger_time:
             key = event.obj.service_key
             self.trigger_times[key] = min(self.trigger_times.get(key, event.obj.trigger_time), event.obj.trigger_time)
+        primary_ips = self.store.node.primary_ips
         touched = self.store.apply(event)
+        if self.store.node.primary_ips != primary_ips:  # --nodeport-addresses primary follows the Node
+            self.update_nodeport_addresses()
         if isinstance(event, Replace) and event.kind not in self.synced_kinds:
             self.synced_kinds.add(event.kind)
             self.log.info("initial list in", kind=event.kind)
@@ -363,6 +385,27 @@ class Agent:
         self.metrics.lingering.labels(kind="frontend").set(self.lingering_seen[1])
         if ends:
             self._end_udp_sockets(ends)
+
+    def update_nodeport_addresses(self) -> None:
+        """Keep nodeport_addrs4/6, the node addresses NodePorts answer on, as --nodeport-addresses selects them from
+        the node's own addresses: added before removed, so no address that stays ever goes missing."""
+        assert self.reconciler is not None
+        wanted = nodeport_addresses(self.config.nodeport_addresses, self.local_addresses, self.store.node.primary_ips)
+        writer = self.reconciler.writer
+        try:
+            for addr, loopback in wanted.items():
+                if self.nodeport_written.get(addr) != loopback:
+                    flags = abi.U8(abi.NODEPORT_F_LOOPBACK if loopback else 0)
+                    writer.update(*_nodeport_key(addr), flags)
+                    self.nodeport_written[addr] = loopback
+            for addr in sorted(set(self.nodeport_written) - set(wanted)):
+                writer.delete(*_nodeport_key(addr))
+                del self.nodeport_written[addr]
+        except MapWriteError as e:
+            self.log.error("NodePort addresses not programmed", error=str(e))
+            self._remember_error(f"NodePort addresses: {e}")
+            return
+        self.log.info("NodePorts answer on", addresses=sorted(wanted))
 
     def refresh_namespace_addresses(self) -> None:
         """Keep netns_addrs, the source address of each of the node's network namespaces, for the socket hooks'
@@ -508,6 +551,16 @@ class Agent:
         self.metrics.services.set(len(self.reconciler.by_service))
         self.metrics.frontends.set(len(self.reconciler.frontends))
         self.metrics.backends.set(len(self.reconciler.backends))
+
+
+class AddressesChanged:
+    """An address of the node was added or removed (from the netlink watch): NodePort addresses follow."""
+
+
+def _nodeport_key(addr: str) -> tuple[str, Any]:
+    if ":" in addr:
+        return "nodeport_addrs6", abi.NodePortAddr6(addr=abi.be32x4_of_ipv6(addr))
+    return "nodeport_addrs4", abi.U32(abi.be32_of_ipv4(addr))
 
 
 def _fmt(address: tuple[str, int, str]) -> str:

@@ -73,9 +73,7 @@ class _V4Server(ThreadingHTTPServer):
     daemon_threads = True
 
 
-def listen(
-    host: str, port: int, handler: type[BaseHTTPRequestHandler], *, v6only: bool = False
-) -> ThreadingHTTPServer:
+def listen(host: str, port: int, handler: type[BaseHTTPRequestHandler], *, v6only: bool = False) -> ThreadingHTTPServer:
     """An HTTP server on host:port: "", "0.0.0.0" and "::" listen on every address of both families (one dual-stack
     socket, as Go does; `v6only` keeps "::" to IPv6, for a per-family listener); "0.0.0.0" falls back to IPv4 alone
     on a kernel without IPv6."""

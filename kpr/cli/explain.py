@@ -13,6 +13,7 @@ from typing import Any
 
 from kpr.datapath import abi
 from kpr.datapath.inspect import FrontendRow, ScopeRow, fmt_address
+from kpr.model.nodeports import WILDCARD
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 
@@ -33,6 +34,7 @@ class Explanation:
     candidates: list[str] = field(default_factory=list)
     affinity_timeout: int = 0
     steps: list[str] = field(default_factory=list)
+    frontend: str = ""  # the frontend entry that matched (a NodePort's is at the wildcard address)
     draining: list[str] = field(default_factory=list)  # backends outside the slots still carrying tracked flows
 
     def as_dict(self) -> dict[str, Any]:
@@ -62,11 +64,13 @@ def explain(
     *,
     external: bool = False,
     draining: dict[str, list[str]] | None = None,
+    nodeport_addresses: dict[str, bool] | None = None,
 ) -> Explanation:
     """`draining` (kpr.datapath.inspect.draining_flows) names the backends outside the slots that tracked flows of
-    each frontend still use; the explanation mentions them."""
-    ex = _explain(rows, source, destination, external)
-    held = (draining or {}).get(ex.destination)
+    each frontend still use; `nodeport_addresses` (inspect.read_nodeport_addresses) are the node addresses NodePorts
+    answer on, each with whether it serves the node's own sockets only (loopback)."""
+    ex = _explain(rows, source, destination, external, nodeport_addresses or {})
+    held = (draining or {}).get(ex.frontend)
     if held and ex.verdict != "not-a-frontend":
         ex.draining = held
         ex.steps.append(
@@ -76,7 +80,9 @@ def explain(
     return ex
 
 
-def _explain(rows: list[FrontendRow], source: str, destination: str, external: bool) -> Explanation:
+def _explain(
+    rows: list[FrontendRow], source: str, destination: str, external: bool, nodeport_addresses: dict[str, bool]
+) -> Explanation:
     addr, port, proto = parse_destination(destination)
     try:
         src = str(ipaddress.ip_address(source))
@@ -89,13 +95,29 @@ def _explain(rows: list[FrontendRow], source: str, destination: str, external: b
     ex.steps.append(f"The flow {where}; kpr looks up {dst} in services{'6' if ':' in addr else '4'}.")
 
     row = next((r for r in rows if r.frontend == dst), None)
+    wildcard = fmt_address(WILDCARD[6 if ":" in addr else 4], port, proto)
+    nodeport = next((r for r in rows if r.frontend == wildcard), None) if row is None else None
+    if nodeport is not None and addr in nodeport_addresses:
+        loopback_only = nodeport_addresses[addr]
+        if loopback_only and external:
+            nodeport = None
+        else:
+            row = nodeport
+            ex.steps.append(
+                f"No frontend has this exact address, but {addr} is one of the node addresses NodePorts answer on"
+                + (" (loopback: for the node's own sockets only)" if loopback_only else "")
+                + f", so the NodePort frontend {wildcard} serves it."
+            )
     if row is None:
         host = dst.rsplit(":", 1)[0]
         others = [r.frontend for r in rows if r.frontend.rsplit(":", 1)[0] == host]
         hint = f" (this address is a frontend on {', '.join(sorted(others))})" if others else ""
+        if nodeport is not None:
+            hint = f" (NodePort {port}/{proto} answers on {', '.join(sorted(nodeport_addresses)) or 'no address'} only)"
         ex.steps.append(f"No frontend matches{hint}: kpr leaves the flow alone and it goes where routing sends it.")
         return ex
 
+    ex.frontend = row.frontend
     ex.service = row.service + (f":{row.port_name}" if row.port_name else "")
     ex.kind = row.kind
     ex.affinity_timeout = row.affinity_timeout

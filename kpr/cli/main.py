@@ -123,8 +123,10 @@ def _map_sizes(values: tuple[str, ...]) -> dict[str, int]:
 @click.option(
     "--nodeport-addresses",
     default="",
-    metavar="CIDR[,CIDR...]",
-    help="Serve NodePorts only on node addresses inside these CIDRs (like kube-proxy's flag); default: all.",
+    metavar="CIDR|KEYWORD[,...]",
+    help="The node addresses NodePorts answer on, as kube-proxy's flag: CIDRs and the keywords primary (the Node's "
+    "node IP of each family), localhost (127.0.0.0/8, ::1) and all; a family without a CIDR matches all of its "
+    "addresses. Default: all (kube-proxy's iptables mode), 127.0.0.1 included for the node's own sockets.",
 )
 @click.option(
     "--sync-period",
@@ -184,12 +186,12 @@ def agent(
     from kpr.agent import http
     from kpr.agent.agent import Agent, AgentConfig
     from kpr.datapath.loader import DatapathError
-    from kpr.k8s.convert import InvalidObject, parse_cidrs
+    from kpr.model import nodeports
 
     log.configure(log_format, log_level)
     try:
-        cidrs = list(parse_cidrs(c for c in nodeport_addresses.split(",") if c.strip())) or None
-    except InvalidObject as e:
+        nodeport_spec = nodeports.parse(nodeport_addresses.split(","))
+    except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--nodeport-addresses") from e
     config = AgentConfig(
         node_name=node_name,
@@ -201,7 +203,7 @@ def agent(
         min_sync_period=min_sync_period,
         drift_check_period=drift_check_period,
         watch_idle_timeout=watch_idle_timeout,
-        nodeport_cidrs=cidrs,
+        nodeport_addresses=nodeport_spec,
         sync_period=sync_period,
         devices=None if devices is None else [d.strip() for d in devices.split(",") if d.strip()],
         socket_lb=socket_lb,
@@ -299,12 +301,15 @@ def explain(bpffs_dir: Path, output: str, external: bool, source: str, destinati
     """
     from kpr.cli.explain import BadTarget, explanation_text
     from kpr.cli.explain import explain as explain_flow
-    from kpr.datapath.inspect import read_draining_flows, read_services
+    from kpr.datapath.inspect import read_draining_flows, read_nodeport_addresses, read_services
 
     rows = _read_maps(bpffs_dir, read_services)
     draining = _read_maps(bpffs_dir, read_draining_flows)
+    nodeports = _read_maps(bpffs_dir, read_nodeport_addresses)
     try:
-        result = explain_flow(rows, source, destination, external=external, draining=draining)
+        result = explain_flow(
+            rows, source, destination, external=external, draining=draining, nodeport_addresses=nodeports
+        )
     except BadTarget as e:
         raise click.BadParameter(str(e)) from e
     click.echo(json.dumps(result.as_dict(), indent=2) if output == "json" else explanation_text(result))

@@ -149,6 +149,9 @@ def status_text(s: dict[str, Any], now: float, verbose: bool = False) -> str:
     row("Socket LB", f"{mode}: {hooks}/{total} hooks attached to {s['cgroup']}")
     devices = (agent or {}).get("devices") or []
     row("North-south", f"tc on {', '.join(devices)} (ingress and egress)" if devices else "not configured")
+    nodeports = s.get("nodeport_addresses") or {}
+    if nodeports:
+        row("NodePorts on", ", ".join(a + (" (the node's own sockets)" if lo else "") for a, lo in nodeports.items()))
     k = s["kernel"]
     row(
         "Kernel",

@@ -253,6 +253,9 @@ class CtValue4(ctypes.Structure):
         ("port", ctypes.c_uint16),
         ("flags", ctypes.c_uint8),
         ("pad", ctypes.c_uint8),
+        ("fe_addr", ctypes.c_uint32),
+        ("fe_port", ctypes.c_uint16),
+        ("pad2", ctypes.c_uint16),
     ]
 
 
@@ -265,6 +268,10 @@ class CtValue6(ctypes.Structure):
         ("port", ctypes.c_uint16),
         ("flags", ctypes.c_uint8),
         ("pad", ctypes.c_uint8),
+        ("fe_addr", Be32x4),
+        ("fe_port", ctypes.c_uint16),
+        ("pad2", ctypes.c_uint16),
+        ("pad3", ctypes.c_uint32),
     ]
 
 
@@ -282,6 +289,13 @@ SOCKET_LB_HOSTNS_ONLY = 1
 
 class KprConfig(ctypes.Structure):
     _fields_ = [("host_netns_cookie", ctypes.c_uint64), ("socket_lb", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+NODEPORT_F_LOOPBACK = 0x01
+
+
+class NodePortAddr6(ctypes.Structure):
+    _fields_ = [("addr", Be32x4)]
 
 
 class DeviceInfo(ctypes.Structure):
@@ -325,6 +339,8 @@ MAPS: dict[str, MapSpec] = {
         MapSpec("src_ranges6", SrcRangeKey6, U8),
         MapSpec("devices", U32, DeviceInfo),
         MapSpec("netns_addrs", U64, DeviceInfo),
+        MapSpec("nodeport_addrs4", U32, U8),
+        MapSpec("nodeport_addrs6", NodePortAddr6, U8),
         MapSpec("tc_tails", U32, U32, programs=True),
         MapSpec("config", U32, KprConfig, array=True),
     )

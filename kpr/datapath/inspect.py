@@ -240,18 +240,17 @@ class FlowRow:
 
 def read_conntrack(bpffs_dir: Path) -> list[FlowRow]:
     """The tc path's flows (ct4/ct6), newest first, with their frontend and backend resolved."""
-    writer = PinnedMapWriter(bpffs_dir, ["ct4", "ct6", "rev_nat4", "rev_nat6", "backends4", "backends6"])
+    writer = PinnedMapWriter(bpffs_dir, ["ct4", "ct6", "backends4", "backends6"])
     now = time.monotonic_ns()  # bpf_ktime_get_ns() is CLOCK_MONOTONIC too
     try:
         rows = []
         for fam in ("4", "6"):
-            frontends = {int(k.value): codec.decode_rev_nat(v) for k, v in writer.items(f"rev_nat{fam}")}
             backends = {int(k.value): codec.decode_backend(v) for k, v in writer.items(f"backends{fam}")}
             for key, value in writer.items(f"ct{fam}"):
                 protocol = PROTOCOL_NAMES.get(key.proto, str(key.proto))
                 src = fmt_address(codec.addr_of(key.src), abi.port_of_be16(key.sport), protocol)
                 dst = fmt_address(codec.addr_of(key.dst), abi.port_of_be16(key.dport), protocol)
-                fe = frontends.get(value.rev_nat_id)
+                fe = (codec.addr_of(value.fe_addr), abi.port_of_be16(value.fe_port))  # what the client dialled
                 be = backends.get(value.backend_id)
                 nat = ""
                 if value.flags & abi.CT_F_SNAT:
@@ -262,7 +261,7 @@ def read_conntrack(bpffs_dir: Path) -> list[FlowRow]:
                         "reply" if key.dir == abi.CT_REPLY else "original",
                         src.rsplit("/", 1)[0],
                         dst.rsplit("/", 1)[0],
-                        fmt_address(fe[0], fe[1], protocol) if fe else f"(gone: {value.rev_nat_id})",
+                        fmt_address(fe[0], fe[1], protocol),
                         fmt_address(be.addr, be.port, be.protocol) if be else f"(gone: {value.backend_id})",
                         nat.rsplit("/", 1)[0],
                         bool(value.flags & abi.CT_F_CLOSING),
@@ -272,6 +271,26 @@ def read_conntrack(bpffs_dir: Path) -> list[FlowRow]:
         return sorted(rows, key=lambda r: (r.idle_seconds, r.protocol, r.source))
     finally:
         writer.close()
+
+
+def read_nodeport_addresses(bpffs_dir: Path) -> dict[str, bool]:
+    """The node addresses NodePorts answer on (nodeport_addrs4/6), each with whether it is loopback-only."""
+    writer = PinnedMapWriter(bpffs_dir, ["nodeport_addrs4", "nodeport_addrs6"])
+    try:
+        return nodeport_addresses_from(writer)
+    finally:
+        writer.close()
+
+
+def nodeport_addresses_from(writer: MapWriter) -> dict[str, bool]:
+    out = {
+        abi.ipv4_of_be32(int(k.value)): bool(v.value & abi.NODEPORT_F_LOOPBACK)
+        for k, v in writer.items("nodeport_addrs4")
+    }
+    out |= {
+        abi.ipv6_of_be32x4(k.addr): bool(v.value & abi.NODEPORT_F_LOOPBACK) for k, v in writer.items("nodeport_addrs6")
+    }
+    return dict(sorted(out.items()))
 
 
 def read_draining_flows(bpffs_dir: Path) -> dict[str, list[str]]:

@@ -49,6 +49,7 @@ DEFAULT_MAP_SIZES = {
     "KPR_CT_MAX": 262144,
     "KPR_SRC_RANGES_MAX": 16384,
     "KPR_NETNS_ADDRS_MAX": 16384,
+    "KPR_NODEPORT_ADDRS_MAX": 4096,
 }
 
 
@@ -184,11 +185,15 @@ class TcLB:
     devices: list[str]
     map_sizes: dict[str, int] = field(default_factory=dict)
 
-    def load_and_attach(self) -> list[dict[str, object]]:
+    def load(self) -> tuple[Any, dict[str, Any]]:
+        """Compile tc.c against the pinned maps, load every program, pin the pod programs and fill tc_tails.
+
+        Attaches nothing. Returns the BCC object (keep it while the programs are used) and the programs by name,
+        each with its `.fd`; packet-fixture tests run them with BPF_PROG_TEST_RUN (kpr.datapath.testrun).
+        """
         import ctypes as ct
 
         from bcc import BPF
-        from pyroute2 import IPRoute
 
         cflags = [f'-DKPR_PIN_DIR="{self.bpffs_dir}"', f"-I{abi.BPF_DIR}", *map_size_flags(self.map_sizes)]
         try:
@@ -208,6 +213,12 @@ class TcLB:
         tails = bpf.get_table("tc_tails")
         for index, name in TC_TAILS.items():
             tails[ct.c_int(index)] = ct.c_int(fns[name].fd)
+        return bpf, fns
+
+    def load_and_attach(self) -> list[dict[str, object]]:
+        from pyroute2 import IPRoute
+
+        _, fns = self.load()
         attached: list[dict[str, object]] = []
         devices_map = bpfsys.Map(str(self.bpffs_dir / "devices"), abi.U32, abi.DeviceInfo)
         with IPRoute() as ipr, devices_map:

@@ -48,7 +48,7 @@ SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
 TRAFFIC_POLICIES = ("Cluster", "Local")
 ADDRESS_TYPES = ("IPv4", "IPv6", "FQDN")
 MAX_AFFINITY_TIMEOUT = 86400  # Kubernetes' MaxClientIPServiceAffinitySeconds
-_NODEPORT_ADDRESS_TYPES = ("InternalIP", "ExternalIP")
+_NODE_IP_ADDRESS_TYPES = ("InternalIP", "ExternalIP")
 _EMPTY: Mapping[str, Any] = {}
 _SLOPPY_IPV4 = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}$")
 
@@ -413,39 +413,29 @@ def parse_trigger_time(value: Any) -> float | None:
 # --- Node ----------------------------------------------------------------------------------------------------------
 
 
-def node_from_dict(d: Mapping[str, Any], nodeport_address_filter: Sequence[str] | None = None) -> NodeInfo:
-    """The agent's own node: name, zone, and the addresses NodePort frontends listen on.
-
-    nodeport_addresses are the node's InternalIP and ExternalIP addresses, canonical, de-duplicated, in order. The
-    optional filter is a list of CIDRs as kube-proxy's --nodeport-addresses: keep only addresses inside one of them.
-    """
+def node_from_dict(d: Mapping[str, Any]) -> NodeInfo:
+    """The agent's own node: name, zone, its node IP per family (from its InternalIP and ExternalIP addresses),
+    whether it is being deleted and its taints."""
     meta = _map(d.get("metadata"))
     obj = _label("Node", meta, namespaced=False)
     name = _str(meta.get("name"))
     if not name:
         raise InvalidObject(f"{obj}: metadata.name is missing")
     labels = {str(k): str(v) for k, v in _map(meta.get("labels")).items()}
-    addresses: list[str] = []
-    by_type: dict[str, list[str]] = {kind: [] for kind in _NODEPORT_ADDRESS_TYPES}
+    by_type: dict[str, list[str]] = {kind: [] for kind in _NODE_IP_ADDRESS_TYPES}
     for i, raw in enumerate(_seq(_map(d.get("status")).get("addresses"))):
         a = _map(raw)
-        if a.get("type") in _NODEPORT_ADDRESS_TYPES:
-            addresses.append(_ip(obj, f"status.addresses[{i}].address", a.get("address")))
-            by_type[str(a.get("type"))].append(addresses[-1])
+        if a.get("type") in _NODE_IP_ADDRESS_TYPES:
+            by_type[str(a.get("type"))].append(_ip(obj, f"status.addresses[{i}].address", a.get("address")))
     # kube-proxy's node IP per family (utilnode.GetNodeHostIPs): the first InternalIP, else the first ExternalIP
     primary = [
-        next((ip for kind in _NODEPORT_ADDRESS_TYPES for ip in by_type[kind] if (":" in ip) == v6), "")
+        next((ip for kind in _NODE_IP_ADDRESS_TYPES for ip in by_type[kind] if (":" in ip) == v6), "")
         for v6 in (False, True)
     ]
-    if nodeport_address_filter is not None:
-        cidrs = parse_cidrs(nodeport_address_filter, "nodeport address filter", "cidrs")
-        networks = [ipaddress.ip_network(cidr) for cidr in cidrs]
-        addresses = [a for a in addresses if any(ipaddress.ip_address(a) in net for net in networks)]
     taints = tuple(str(_map(t).get("key") or "") for t in _seq(_map(d.get("spec")).get("taints")))
     return NodeInfo(
         name=name,
         zone=labels.get(ZONE_LABEL, ""),
-        nodeport_addresses=_unique(addresses),
         primary_ips=tuple(ip for ip in primary if ip),
         labels=labels,
         being_deleted=bool(meta.get("deletionTimestamp")),

@@ -49,7 +49,7 @@ class Resource:
     selector: dict[str, str]
 
 
-def resources(api_client: Any, node_name: str, nodeport_cidrs: list[str] | None) -> list[Resource]:
+def resources(api_client: Any, node_name: str) -> list[Resource]:
     from kubernetes import client
 
     core = client.CoreV1Api(api_client)
@@ -70,7 +70,7 @@ def resources(api_client: Any, node_name: str, nodeport_cidrs: list[str] | None)
         Resource(
             "Node",
             core.list_node,
-            lambda d: node_from_dict(d, nodeport_cidrs),
+            node_from_dict,
             {"field_selector": f"metadata.name={node_name}"},
         ),
     ]
@@ -316,13 +316,11 @@ class ApiSource:
         node_name: str,
         out: queue.Queue[Event],
         *,
-        nodeport_cidrs: list[str] | None = None,
         idle_timeout: float = 90.0,
     ) -> None:
         self.stop = threading.Event()
         self.reflectors = [
-            Reflector(r, out, self.stop, idle_timeout=idle_timeout)
-            for r in resources(api_client, node_name, nodeport_cidrs)
+            Reflector(r, out, self.stop, idle_timeout=idle_timeout) for r in resources(api_client, node_name)
         ]
 
     def start(self) -> None:

@@ -21,6 +21,7 @@ from ipaddress import ip_address, ip_network
 from socket import AF_INET, AF_INET6, inet_pton
 from typing import NamedTuple
 
+from kpr.model.nodeports import WILDCARD
 from kpr.model.types import (
     Backend,
     BackendState,
@@ -302,11 +303,12 @@ def _family_frontends(
             if _family(ip) == family
         ]
     if service.type in ("NodePort", "LoadBalancer") and port.node_port:
-        out += [
-            frontend(FrontendKind.NODE_PORT, ip, port.node_port, external, internal_backends=external_internal)
-            for ip in node.nodeport_addresses
-            if _family(ip) == family
-        ]
+        # One frontend at the family's wildcard address: the datapath serves it on every node address NodePorts
+        # answer on (nodeport_addrs4/6, kept by the agent from --nodeport-addresses and the node's addresses).
+        wildcard = WILDCARD[6 if family == "IPv6" else 4]
+        out.append(
+            frontend(FrontendKind.NODE_PORT, wildcard, port.node_port, external, internal_backends=external_internal)
+        )
     return out
 
 
@@ -360,9 +362,7 @@ def needs_health_check(service: ServiceSpec) -> bool:
     )
 
 
-def local_ready_endpoints(
-    service: ServiceSpec, slices: Iterable[EndpointSliceSpec], node: NodeInfo
-) -> dict[str, int]:
+def local_ready_endpoints(service: ServiceSpec, slices: Iterable[EndpointSliceSpec], node: NodeInfo) -> dict[str, int]:
     """healthCheckNodePort's localEndpoints per IP family of the service: mirrors EndpointsMap.LocalReadyEndpoints.
 
     The distinct addresses of ready endpoints on this node, over every service port (kube-proxy squashes by IP: a pod

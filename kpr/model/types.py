@@ -99,16 +99,15 @@ class NodeInfo:
 
     name: str
     zone: str = ""  # the topology.kubernetes.io/zone label
-    nodeport_addresses: tuple[str, ...] = ()  # the node addresses NodePort frontends listen on
     primary_ips: tuple[str, ...] = ()  # the node IP of each family (kube-proxy's nodeIPs): first InternalIP, else
     # first ExternalIP of the Node object
     labels: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
     being_deleted: bool = False  # metadata.deletionTimestamp is set
     taints: tuple[str, ...] = ()  # spec.taints[].key
 
-    def translation_facts(self) -> tuple[str, str, tuple[str, ...], tuple[str, ...]]:
+    def translation_facts(self) -> tuple[str, str, tuple[str, ...]]:
         """What translate() reads of the node: a change elsewhere (taints, deletion) re-programs nothing."""
-        return (self.name, self.zone, self.nodeport_addresses, self.primary_ips)
+        return (self.name, self.zone, self.primary_ips)
 
 
 class BackendState(StrEnum):

@@ -58,10 +58,9 @@ def _documents(text: str) -> Iterator[Mapping[str, Any]]:
 
 
 class ManifestSource:
-    def __init__(self, directory: Path, node_name: str, nodeport_cidrs: list[str] | None = None) -> None:
+    def __init__(self, directory: Path, node_name: str) -> None:
         self.directory = directory
         self.node_name = node_name
-        self.nodeport_cidrs = nodeport_cidrs
         self._signatures: dict[Path, tuple[int, int, int]] = {}
         self._objects: dict[Path, dict[ObjectId, Parsed]] = {}  # last good objects per file
         self._errors: dict[Path, list[str]] = {}
@@ -134,7 +133,7 @@ class ManifestSource:
         if kind == "Node":
             if (doc.get("metadata") or {}).get("name") != self.node_name:
                 return None
-            return node_from_dict(doc, self.nodeport_cidrs)
+            return node_from_dict(doc)
         return None  # other kinds (Deployments, ConfigMaps ...) may share the directory
 
     def snapshot(self) -> Snapshot:

@@ -143,7 +143,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         for agent in cl.agents:
             agent.wait_started()
         wait_until(
-            lambda: all(any(r.frontend == f"{n.ipv4}:30084/TCP" for r in read_services(n.bpffs_dir)) for n in (n1, n2)),
+            lambda: all(any(r.frontend == "0.0.0.0:30084/TCP" for r in read_services(n.bpffs_dir)) for n in (n1, n2)),
             20,
             "both nodes programmed",
         )
@@ -317,7 +317,7 @@ def test_a_long_tcp_stream_survives_other_changes_and_a_removed_backend_refuses_
     write_manifest(c.manifests, "stream.yaml", stream_svc)
     wait_until(
         lambda: any(
-            r.frontend == f"{c.n1.ipv4}:30099/TCP" and r.scopes[0].backends for r in read_services(c.n1.bpffs_dir)
+            r.frontend == "0.0.0.0:30099/TCP" and r.scopes[0].backends for r in read_services(c.n1.bpffs_dir)
         ),
         15,
         "stream service",

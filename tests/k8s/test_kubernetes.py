@@ -135,7 +135,7 @@ def test_type_changes_up_to_local_policy_and_its_health_check(cluster: Cluster, 
 
     c.kubectl("patch", "service/morph", "--type=merge", "-p", '{"spec":{"type":"NodePort"}}')
     np = c.service("morph")["node_ports"]["http"]
-    wait_programmed(c, c.n2, f"{c.n2.ipv4}:{np}/TCP", 1)
+    wait_programmed(c, c.n2, f"0.0.0.0:{np}/TCP", 1)  # a NodePort: served on every node address
     assert c.lab.client(c.ext, "tcp", c.n2.ipv4, np, count=5)["ok"] == 5  # remote backend: masqueraded
 
     lb_ip = "172.16.100.7"

@@ -379,7 +379,6 @@ def test_node() -> None:
     node = node_from_dict(load(NODE_YAML))
     assert node.name == "node-a"
     assert node.zone == "zone-a"
-    assert node.nodeport_addresses == ("192.168.0.10", "fd00:192::10", "203.0.113.50")
     assert node.primary_ips == ("192.168.0.10", "fd00:192::10")  # the first InternalIP of each family
     assert node.labels["kubernetes.io/hostname"] == "node-a"
     external_only = node_from_dict(
@@ -388,15 +387,9 @@ def test_node() -> None:
     assert external_only.primary_ips == ("203.0.113.9",)
 
 
-def test_node_address_filter() -> None:
-    node = node_from_dict(load(NODE_YAML), nodeport_address_filter=["192.168.0.0/16", "fd00::/8"])
-    assert node.nodeport_addresses == ("192.168.0.10", "fd00:192::10")
-    assert node_from_dict(load(NODE_YAML), nodeport_address_filter=[]).nodeport_addresses == ()
-
-
 def test_node_without_zone_or_addresses() -> None:
     node = node_from_dict({"metadata": {"name": "bare", "labels": None}, "status": None})
-    assert (node.name, node.zone, node.nodeport_addresses) == ("bare", "", ())
+    assert (node.name, node.zone, node.primary_ips) == ("bare", "", ())
     assert (node.being_deleted, node.taints) == (False, ())
 
 
@@ -423,8 +416,6 @@ def test_node_invalid() -> None:
     d["status"]["addresses"][1]["address"] = "192.168.0.300"
     with pytest.raises(InvalidObject, match=r"^Node node-a: status\.addresses\[1\]\.address '192\.168\.0\.300'"):
         node_from_dict(d)
-    with pytest.raises(InvalidObject, match=r"'10\.0\.0\.0/40'"):
-        node_from_dict(load(NODE_YAML), nodeport_address_filter=["10.0.0.0/40"])
 
 
 # --- kind ---------------------------------------------------------------------------------------------------------

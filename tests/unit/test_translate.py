@@ -1,6 +1,6 @@
 """Table tests for kpr.model.translate, driven by tests/unit/cases/translate/*.yaml.
 
-Each case file holds `node:` (name, zone, nodeportAddresses), `objects:` (raw Service / EndpointSlice manifests,
+Each case file holds `node:` (name, zone, primaryIPs), `objects:` (raw Service / EndpointSlice manifests,
 converted through kpr.k8s.convert as the agent would) and `expect:` (every frontend of every service, compactly):
 
     - frontend: 10.96.0.10:80/TCP        # addr:port/protocol, IPv6 as [addr]:port/protocol
@@ -88,7 +88,6 @@ def run_case(case: Mapping[str, Any]) -> list[Frontend]:
     node = NodeInfo(
         name=raw_node["name"],
         zone=raw_node.get("zone") or "",
-        nodeport_addresses=tuple(raw_node.get("nodeportAddresses") or ()),
         primary_ips=tuple(raw_node.get("primaryIPs") or ()),
     )
     services: list[ServiceSpec] = []
@@ -127,7 +126,7 @@ def test_case_files_exist() -> None:
 
 # --- behaviour the YAML tables do not show well -------------------------------------------------------------------
 
-NODE = NodeInfo(name="node-a", zone="zone-a", nodeport_addresses=("192.168.0.10", "fd00::10"))
+NODE = NodeInfo(name="node-a", zone="zone-a", primary_ips=("192.168.0.10", "fd00::10"))
 
 
 def _slice(
@@ -159,22 +158,22 @@ def test_output_sorted_by_family_address_port_protocol() -> None:
         _slice("v4", "web", "IPv4", [("10.244.0.10", True), ("10.244.0.9", True), ("10.244.0.100", True)]),
     ]
     got = [(fe.addr, fe.port, fe.protocol) for fe in translate(svc, slices, NODE)]
-    assert got == [
+    assert got == [  # NodePorts at the wildcard address of each family: served on every NodePort address
+        ("0.0.0.0", 30008, "TCP"),
+        ("0.0.0.0", 30053, "UDP"),
+        ("0.0.0.0", 30054, "TCP"),
         ("10.96.0.9", 8, "TCP"),
         ("10.96.0.9", 53, "TCP"),
         ("10.96.0.9", 53, "UDP"),
         ("10.96.0.100", 8, "TCP"),
         ("10.96.0.100", 53, "TCP"),
         ("10.96.0.100", 53, "UDP"),
-        ("192.168.0.10", 30008, "TCP"),
-        ("192.168.0.10", 30053, "UDP"),
-        ("192.168.0.10", 30054, "TCP"),
+        ("::", 30008, "TCP"),
+        ("::", 30053, "UDP"),
+        ("::", 30054, "TCP"),
         ("fd00::a", 8, "TCP"),
         ("fd00::a", 53, "TCP"),
         ("fd00::a", 53, "UDP"),
-        ("fd00::10", 30008, "TCP"),
-        ("fd00::10", 30053, "UDP"),
-        ("fd00::10", 30054, "TCP"),
     ]
     # backends in numeric address order, not string order
     named = ServiceSpec(key=svc.key, cluster_ips=("10.96.0.100",), ports=(ServicePort("", "TCP", 80),))
@@ -270,7 +269,7 @@ def test_load_balancer_ips_need_type_load_balancer() -> None:
         load_balancer_ips=("203.0.113.9",),
         ports=(ServicePort("", "TCP", 80, node_port=30080),),
     )
-    assert [fe.kind for fe in translate(svc, [], NODE)] == [FrontendKind.CLUSTER_IP, FrontendKind.NODE_PORT]
+    assert [fe.kind for fe in translate(svc, [], NODE)] == [FrontendKind.NODE_PORT, FrontendKind.CLUSTER_IP]
 
 
 def test_health_check_counts_distinct_ready_local_addresses_of_load_balancers_with_local_policy() -> None:

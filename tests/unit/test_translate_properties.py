@@ -152,7 +152,7 @@ def worlds(draw: st.DrawFn) -> World:
     node = NodeInfo(
         name=draw(st.sampled_from((*NODES, "node-z"))),
         zone=draw(st.sampled_from((*ZONES, ""))),
-        nodeport_addresses=tuple(draw(st.lists(st.sampled_from(("192.168.0.10", "fd00:192::10")), unique=True))),
+        primary_ips=tuple(draw(st.lists(st.sampled_from(("192.168.0.10", "fd00:192::10")), unique=True))),
     )
     world = World(draw(services()), [], node, draw(st.sampled_from(HINT_MODES)), home, zone_hints)
     names = draw(st.permutations([f"web-{c}" for c in "abcd"]))
