@@ -359,13 +359,21 @@ BPF_TABLE_PINNED("hash", struct nodeport_addr6, __u8, nodeport_addrs6, KPR_NODEP
 		 KPR_PIN("nodeport_addrs6"), BPF_F_NO_PREALLOC);
 
 /* config (one entry): what the agent tells the datapath. With socket_lb HOSTNS_ONLY the socket hooks translate only
- * sockets of the host's network namespace; pods are then served per packet at their veth (CNI chaining). */
+ * sockets of the host's network namespace; pods are then served per packet at their veth (CNI chaining).
+ * cluster_cidr4/6 (prefix 0: not set) is kube-proxy's detect-local ClusterCIDR: sources inside are the cluster's pods,
+ * which an externalTrafficPolicy=Local frontend serves from every endpoint (its internal scope) at tc too. */
 #define KPR_SOCKET_LB_FULL 0
 #define KPR_SOCKET_LB_HOSTNS_ONLY 1
+#define KPR_CONFIG_F_EXTERNAL_CLUSTER_IP 0x01 /* tc serves ClusterIPs to packets arriving on node devices */
 struct kpr_config {
 	__u64 host_netns_cookie;
 	__u32 socket_lb; /* KPR_SOCKET_LB_* */
-	__u32 pad;
+	__u32 flags;     /* KPR_CONFIG_F_* */
+	__be32 cluster_cidr4;
+	__be32 cluster_cidr6[4];
+	__u8 cluster_prefix4;
+	__u8 cluster_prefix6;
+	__u8 pad[2];
 };
 BPF_TABLE_PINNED("array", __u32, struct kpr_config, config, 1, KPR_PIN("config"));
 

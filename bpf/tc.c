@@ -3,10 +3,10 @@
  * tc.c - north-south load balancing at tc (clsact, direct action) on node devices.
  *
  * Ingress: a packet of a known flow follows its conntrack entry; a new flow to an external frontend (NodePort,
- * LoadBalancer IP, externalIP) picks a backend and is recorded. A node-local backend gets the packet DNATed and handed
- * to the stack (routing delivers it to the pod); a backend on another node (externalTrafficPolicy=Cluster) also gets
- * it masqueraded to the node address and redirected out directly (the stack would drop a packet arriving with the
- * node's own source address). Replies to masqueraded flows come back here and are sent to the client.
+ * LoadBalancer IP, externalIP; a ClusterIP too with --external-cluster-ip) picks a backend and is recorded. A
+ * node-local backend gets the packet DNATed and handed to the stack (routing delivers it to the pod); a backend on
+ * another node also gets it masqueraded to the node address and redirected out directly (the stack would drop a
+ * packet arriving with the node's own source address). Replies to masqueraded flows come back here and are sent to the client.
  * Egress: replies of node-local backends are shown as coming from the frontend.
  * No usable backend: a TCP reset or an ICMP port unreachable goes back to the client (kube-proxy's REJECT);
  * externalTrafficPolicy=Local without a local backend and sources outside loadBalancerSourceRanges are dropped.
@@ -565,6 +565,55 @@ static __always_inline __u32 svc4_backend(struct svc_key4 *key, const struct svc
 	return backend_id;
 }
 
+static __always_inline struct kpr_config *datapath_config(void)
+{
+	__u32 zero = 0;
+
+	return config.lookup(&zero);
+}
+
+static __always_inline bool serves_external_cluster_ip(void)
+{
+	struct kpr_config *cfg = datapath_config();
+
+	return cfg && (cfg->flags & KPR_CONFIG_F_EXTERNAL_CLUSTER_IP);
+}
+
+/* Whether a source is one of the cluster's pods: kube-proxy's detect-local, ClusterCIDR mode (--cluster-cidr). */
+static __always_inline bool pod_source4(__be32 saddr)
+{
+	struct kpr_config *cfg = datapath_config();
+	__u8 prefix;
+
+	if (!cfg)
+		return false;
+	prefix = cfg->cluster_prefix4;
+	if (!prefix || prefix > 32)
+		return false;
+	return (saddr & bpf_htonl(~0U << (32 - prefix))) == cfg->cluster_cidr4;
+}
+
+static __always_inline bool pod_source6(const __be32 *saddr)
+{
+	struct kpr_config *cfg = datapath_config();
+	__u8 prefix;
+
+	if (!cfg)
+		return false;
+	prefix = cfg->cluster_prefix6;
+	if (!prefix || prefix > 128)
+		return false;
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		__u32 bits = prefix > 32 * i ? prefix - 32 * i : 0;
+		__be32 mask = bits >= 32 ? ~0U : (bits ? bpf_htonl(~0U << (32 - bits)) : 0);
+
+		if ((saddr[i] & mask) != cfg->cluster_cidr6[i])
+			return false;
+	}
+	return true;
+}
+
 static __always_inline bool src4_allowed(__u32 rev_nat_id, __be32 saddr)
 {
 	struct src_range_key4 key = {};
@@ -619,30 +668,28 @@ static __always_inline int new_flow4(struct __sk_buff *skb, struct flow4 *f, __u
 		if (!svc)
 			return TC_ACT_OK;
 	}
-	if (from_pod) {
-		/* A chained pod is an in-cluster client: any frontend, and the internal scope when it has two; kube-proxy's
-		 * loadBalancerSourceRanges firewall applies to it as to any source. */
-		if ((svc->flags & KPR_SVC_F_SOURCE_RANGES) && !src4_allowed(svc->rev_nat_id, f->saddr)) {
-			counter_inc(KPR_CNT_TC_DROP_SOURCE_RANGE);
-			return TC_ACT_SHOT;
-		}
-		if (svc->flags & KPR_SVC_F_TWO_SCOPES) {
-			struct svc_value *internal;
-
-			key.scope = KPR_SCOPE_INTERNAL;
-			internal = services4.lookup(&key);
-			if (internal) {
-				svc = internal;
-			} else {
-				counter_inc(KPR_CNT_ERR_SCOPE_MISSING);
-				key.scope = KPR_SCOPE_DEFAULT;
-			}
-		}
-	} else if (!(svc->flags & KPR_SVC_F_EXTERNAL)) {
+	/* A chained pod is an in-cluster client: any frontend. From a node device, a ClusterIP only with
+	 * --external-cluster-ip (kube-proxy DNATs it whatever the source). */
+	if (!from_pod && !(svc->flags & KPR_SVC_F_EXTERNAL) && !serves_external_cluster_ip())
 		return TC_ACT_OK; /* a ClusterIP from outside: left to routing */
-	} else if ((svc->flags & KPR_SVC_F_SOURCE_RANGES) && !src4_allowed(svc->rev_nat_id, f->saddr)) {
+	/* kube-proxy's loadBalancerSourceRanges firewall applies to every source, pods included. */
+	if ((svc->flags & KPR_SVC_F_SOURCE_RANGES) && !src4_allowed(svc->rev_nat_id, f->saddr)) {
 		counter_inc(KPR_CNT_TC_DROP_SOURCE_RANGE);
 		return TC_ACT_SHOT;
+	}
+	/* Pods, chained ones here and (detect-local) those of other nodes, use the internal scope when there are two:
+	 * kube-proxy sends "pod traffic for external destinations" to the cluster policy chain. */
+	if ((svc->flags & KPR_SVC_F_TWO_SCOPES) && (from_pod || pod_source4(f->saddr))) {
+		struct svc_value *internal;
+
+		key.scope = KPR_SCOPE_INTERNAL;
+		internal = services4.lookup(&key);
+		if (internal) {
+			svc = internal;
+		} else {
+			counter_inc(KPR_CNT_ERR_SCOPE_MISSING);
+			key.scope = KPR_SCOPE_DEFAULT;
+		}
 	}
 	if (!svc->count) {
 		if (svc->flags & KPR_SVC_F_EMPTY_DROP) {
@@ -914,30 +961,28 @@ static __always_inline int new_flow6(struct __sk_buff *skb, struct flow6 *f, __u
 		if (!svc)
 			return TC_ACT_OK;
 	}
-	if (from_pod) {
-		/* A chained pod is an in-cluster client: any frontend, and the internal scope when it has two; kube-proxy's
-		 * loadBalancerSourceRanges firewall applies to it as to any source. */
-		if ((svc->flags & KPR_SVC_F_SOURCE_RANGES) && !src6_allowed(svc->rev_nat_id, f->saddr)) {
-			counter_inc(KPR_CNT_TC_DROP_SOURCE_RANGE);
-			return TC_ACT_SHOT;
-		}
-		if (svc->flags & KPR_SVC_F_TWO_SCOPES) {
-			struct svc_value *internal;
-
-			key.scope = KPR_SCOPE_INTERNAL;
-			internal = services6.lookup(&key);
-			if (internal) {
-				svc = internal;
-			} else {
-				counter_inc(KPR_CNT_ERR_SCOPE_MISSING);
-				key.scope = KPR_SCOPE_DEFAULT;
-			}
-		}
-	} else if (!(svc->flags & KPR_SVC_F_EXTERNAL)) {
+	/* A chained pod is an in-cluster client: any frontend. From a node device, a ClusterIP only with
+	 * --external-cluster-ip (kube-proxy DNATs it whatever the source). */
+	if (!from_pod && !(svc->flags & KPR_SVC_F_EXTERNAL) && !serves_external_cluster_ip())
 		return TC_ACT_OK; /* a ClusterIP from outside: left to routing */
-	} else if ((svc->flags & KPR_SVC_F_SOURCE_RANGES) && !src6_allowed(svc->rev_nat_id, f->saddr)) {
+	/* kube-proxy's loadBalancerSourceRanges firewall applies to every source, pods included. */
+	if ((svc->flags & KPR_SVC_F_SOURCE_RANGES) && !src6_allowed(svc->rev_nat_id, f->saddr)) {
 		counter_inc(KPR_CNT_TC_DROP_SOURCE_RANGE);
 		return TC_ACT_SHOT;
+	}
+	/* Pods, chained ones here and (detect-local) those of other nodes, use the internal scope when there are two:
+	 * kube-proxy sends "pod traffic for external destinations" to the cluster policy chain. */
+	if ((svc->flags & KPR_SVC_F_TWO_SCOPES) && (from_pod || pod_source6(f->saddr))) {
+		struct svc_value *internal;
+
+		key.scope = KPR_SCOPE_INTERNAL;
+		internal = services6.lookup(&key);
+		if (internal) {
+			svc = internal;
+		} else {
+			counter_inc(KPR_CNT_ERR_SCOPE_MISSING);
+			key.scope = KPR_SCOPE_DEFAULT;
+		}
 	}
 	if (!svc->count) {
 		if (svc->flags & KPR_SVC_F_EMPTY_DROP) {

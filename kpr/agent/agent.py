@@ -32,7 +32,7 @@ from kpr.datapath import abi, netns, sockets
 from kpr.datapath.addresses import AddressWatch, local_addresses
 from kpr.datapath.flows import scan_flows
 from kpr.datapath.inspect import nodeport_addresses_from
-from kpr.datapath.loader import default_route_devices, load_and_attach_isolated
+from kpr.datapath.loader import DatapathSettings, default_route_devices, load_and_attach_isolated
 from kpr.datapath.writers import MapWriteError, MapWriter, PinnedMapWriter
 from kpr.model.nodeports import nodeport_addresses
 from kpr.model.translate import local_ready_endpoints, needs_health_check, node_eligible, translate
@@ -62,6 +62,11 @@ class AgentConfig:
     nodeport_addresses: tuple[str, ...] = ()  # --nodeport-addresses, parsed; empty: all
     devices: list[str] | None = None  # node devices for north-south traffic; None: those of the default routes
     socket_lb: str = "full"  # full | hostns-only (chained pods are served at their veth) | off
+    external_cluster_ip: bool = False  # tc serves ClusterIPs to packets arriving on node devices
+    cluster_cidrs: tuple[str, ...] = ()  # detect-local (kube-proxy's ClusterCIDR mode), one per family at most
+
+    def datapath_settings(self) -> DatapathSettings:
+        return DatapathSettings(self.socket_lb, self.external_cluster_ip, self.cluster_cidrs)
 
 
 class Agent:
@@ -110,7 +115,11 @@ class Agent:
         if writer is None:
             devices = self.config.devices if self.config.devices is not None else default_route_devices()
             attached = load_and_attach_isolated(
-                self.config.bpffs_dir, self.config.cgroup_root, self.config.map_sizes, devices, self.config.socket_lb
+                self.config.bpffs_dir,
+                self.config.cgroup_root,
+                self.config.map_sizes,
+                devices,
+                self.config.datapath_settings(),
             )
             self.devices = devices
             self.log.info(
@@ -532,6 +541,8 @@ class Agent:
             "cgroup_root": str(self.config.cgroup_root),
             "devices": self.devices,
             "socket_lb": self.config.socket_lb,
+            "external_cluster_ip": self.config.external_cluster_ip,
+            "cluster_cidrs": list(self.config.cluster_cidrs),
             "bpffs_dir": str(self.config.bpffs_dir),
             "last_sync": self.last_sync_wall or None,
             "last_sync_seconds": round(self.last_sync_seconds, 4),

@@ -13,6 +13,7 @@ from typing import Any
 
 from kpr.datapath import abi
 from kpr.datapath.inspect import FrontendRow, ScopeRow, fmt_address
+from kpr.datapath.loader import DatapathSettings
 from kpr.model.nodeports import WILDCARD
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
@@ -65,11 +66,13 @@ def explain(
     external: bool = False,
     draining: dict[str, list[str]] | None = None,
     nodeport_addresses: dict[str, bool] | None = None,
+    settings: DatapathSettings | None = None,
 ) -> Explanation:
     """`draining` (kpr.datapath.inspect.draining_flows) names the backends outside the slots that tracked flows of
     each frontend still use; `nodeport_addresses` (inspect.read_nodeport_addresses) are the node addresses NodePorts
-    answer on, each with whether it serves the node's own sockets only (loopback)."""
-    ex = _explain(rows, source, destination, external, nodeport_addresses or {})
+    answer on, each with whether it serves the node's own sockets only (loopback); `settings` the agent's datapath
+    flags (loader.read_config: --external-cluster-ip, --cluster-cidr)."""
+    ex = _explain(rows, source, destination, external, nodeport_addresses or {}, settings or DatapathSettings())
     held = (draining or {}).get(ex.frontend)
     if held and ex.verdict != "not-a-frontend":
         ex.draining = held
@@ -81,7 +84,12 @@ def explain(
 
 
 def _explain(
-    rows: list[FrontendRow], source: str, destination: str, external: bool, nodeport_addresses: dict[str, bool]
+    rows: list[FrontendRow],
+    source: str,
+    destination: str,
+    external: bool,
+    nodeport_addresses: dict[str, bool],
+    settings: DatapathSettings,
 ) -> Explanation:
     addr, port, proto = parse_destination(destination)
     try:
@@ -124,7 +132,7 @@ def _explain(
     ex.steps.append(f"It matches the {row.kind} frontend of {ex.service}.")
     default = next(s for s in row.scopes if s.scope == "default")
     if external:
-        return _explain_external(ex, row, default)
+        return _explain_external(ex, row, default, settings)
     scope = default
     if "two-scopes" in default.flags:
         internal = next((s for s in row.scopes if s.scope == "internal"), None)
@@ -175,21 +183,44 @@ def _explain(
     return ex
 
 
-def _explain_external(ex: Explanation, row: FrontendRow, default: ScopeRow) -> Explanation:
-    """The tc path: external frontends only, the default scope, masquerade for backends on other nodes."""
+def _is_pod(source: str, settings: DatapathSettings) -> bool:
+    ip = ipaddress.ip_address(source)
+    return any(ip in ipaddress.ip_network(cidr) for cidr in settings.cluster_cidrs)
+
+
+def _explain_external(ex: Explanation, row: FrontendRow, default: ScopeRow, settings: DatapathSettings) -> Explanation:
+    """The tc path (bpf/tc.c new_flow4/6): external frontends, ClusterIPs with --external-cluster-ip, the internal
+    scope for pods (--cluster-cidr) when there are two, masquerade for backends on other nodes."""
     if "external" not in default.flags:
-        ex.verdict = "not-a-frontend"
-        ex.steps.append(
-            "kpr serves ClusterIPs to clients on the node and in pods only; a ClusterIP packet arriving from outside "
-            "is left to routing (kube-proxy would DNAT it)."
-        )
-        return ex
-    ex.scope = "default"
-    ex.candidates = [b.address for b in default.backends]
+        if not settings.external_cluster_ip:
+            ex.verdict = "not-a-frontend"
+            ex.steps.append(
+                "kpr serves ClusterIPs to clients on the node and in pods only; a ClusterIP packet arriving from "
+                "outside is left to routing (kube-proxy would DNAT it: start the agent with --external-cluster-ip)."
+            )
+            return ex
+        ex.steps.append("--external-cluster-ip: ClusterIPs are served to packets arriving from outside too.")
+    scope = default
     if "source-ranges" in default.flags:
-        ex.steps.append("loadBalancerSourceRanges apply: a source outside them (and not a node address) is dropped.")
-    if not default.backends:
-        if "empty-drop" in default.flags:
+        ex.steps.append("loadBalancerSourceRanges apply: a source outside them is dropped.")
+    if "two-scopes" in default.flags and _is_pod(ex.source, settings):
+        internal = next((s for s in row.scopes if s.scope == "internal"), None)
+        if internal is not None:
+            scope = internal
+            ex.steps.append(
+                f"The source is in --cluster-cidr ({', '.join(settings.cluster_cidrs)}), one of the cluster's pods: "
+                "as kube-proxy's detect-local, externalTrafficPolicy=Local does not apply and every endpoint "
+                "(the internal scope) is used."
+            )
+    ex.scope = scope.scope
+    ex.candidates = [b.address for b in scope.backends]
+    if not scope.backends:
+        if "empty-drop" in scope.flags and "external" not in default.flags:
+            ex.verdict = "dropped"
+            ex.steps.append(
+                "internalTrafficPolicy=Local and no endpoint on this node: the packet is dropped, as kube-proxy does."
+            )
+        elif "empty-drop" in scope.flags:
             ex.verdict = "dropped"
             ex.steps.append(
                 "externalTrafficPolicy=Local and no endpoint on this node: the packet is dropped, as "
@@ -203,10 +234,10 @@ def _explain_external(ex: Explanation, row: FrontendRow, default: ScopeRow) -> E
             )
         return ex
     ex.verdict = "load-balanced"
-    local = [b.address for b in default.backends if b.node_local]
-    remote = [b.address for b in default.backends if not b.node_local]
+    local = [b.address for b in scope.backends if b.node_local]
+    remote = [b.address for b in scope.backends if not b.node_local]
     ex.steps.append(
-        f"One of {len(default.backends)} backend(s) is picked at random and the flow is recorded in "
+        f"One of {len(scope.backends)} backend(s) is picked at random and the flow is recorded in "
         "conntrack; later packets and replies follow that entry."
     )
     if local:
@@ -219,7 +250,7 @@ def _explain_external(ex: Explanation, row: FrontendRow, default: ScopeRow) -> E
             f"On other nodes ({', '.join(remote)}): DNAT and masquerade to this node's address with a "
             f"source port from {abi.SNAT_PORT_MIN}-{abi.SNAT_PORT_MAX}, so replies come back through here."
         )
-    if "affinity" in default.flags:
+    if "affinity" in scope.flags:
         ex.steps.append(
             f"sessionAffinity ClientIP: the client's address keeps its backend for {row.affinity_timeout}s "
             "after its last new connection."

@@ -129,6 +129,25 @@ def _map_sizes(values: tuple[str, ...]) -> dict[str, int]:
     "addresses. Default: all (kube-proxy's iptables mode), 127.0.0.1 included for the node's own sockets.",
 )
 @click.option(
+    "--external-cluster-ip",
+    type=click.BOOL,
+    is_flag=False,
+    flag_value=True,
+    default=False,
+    metavar="[true|false]",
+    help="Also serve ClusterIPs to packets arriving on --devices (a service range routed or BGP-advertised to "
+    "the nodes), as kube-proxy does; Cilium's bpf-lb-external-clusterip. Default: ClusterIPs are for pods and the "
+    "node.",
+)
+@click.option(
+    "--cluster-cidr",
+    default="",
+    metavar="CIDR[,CIDR]",
+    help="The pods' CIDR (one per family), kube-proxy's detect-local ClusterCIDR mode: pods of other nodes reach "
+    "externalTrafficPolicy=Local NodePorts and LoadBalancer IPs of this node through every endpoint, as pods of "
+    "this node do, instead of being dropped for want of a local one.",
+)
+@click.option(
     "--sync-period",
     type=float,
     default=30.0,
@@ -170,6 +189,8 @@ def agent(
     devices: str | None,
     socket_lb: str,
     nodeport_addresses: str,
+    external_cluster_ip: bool,
+    cluster_cidr: str,
     sync_period: float,
     healthz_bind_address: str,
     metrics_bind_address: str,
@@ -187,12 +208,17 @@ def agent(
     from kpr.agent.agent import Agent, AgentConfig
     from kpr.datapath.loader import DatapathError
     from kpr.model import nodeports
+    from kpr.model.detect_local import parse_cluster_cidrs
 
     log.configure(log_format, log_level)
     try:
         nodeport_spec = nodeports.parse(nodeport_addresses.split(","))
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--nodeport-addresses") from e
+    try:
+        cluster_cidrs = parse_cluster_cidrs(cluster_cidr)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--cluster-cidr") from e
     config = AgentConfig(
         node_name=node_name,
         manifests=manifests,
@@ -207,6 +233,8 @@ def agent(
         sync_period=sync_period,
         devices=None if devices is None else [d.strip() for d in devices.split(",") if d.strip()],
         socket_lb=socket_lb,
+        external_cluster_ip=external_cluster_ip,
+        cluster_cidrs=cluster_cidrs,
     )
     a = Agent(config)
     try:
@@ -302,13 +330,21 @@ def explain(bpffs_dir: Path, output: str, external: bool, source: str, destinati
     from kpr.cli.explain import BadTarget, explanation_text
     from kpr.cli.explain import explain as explain_flow
     from kpr.datapath.inspect import read_draining_flows, read_nodeport_addresses, read_services
+    from kpr.datapath.loader import read_config
 
     rows = _read_maps(bpffs_dir, read_services)
     draining = _read_maps(bpffs_dir, read_draining_flows)
     nodeports = _read_maps(bpffs_dir, read_nodeport_addresses)
+    settings = _read_maps(bpffs_dir, read_config)
     try:
         result = explain_flow(
-            rows, source, destination, external=external, draining=draining, nodeport_addresses=nodeports
+            rows,
+            source,
+            destination,
+            external=external,
+            draining=draining,
+            nodeport_addresses=nodeports,
+            settings=settings,
         )
     except BadTarget as e:
         raise click.BadParameter(str(e)) from e

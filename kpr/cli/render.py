@@ -148,7 +148,12 @@ def status_text(s: dict[str, Any], now: float, verbose: bool = False) -> str:
         mode = "host namespace only (chained pods per packet at their veth)"
     row("Socket LB", f"{mode}: {hooks}/{total} hooks attached to {s['cgroup']}")
     devices = (agent or {}).get("devices") or []
-    row("North-south", f"tc on {', '.join(devices)} (ingress and egress)" if devices else "not configured")
+    north_south = f"tc on {', '.join(devices)} (ingress and egress)" if devices else "not configured"
+    if devices and (agent or {}).get("external_cluster_ip"):
+        north_south += "; ClusterIPs served from outside the node too"
+    if devices and (agent or {}).get("cluster_cidrs"):
+        north_south += f"; pods (detect-local): {', '.join(agent['cluster_cidrs'])}"
+    row("North-south", north_south)
     nodeports = s.get("nodeport_addresses") or {}
     if nodeports:
         row("NodePorts on", ", ".join(a + (" (the node's own sockets)" if lo else "") for a, lo in nodeports.items()))

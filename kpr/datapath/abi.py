@@ -287,8 +287,20 @@ SOCKET_LB_FULL = 0
 SOCKET_LB_HOSTNS_ONLY = 1
 
 
+CONFIG_F_EXTERNAL_CLUSTER_IP = 0x01
+
+
 class KprConfig(ctypes.Structure):
-    _fields_ = [("host_netns_cookie", ctypes.c_uint64), ("socket_lb", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+    _fields_ = [
+        ("host_netns_cookie", ctypes.c_uint64),
+        ("socket_lb", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("cluster_cidr4", ctypes.c_uint32),
+        ("cluster_cidr6", Be32x4),
+        ("cluster_prefix4", ctypes.c_uint8),
+        ("cluster_prefix6", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
+    ]
 
 
 NODEPORT_F_LOOPBACK = 0x01

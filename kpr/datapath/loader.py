@@ -11,6 +11,7 @@ import argparse
 import ctypes
 import dataclasses
 import errno
+import ipaddress
 import json
 import os
 import socket
@@ -103,7 +104,7 @@ class SocketLB:
     bpffs_dir: Path
     cgroup: Path
     map_sizes: dict[str, int] = field(default_factory=dict)
-    socket_lb: str = "full"  # full | hostns-only | off (compiled for its maps, not attached)
+    settings: DatapathSettings = field(default_factory=lambda: DatapathSettings())
     compile_seconds: float = 0.0
 
     def load_and_attach(self) -> list[bpfsys.AttachedProgram]:
@@ -130,8 +131,8 @@ class SocketLB:
         except Exception as e:  # BCC raises a bare Exception on compile or pin errors
             raise DatapathError(f"compiling bpf/sock.c failed: {e}") from e
         self.compile_seconds = time.monotonic() - started
-        write_config(self.bpffs_dir, self.socket_lb)
-        if self.socket_lb == "off":
+        write_config(self.bpffs_dir, self.settings)
+        if self.settings.socket_lb == "off":
             detach_all(self.cgroup)  # a previous agent's, if it ran in another mode
             return []
         cgroup_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
@@ -145,14 +146,61 @@ class SocketLB:
             os.close(cgroup_fd)
 
 
-def write_config(bpffs_dir: Path, socket_lb: str) -> None:
-    """Tell the datapath the socket-LB mode and which network namespace is the host's (this process's)."""
-    if socket_lb not in SOCKET_LB_MODES:
-        raise DatapathError(f"--socket-lb must be one of {', '.join(SOCKET_LB_MODES)}, not {socket_lb!r}")
+@dataclass(frozen=True)
+class DatapathSettings:
+    """What the agent's flags tell the programs, through the config map (struct kpr_config)."""
+
+    socket_lb: str = "full"  # full | hostns-only | off (compiled for its maps, not attached)
+    external_cluster_ip: bool = False  # tc serves ClusterIPs to packets arriving on node devices
+    cluster_cidrs: tuple[str, ...] = ()  # detect-local (--cluster-cidr): at most one per family
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> DatapathSettings:
+        raw = json.loads(text)
+        return cls(raw["socket_lb"], raw["external_cluster_ip"], tuple(raw["cluster_cidrs"]))
+
+    def config(self, host_netns_cookie: int) -> abi.KprConfig:
+        if self.socket_lb not in SOCKET_LB_MODES:
+            raise DatapathError(f"--socket-lb must be one of {', '.join(SOCKET_LB_MODES)}, not {self.socket_lb!r}")
+        out = abi.KprConfig(host_netns_cookie=host_netns_cookie, socket_lb=SOCKET_LB_MODES[self.socket_lb])
+        out.flags = abi.CONFIG_F_EXTERNAL_CLUSTER_IP if self.external_cluster_ip else 0
+        for cidr in map(ipaddress.ip_network, self.cluster_cidrs):
+            if cidr.version == 4:
+                out.cluster_cidr4 = abi.be32_of_ipv4(str(cidr.network_address))
+                out.cluster_prefix4 = cidr.prefixlen
+            else:
+                out.cluster_cidr6 = abi.be32x4_of_ipv6(str(cidr.network_address))
+                out.cluster_prefix6 = cidr.prefixlen
+        return out
+
+    @classmethod
+    def from_config(cls, config: abi.KprConfig) -> DatapathSettings:
+        """What a config map entry says (an agent's flags, read back by `kpr explain` and `kpr status`)."""
+        cidrs = []
+        if config.cluster_prefix4:
+            cidrs.append(f"{abi.ipv4_of_be32(config.cluster_cidr4)}/{config.cluster_prefix4}")
+        if config.cluster_prefix6:
+            cidrs.append(f"{abi.ipv6_of_be32x4(config.cluster_cidr6)}/{config.cluster_prefix6}")
+        socket_lb = "hostns-only" if config.socket_lb == abi.SOCKET_LB_HOSTNS_ONLY else "full"
+        return cls(socket_lb, bool(config.flags & abi.CONFIG_F_EXTERNAL_CLUSTER_IP), tuple(cidrs))
+
+
+def read_config(bpffs_dir: Path) -> DatapathSettings:
+    """The settings the agent last wrote into the pinned config map."""
+    with bpfsys.Map(str(bpffs_dir / "config"), abi.U32, abi.KprConfig) as config:
+        entry = config.lookup(abi.U32(0))
+    return DatapathSettings.from_config(entry) if entry is not None else DatapathSettings()
+
+
+def write_config(bpffs_dir: Path, settings: DatapathSettings) -> None:
+    """Tell the datapath its settings and which network namespace is the host's (this process's)."""
     with socket.socket() as s:
         cookie = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
     with bpfsys.Map(str(bpffs_dir / "config"), abi.U32, abi.KprConfig) as config:
-        config.update(abi.U32(0), abi.KprConfig(host_netns_cookie=cookie, socket_lb=SOCKET_LB_MODES[socket_lb]))
+        config.update(abi.U32(0), settings.config(cookie))
 
 
 # tc filters: (hook, protocol) -> (program, priority). One filter per family keeps each program's stack its own.
@@ -400,7 +448,7 @@ def load_and_attach_isolated(
     cgroup: Path,
     map_sizes: dict[str, int],
     devices: list[str] | None = None,
-    socket_lb: str = "full",
+    settings: DatapathSettings | None = None,
 ) -> Attached:
     """Compile and attach in a child process, so BCC and LLVM (~130 MiB) never stay resident in the agent.
 
@@ -419,8 +467,8 @@ def load_and_attach_isolated(
         json.dumps(map_sizes),
         "--devices",
         ",".join(devices or []),
-        "--socket-lb",
-        socket_lb,
+        "--settings",
+        (settings or DatapathSettings()).to_json(),
     ]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     lines = proc.stdout.strip().splitlines()
@@ -440,16 +488,17 @@ def _child_main() -> int:
     parser.add_argument("--cgroup", type=Path, required=True)
     parser.add_argument("--map-sizes", default="{}")
     parser.add_argument("--devices", default="")
-    parser.add_argument("--socket-lb", default="full")
+    parser.add_argument("--settings", default=DatapathSettings().to_json())
     args = parser.parse_args()
     sizes = json.loads(args.map_sizes)
-    lb = SocketLB(args.bpffs_dir, args.cgroup, sizes, args.socket_lb)
+    settings = DatapathSettings.from_json(args.settings)
+    lb = SocketLB(args.bpffs_dir, args.cgroup, sizes, settings)
     try:
         programs = lb.load_and_attach()
         started = time.monotonic()
         devices = [d for d in args.devices.split(",") if d]
         # tc.c also holds the per-packet programs chained pods need (pinned for kpr-cni) when sockets are not served
-        wanted = bool(devices) or args.socket_lb != "full"
+        wanted = bool(devices) or settings.socket_lb != "full"
         tc = TcLB(args.bpffs_dir, devices, sizes).load_and_attach() if wanted else []
         compile_seconds = lb.compile_seconds + time.monotonic() - started
     except DatapathError as e:

@@ -64,6 +64,7 @@ MAX_PODS_PER_NODE = 244  # 10.244.N.(10+k) <= .254
 MAX_EXTERNALS = 54  # 172.16.0.(200+k) <= .254
 # What must never become reachable from the root namespace because of a lab.
 WATCHED_NETWORKS = ("10.244.0.0/16", "172.16.0.0/24", "10.96.0.0/12", "fd00::/8")
+CLUSTER_CIDRS = ("10.244.0.0/16", "fd00:244::/32")  # every node's pod CIDR: what --cluster-cidr is in the lab
 
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{1,15}$")
 _NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$")

@@ -21,7 +21,7 @@ from typing import Any
 
 from kpr.datapath import abi, bpfsys, codec, netns
 from kpr.datapath.inspect import read_counters
-from kpr.datapath.loader import TcLB, _device_info, unpin_all
+from kpr.datapath.loader import DatapathSettings, TcLB, _device_info, unpin_all, write_config
 from kpr.datapath.testrun import ProgRun, prog_test_run, skb_context
 from kpr.datapath.writers import PinnedMapWriter
 from kpr.lab import Lab, Node
@@ -64,6 +64,10 @@ class TcHarness:
             ctx = skb_context(ifindex=self.ifindex, ingress_ifindex=self.ifindex if ingress else 0)
         fd = self.programs[program]
         return self.pool.submit(prog_test_run, fd, frame, ctx=ctx, flags=flags).result()
+
+    def configure(self, settings: DatapathSettings) -> None:
+        """Write the config map as the agent's flags would (--external-cluster-ip, --cluster-cidr, ...)."""
+        write_config(self.bpffs_dir, settings)
 
     def sync(self, frontends: Sequence[Frontend]) -> None:
         """Program the frontends, one service at a time, with the agent's reconciler."""

@@ -1,8 +1,10 @@
 """North-south traffic through the tc programs, on a two-node lab with external clients on the underlay.
 
-node1 runs pod-a and a client pod, node2 runs pod-b and pod-c; each node has its own agent with --devices eth0.
+node1 runs pod-a and a client pod, node2 runs pod-b and pod-c; each node has its own agent with --devices eth0, and
+node1's also serves ClusterIPs from outside and knows the pods' CIDRs (--external-cluster-ip, --cluster-cidr).
 External clients `ext` (allowed by loadBalancerSourceRanges) and `ext2` (not) route the LoadBalancer and external IPs
-(172.16.100.0/24, fd00:100::/64) via node1, as a router or MetalLB would.
+(172.16.100.0/24, fd00:100::/64) via node1, as a router or MetalLB would, and the ClusterIPs (10.96.6.0/24,
+fd00:96::6:0/112) as a BGP-advertised service range would: `ext` via node1, `ext2` via node2.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pytest
 from kpr.datapath.inspect import read_backends, read_conntrack, read_counters, read_services
 from kpr.lab import Lab
 from kpr.lab.cluster import LabAgent, endpoint_slice, pod_endpoints, service, wait_until, write_manifest
-from kpr.lab.topology import External, Node, Pod
+from kpr.lab.topology import CLUSTER_CIDRS, External, Node, Pod
 
 pytestmark = [pytest.mark.datapath, pytest.mark.slow]
 
@@ -107,7 +109,14 @@ class Cluster:
             ),
             *slices("ranged", [self.a]),
             service(
-                "empty", both, [("http", 80, 8080, "TCP", 30090), ("dns", 53, 8080, "UDP", 30091)], type="NodePort"
+                "itp-local", ["10.96.6.5", "fd00:96::6:5"], [("http", 80, 8080, "TCP")], internalTrafficPolicy="Local"
+            ),
+            *slices("itp-local", [self.a, self.b]),
+            service(
+                "empty",
+                ["10.96.6.6", "fd00:96::6:6"],
+                [("http", 80, 8080, "TCP", 30090), ("dns", 53, 8080, "UDP", 30091)],
+                type="NodePort",
             ),
         ]
 
@@ -136,10 +145,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         for x in (ext, ext2):
             lab.run(x, ["ip", "route", "add", "172.16.100.0/24", "via", n1.ipv4])
             lab.run(x, ["ip", "-6", "route", "add", "fd00:100::/64", "via", n1.ipv6])
+        for x, n in ((ext, n1), (ext2, n2)):  # node1 serves ClusterIPs from outside, node2 does not
+            lab.run(x, ["ip", "route", "add", "10.96.6.0/24", "via", n.ipv4])
+            lab.run(x, ["ip", "-6", "route", "add", "fd00:96::6:0/112", "via", n.ipv6])
         manifests = tmp_path_factory.mktemp("ns-manifests")
         cl = Cluster(lab, n1, n2, a, b, c, client, ext, ext2, [], manifests)
         write_manifest(manifests, "all.yaml", cl.objects([b]))
-        cl.agents = [LabAgent(lab, n, manifests, extra_args=["--devices", "eth0"]).start() for n in (n1, n2)]
+        node1_flags = ["--external-cluster-ip", "--cluster-cidr", ",".join(CLUSTER_CIDRS)]
+        cl.agents = [
+            LabAgent(lab, n1, manifests, extra_args=["--devices", "eth0", *node1_flags]).start(),
+            LabAgent(lab, n2, manifests, extra_args=["--devices", "eth0"]).start(),
+        ]
         for agent in cl.agents:
             agent.wait_started()
         wait_until(
@@ -316,9 +332,7 @@ def test_a_long_tcp_stream_survives_other_changes_and_a_removed_backend_refuses_
     ]
     write_manifest(c.manifests, "stream.yaml", stream_svc)
     wait_until(
-        lambda: any(
-            r.frontend == "0.0.0.0:30099/TCP" and r.scopes[0].backends for r in read_services(c.n1.bpffs_dir)
-        ),
+        lambda: any(r.frontend == "0.0.0.0:30099/TCP" and r.scopes[0].backends for r in read_services(c.n1.bpffs_dir)),
         15,
         "stream service",
     )
@@ -363,6 +377,50 @@ def test_pods_and_the_node_reach_nodeports_and_load_balancer_ips(cluster: Cluste
         assert result["ok"] == 30 and set(result["served"]) == {"pod-b", "pod-c"}
     assert from_node["ok"] == 30 and set(from_node["served"]) == {"pod-a", "pod-b"}
     assert from_node["peers"] == {f"{LB4}:80": 30}
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_external_cluster_ip_serves_clusterips_from_outside_under_both_internal_policies(
+    cluster: Cluster, family: int
+) -> None:
+    """kube-proxy DNATs a ClusterIP packet from outside the node (a routed or BGP-advertised service range); with
+    --external-cluster-ip kpr does too. Cluster policy: node2's endpoints, masqueraded so replies come back through
+    node1. internalTrafficPolicy=Local: node1's endpoint only. node2 runs without the flag: left to routing."""
+    c = cluster
+    cluster_ip, local_ip = ("10.96.6.1", "10.96.6.5") if family == 4 else ("fd00:96::6:1", "fd00:96::6:5")
+    remote = c.lab.client(c.ext, "tcp", cluster_ip, 80, count=30)
+    assert remote["ok"] == 30 and set(remote["served"]) == {"pod-b", "pod-c"}, remote["errors"]
+    assert remote["seen_as"] == {addr(c.n1, family): 30}  # masqueraded to node1's address
+    assert remote["peers"] == {fmt(cluster_ip, 80): 30}  # the client sees the ClusterIP answer
+    udp = c.lab.client(c.ext, "udp", cluster_ip, 53, count=20, connected=True)
+    assert udp["ok"] == 20 and udp["peers"] == {fmt(cluster_ip, 53): 20}
+    local = c.lab.client(c.ext, "tcp", local_ip, 80, count=30)
+    assert local["served"] == {"pod-a": 30}  # internalTrafficPolicy=Local: node1's endpoint, never node2's
+    assert local["seen_as"] == {addr(c.ext, family): 30}  # DIFFERENT FROM KUBE-PROXY: no masquerade (README)
+    assert local["peers"] == {fmt(local_ip, 80): 30}
+    # node2 runs without the flag: ext2 routes the ClusterIPs via node2, which leaves them to routing (no route)
+    unserved = c.lab.client(c.ext2, "tcp", cluster_ip, 80, count=1, timeout=0.5)
+    assert unserved["ok"] == 0
+    explained = (
+        c.agents[0]
+        .kpr(
+            "explain", "--bpffs-dir", str(c.n1.bpffs_dir), "--external", addr(c.ext, family), f"{fmt(local_ip, 80)}/TCP"
+        )
+        .stdout
+    )
+    assert "ClusterIP frontend" in explained and "load-balanced" in explained, explained
+
+
+def test_cluster_cidr_lets_pods_of_other_nodes_reach_local_policy_frontends(cluster: Cluster) -> None:
+    """kube-proxy's detect-local: a pod (source in --cluster-cidr) reaching an externalTrafficPolicy=Local NodePort
+    of a node without a local endpoint is served from every endpoint, where an external client is dropped."""
+    c = cluster
+    for family in (4, 6):
+        from_pod = c.lab.client(c.c, "tcp", addr(c.n1, family), 30081, count=20)  # pod-c, on node2
+        assert from_pod["ok"] == 20 and from_pod["served"] == {"pod-b": 20}, from_pod["errors"]
+        assert from_pod["seen_as"] == {addr(c.n1, family): 20}  # pod-b is on node2: masqueraded through node1
+    dropped = c.lab.client(c.ext, "tcp", c.n1.ipv4, 30081, count=1, timeout=0.5)
+    assert dropped["errors"] == {"timeout": 1}  # not a pod: the Local policy stands
 
 
 def test_kpr_conntrack_lists_the_flows(cluster: Cluster) -> None:

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from kpr.datapath import abi
 from kpr.datapath.bpfsys import BpfError
+from kpr.datapath.loader import DatapathSettings
 from kpr.datapath.testrun import (
     BPF_F_TEST_SKB_CHECKSUM_COMPLETE,
     TC_ACT_OK,
@@ -33,6 +34,7 @@ from kpr.datapath.testrun import (
     prog_test_run,
     skb_context,
 )
+from kpr.lab import topology
 from kpr.model.types import Backend, Frontend, FrontendKind, ServiceKey
 from tests.datapath import packets as P
 from tests.datapath.tc_fixture import TcHarness, tc_harness
@@ -50,6 +52,11 @@ REMOTE4, REMOTE6 = "10.244.2.10", "fd00:244:2::a"  # a backend pod on node2 (rou
 NOROUTE4 = "10.244.9.10"  # a backend on a node this one has no route to
 LB4, LB6 = "172.16.100.4", "fd00:100::4"  # a LoadBalancer IP with loadBalancerSourceRanges
 CIP4, CIP6 = "10.96.0.10", "fd00:96::a"  # a ClusterIP
+CIP_REMOTE4, CIP_REMOTE6 = "10.96.0.11", "fd00:96::b"  # a ClusterIP whose endpoint is on node2
+CIP_LOCAL4 = "10.96.0.12"  # a ClusterIP with internalTrafficPolicy=Local, its endpoint on node2
+OTHER_POD4, OTHER_POD6 = "10.244.2.20", "fd00:244:2::14"  # a pod on node2, a client routed to node1
+CLUSTER_CIDRS = DatapathSettings(cluster_cidrs=topology.CLUSTER_CIDRS)  # --cluster-cidr
+EXTERNAL_CLUSTER_IP = DatapathSettings(external_cluster_ip=True)  # --external-cluster-ip
 OTHER4, OTHER6 = "192.0.2.55", "2001:db8::55"  # an address kpr knows nothing about
 
 NP_TCP, NP_UDP = 30080, 30053  # NodePort, node-local backend
@@ -68,9 +75,9 @@ def _svc(name: str) -> ServiceKey:
 
 def _frontends() -> list[Frontend]:
     out = []
-    for node, local, remote, lb, cip, client in (
-        (NODE4, LOCAL4, REMOTE4, LB4, CIP4, CLIENT4),
-        (NODE6, LOCAL6, REMOTE6, LB6, CIP6, CLIENT6),
+    for node, local, remote, lb, cip, cip_remote, client in (
+        (NODE4, LOCAL4, REMOTE4, LB4, CIP4, CIP_REMOTE4, CLIENT4),
+        (NODE6, LOCAL6, REMOTE6, LB6, CIP6, CIP_REMOTE6, CLIENT6),
     ):
         local_tcp, local_udp = (
             Backend(local, TARGET_TCP, "TCP", node_local=True),
@@ -108,8 +115,10 @@ def _frontends() -> list[Frontend]:
                 source_ranges=(str(ipaddress.ip_network(client)),),
             ),
             Frontend(_svc("cip"), "http", FrontendKind.CLUSTER_IP, cip, 80, "TCP", (local_tcp,)),
+            Frontend(_svc("cip-remote"), "http", FrontendKind.CLUSTER_IP, cip_remote, 80, "TCP", (remote_tcp,)),
         ]
     out.append(Frontend(_svc("noroute"), "http", np, NODE4, NOROUTE_TCP, "TCP", (Backend(NOROUTE4, 8080, "TCP"),)))
+    out.append(Frontend(_svc("cip-local"), "http", FrontendKind.CLUSTER_IP, CIP_LOCAL4, 80, "TCP", (), empty_drop=True))
     return out
 
 
@@ -262,6 +271,7 @@ class Case:
     before: tuple[tuple[str, Frame], ...] = ()  # steps run first, on a conntrack emptied for the row
     counters: Mapping[str, int] = field(default_factory=dict)  # exact deltas of the last step; all others stay
     flows: FlowCheck | None = None
+    settings: DatapathSettings = field(default_factory=DatapathSettings)  # the agent's flags, in the config map
 
 
 def flows_of_new_local_flow(client: str, cport: int, node: str, nport: int, backend: str, bport: int) -> FlowCheck:
@@ -277,13 +287,19 @@ def flows_of_new_local_flow(client: str, cport: int, node: str, nport: int, back
     return check
 
 
-def flows_of_masqueraded_flow(client: str, cport: int, node: str, nport: int, backend: str, proto: int) -> FlowCheck:
+def flows_of_masqueraded_flow(
+    client: str, cport: int, node: str, nport: int, backend: str, proto: int, masquerade: str | None = None
+) -> FlowCheck:
+    """`node:nport` is what the client dialled; `masquerade` the node address used (the same for a NodePort)."""
+
     def check(h: TcHarness, frame: bytes, out: ProgRun) -> None:
         snat_port = P.parse(out.data).sport
         flows = h.flows()
         original = flows[("original", client, cport, node, nport, proto)]
-        assert original.nat == (node, snat_port)
-        answer = flows[("reply", backend, original.backend[1] if original.backend else -1, node, snat_port, proto)]
+        assert original.nat == (masquerade or node, snat_port)
+        answer = flows[
+            ("reply", backend, original.backend[1] if original.backend else -1, masquerade or node, snat_port, proto)
+        ]
         assert answer.nat == (client, cport)  # the client to restore
         assert len(flows) == 2
 
@@ -691,6 +707,43 @@ def _cases() -> list[Case]:
             Nat(dst=(REMOTE4, TARGET_TCP)),
             counters=NEW_FLOW,
         ),
+        # detect-local (--cluster-cidr): a pod of another node is a pod too (kube-proxy's "pod traffic for external
+        # destinations" goes to the cluster policy chain): every endpoint, masqueraded as node2's pod is remote
+        Case(
+            "local-policy-from-a-pod-of-another-node-with-a-cluster-cidr",
+            "kpr_tc_in4",
+            syn(OTHER_POD4, 40042, NODE4, LOCAL_POLICY),
+            REDIRECT,
+            Nat(dst=(REMOTE4, TARGET_TCP), src=masqueraded(NODE4)),
+            counters=NEW_MASQUERADED_FLOW,
+            settings=CLUSTER_CIDRS,
+        ),
+        Case(
+            "local-policy-from-a-pod-of-another-node-with-a-cluster-cidr-v6",
+            "kpr_tc_in6",
+            syn(OTHER_POD6, 40042, NODE6, LOCAL_POLICY),
+            REDIRECT,
+            Nat(dst=(REMOTE6, TARGET_TCP), src=masqueraded(NODE6)),
+            counters=NEW_MASQUERADED_FLOW,
+            settings=CLUSTER_CIDRS,
+        ),
+        Case(
+            "local-policy-from-a-pod-of-another-node-without-a-cluster-cidr-drops",
+            "kpr_tc_in4",
+            syn(OTHER_POD4, 40043, NODE4, LOCAL_POLICY),
+            SHOT,
+            Unchanged(),
+            counters={"tc_drop_no_local": 1},
+        ),
+        Case(
+            "local-policy-from-outside-the-cluster-cidr-drops",
+            "kpr_tc_in6",
+            syn(c6, 40043, NODE6, LOCAL_POLICY),
+            SHOT,
+            Unchanged(),
+            counters={"tc_drop_no_local": 1},
+            settings=CLUSTER_CIDRS,
+        ),
         Case(
             "source-outside-load-balancer-source-ranges-drops",
             "kpr_tc_in4",
@@ -734,6 +787,74 @@ def _cases() -> list[Case]:
         # reaches ClusterIPs; kpr's tc path leaves ClusterIPs to routing and the packet goes nowhere.
         Case("clusterip-from-outside", "kpr_tc_in4", syn(c4, 40063, CIP4, 80), OK, Unchanged(), flows=no_flows),
         Case("clusterip-from-outside-v6", "kpr_tc_in6", syn(c6, 40063, CIP6, 80), OK, Unchanged()),
+        # --external-cluster-ip: served like an external frontend (a remote endpoint's flow masqueraded)
+        Case(
+            "clusterip-from-outside-with-external-cluster-ip",
+            "kpr_tc_in4",
+            syn(c4, 40065, CIP4, 80),
+            OK,
+            Nat(dst=(LOCAL4, TARGET_TCP)),
+            counters=NEW_FLOW,
+            flows=flows_of_new_local_flow(c4, 40065, CIP4, 80, LOCAL4, TARGET_TCP),
+            settings=EXTERNAL_CLUSTER_IP,
+        ),
+        Case(
+            "clusterip-from-outside-with-external-cluster-ip-v6",
+            "kpr_tc_in6",
+            syn(c6, 40065, CIP6, 80),
+            OK,
+            Nat(dst=(LOCAL6, TARGET_TCP)),
+            counters=NEW_FLOW,
+            settings=EXTERNAL_CLUSTER_IP,
+        ),
+        Case(
+            "clusterip-reply-from-a-local-backend-with-external-cluster-ip",
+            "kpr_tc_out4",
+            reply(),
+            OK,
+            Nat(src=(CIP4, 80)),
+            before=(("kpr_tc_in4", syn(c4, 40066, CIP4, 80)),),
+            counters={"tc_revnat": 1},
+            settings=EXTERNAL_CLUSTER_IP,
+        ),
+        Case(
+            "clusterip-of-a-remote-endpoint-from-outside-is-masqueraded",
+            "kpr_tc_in4",
+            syn(c4, 40067, CIP_REMOTE4, 80),
+            REDIRECT,
+            Nat(dst=(REMOTE4, TARGET_TCP), src=masqueraded(NODE4)),
+            counters=NEW_MASQUERADED_FLOW,
+            flows=flows_of_masqueraded_flow(c4, 40067, CIP_REMOTE4, 80, REMOTE4, P.TCP, masquerade=NODE4),
+            settings=EXTERNAL_CLUSTER_IP,
+        ),
+        Case(
+            "clusterip-of-a-remote-endpoint-from-outside-is-masqueraded-v6",
+            "kpr_tc_in6",
+            syn(c6, 40067, CIP_REMOTE6, 80),
+            REDIRECT,
+            Nat(dst=(REMOTE6, TARGET_TCP), src=masqueraded(NODE6)),
+            counters=NEW_MASQUERADED_FLOW,
+            settings=EXTERNAL_CLUSTER_IP,
+        ),
+        Case(
+            "clusterip-reply-of-a-masqueraded-flow-comes-from-the-clusterip",
+            "kpr_tc_in4",
+            reply(),
+            REDIRECT,
+            Nat(src=(CIP_REMOTE4, 80), dst=(c4, 40069)),
+            before=(("kpr_tc_in4", syn(c4, 40069, CIP_REMOTE4, 80)),),
+            counters={"tc_revnat": 1},
+            settings=EXTERNAL_CLUSTER_IP,
+        ),
+        Case(
+            "clusterip-with-internal-policy-local-and-no-local-endpoint-drops",  # kube-proxy: "has no local endpoints"
+            "kpr_tc_in4",
+            syn(c4, 40068, CIP_LOCAL4, 80),
+            SHOT,
+            Unchanged(),
+            counters={"tc_drop_no_local": 1},
+            settings=EXTERNAL_CLUSTER_IP,
+        ),
         Case(
             "clusterip-from-a-chained-pod",
             "kpr_pod_in4",
@@ -973,6 +1094,7 @@ CASES = _cases()
 
 def _run_case(tc: TcHarness, case: Case, flags: int = 0) -> tuple[bytes, ProgRun, list[ProgRun], dict[str, int]]:
     tc.flush_conntrack()
+    tc.configure(case.settings)
     prev: list[ProgRun] = []
     for program, frame in case.before:
         raw = frame(prev) if callable(frame) else frame

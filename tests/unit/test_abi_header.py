@@ -36,6 +36,7 @@ def test_flag_scope_and_state_constants_match() -> None:
         "KPR_CT_UDP_LIFETIME_S": abi.CT_UDP_LIFETIME_S,
         "KPR_CT_F_CLOSING": abi.CT_F_CLOSING,
         "KPR_NODEPORT_F_LOOPBACK": abi.NODEPORT_F_LOOPBACK,
+        "KPR_CONFIG_F_EXTERNAL_CLUSTER_IP": abi.CONFIG_F_EXTERNAL_CLUSTER_IP,
     }
     assert {k: DEFINES[k] for k in expected} == expected
 

@@ -10,7 +10,9 @@ from kpr.cli.main import main
 from kpr.cli.render import backends_table, services_table, status_text
 from kpr.datapath import abi, codec
 from kpr.datapath.inspect import BackendListing, backends_from, draining_flows, filter_services, services_from
+from kpr.datapath.loader import DatapathSettings
 from kpr.datapath.writers import MemoryMapWriter
+from kpr.model.detect_local import parse_cluster_cidrs
 from kpr.model.types import Backend, BackendState, Frontend, FrontendKind, ServiceKey
 from kpr.reconcile.reconciler import Reconciler
 
@@ -219,6 +221,49 @@ def test_explain_external_flows(maps: MemoryMapWriter) -> None:
     assert cluster_ip.verdict == "not-a-frontend" and "left to routing" in explanation_text(cluster_ip)
 
 
+def test_explain_external_flows_follow_the_agents_datapath_settings(maps: MemoryMapWriter) -> None:
+    rows = services_from(maps)
+    flags = DatapathSettings(external_cluster_ip=True, cluster_cidrs=("10.244.0.0/16",))
+    cluster_ip = explain(rows, "192.0.2.1", "10.96.0.10:80/TCP", external=True, settings=flags)
+    assert cluster_ip.verdict == "load-balanced" and "--external-cluster-ip" in explanation_text(cluster_ip)
+    itp_local = explain(rows, "192.0.2.1", "10.96.0.20:80/TCP", external=True, settings=flags)
+    assert itp_local.verdict == "dropped" and "internalTrafficPolicy=Local" in explanation_text(itp_local)
+    pod = explain(rows, "10.244.2.7", "172.16.0.1:30080/TCP", external=True, settings=flags)
+    assert (pod.verdict, pod.scope, pod.candidates) == ("load-balanced", "internal", ["10.244.1.21:8080/TCP"])
+    assert "detect-local" in explanation_text(pod) and "masquerade" in explanation_text(pod)
+    outsider = explain(rows, "192.0.2.1", "172.16.0.1:30080/TCP", external=True, settings=flags)
+    assert (outsider.verdict, outsider.scope) == ("dropped", "default")
+
+
+def test_datapath_settings_survive_the_config_map() -> None:
+    settings = DatapathSettings("hostns-only", True, ("10.244.0.0/16", "fd00:244::/32"))
+    config = settings.config(host_netns_cookie=4096)
+    assert config.host_netns_cookie == 4096 and config.flags == abi.CONFIG_F_EXTERNAL_CLUSTER_IP
+    assert DatapathSettings.from_config(config) == settings
+    assert DatapathSettings.from_json(settings.to_json()) == settings
+    assert DatapathSettings.from_config(DatapathSettings().config(1)) == DatapathSettings()
+
+
+@pytest.mark.parametrize(
+    ("flag", "parsed"),
+    [
+        ("", ()),
+        ("10.244.0.0/16", ("10.244.0.0/16",)),
+        ("10.244.3.7/16, fd00:244::/32", ("10.244.0.0/16", "fd00:244::/32")),
+        ("10.244.0.0/16,10.245.0.0/16", "one CIDR, or one IPv4 and one IPv6"),
+        ("10.244.0.0/16,fd00::/8,fd01::/8", "one CIDR, or one IPv4 and one IPv6"),
+        ("pods", "not a CIDR"),
+        ("0.0.0.0/0", "every source a pod"),
+    ],
+)
+def test_cluster_cidr_flag_is_validated_as_kube_proxy_does(flag: str, parsed: tuple[str, ...] | str) -> None:
+    if isinstance(parsed, tuple):
+        assert parse_cluster_cidrs(flag) == parsed
+    else:
+        with pytest.raises(ValueError, match=parsed):
+            parse_cluster_cidrs(flag)
+
+
 @pytest.mark.parametrize("bad", ["10.96.0.10", "10.96.0.10:99999", "10.96.0.10:80/ICMP", "web:80", "[fd00::1]"])
 def test_explain_rejects_bad_destinations(bad: str) -> None:
     with pytest.raises(BadTarget):
@@ -309,6 +354,15 @@ def test_status_text_verbose_and_agent_down() -> None:
     down = status_text(dict(STATUS, agent=None, agent_error="no answer from http://127.0.0.1:10256/status"), 0.0)
     assert down.splitlines()[0] == "Agent:        DOWN (no answer from http://127.0.0.1:10256/status)"
     assert "Maps (/sys/fs/bpf/kpr):" in down
+
+
+def test_status_names_the_north_south_settings() -> None:
+    agent = dict(STATUS["agent"], devices=["eth0"], external_cluster_ip=True, cluster_cidrs=["10.244.0.0/16"])
+    text = status_text(dict(STATUS, agent=agent), now=1180.0)
+    assert (
+        "North-south:  tc on eth0 (ingress and egress); ClusterIPs served from outside the node too; "
+        "pods (detect-local): 10.244.0.0/16"
+    ) in text
 
 
 @pytest.mark.parametrize("command", [[], ["agent"], ["services"], ["backends"], ["status"], ["explain"], ["cleanup"]])
