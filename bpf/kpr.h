@@ -111,6 +111,10 @@
 #define KPR_CNT_REJECT_SOURCE_RANGE 24   /* socket: a client outside loadBalancerSourceRanges: refused (EPERM) */
 #define KPR_CNT_SOURCE_UNKNOWN 25        /* socket: a source-ranged frontend dialled from a namespace whose address
 					  * kpr does not know yet: refused (EPERM) */
+#define KPR_CNT_TC_ICMP_RELATED 26       /* tc: an ICMP error about a tracked flow, translated for the other side */
+#define KPR_CNT_TC_TOO_BIG 27            /* tc: a translated packet too big for its device: answered with
+					  * Fragmentation Needed / Packet Too Big, as forwarding would */
+#define KPR_CNT_TC_DROP_TOO_BIG 28       /* tc: the same without DF (IPv4): dropped, kpr does not fragment */
 #define KPR_CNT_MAX 32
 
 /* services4/6 key: a frontend address:port/proto, its scope, and slot (0 = master, 1..count = backends). */
@@ -377,11 +381,19 @@ struct kpr_config {
 };
 BPF_TABLE_PINNED("array", __u32, struct kpr_config, config, 1, KPR_PIN("config"));
 
-/* tc_tails: the tc path's tail calls. Building a reject reply needs more stack than fits beside the forwarding
- * path, so it runs as a program of its own. Pinned because the kernel empties a program array when its last
- * user-space reference goes (the loader exits); a missing entry makes the caller drop instead. */
+/* tc_tails: the tc path's tail calls. Building a reject reply, or translating an ICMP error, needs more stack than
+ * fits beside the forwarding path, so each runs as a program of its own. Pinned because the kernel empties a program
+ * array when its last user-space reference goes (the loader exits); a missing reject entry makes the caller drop,
+ * a missing ICMP one leaves the error untranslated. */
 #define KPR_TAIL_REJECT4 0
 #define KPR_TAIL_REJECT6 1
-BPF_TABLE_PINNED("prog", __u32, __u32, tc_tails, 2, KPR_PIN("tc_tails"));
+#define KPR_TAIL_ICMP4_IN 2
+#define KPR_TAIL_ICMP6_IN 3
+#define KPR_TAIL_ICMP4_OUT 4
+#define KPR_TAIL_ICMP6_OUT 5
+#define KPR_TAIL_TOOBIG4 6
+#define KPR_TAIL_TOOBIG6 7
+#define KPR_TAILS_MAX 8
+BPF_TABLE_PINNED("prog", __u32, __u32, tc_tails, KPR_TAILS_MAX, KPR_PIN("tc_tails"));
 
 #endif /* KPR_H */

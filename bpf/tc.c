@@ -215,7 +215,9 @@ static __always_inline int redirect4(struct __sk_buff *skb, const struct flow4 *
 	p.l4_protocol = f->proto;
 	p.sport = f->sport;
 	p.dport = f->dport;
-	p.tot_len = skb->len - ETH_HLEN;
+	/* tot_len stays 0: the kernel then checks the skb against the output device as forwarding does, which lets a
+	 * GRO/TSO aggregate through (it is segmented on the way out); a tot_len is compared with the MTU as it is, so
+	 * every aggregate of a bulk transfer would come back FRAG_NEEDED. */
 	p.ipv4_src = f->saddr;
 	p.ipv4_dst = f->daddr;
 	p.ifindex = skb->ingress_ifindex ? skb->ingress_ifindex : skb->ifindex;
@@ -226,8 +228,21 @@ static __always_inline int redirect4(struct __sk_buff *skb, const struct flow4 *
 			return TC_ACT_SHOT;
 		return bpf_redirect(p.ifindex, 0);
 	}
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-		return redirect_neigh(p.ifindex);
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		__u32 mtu = 0;
+
+		/* the lookup stops before its MTU check when the next hop's MAC is unknown: check here */
+		if (bpf_check_mtu(skb, p.ifindex, &mtu, 0, 0) != BPF_MTU_CHK_RET_FRAG_NEEDED)
+			return redirect_neigh(p.ifindex);
+		rc = BPF_FIB_LKUP_RET_FRAG_NEEDED;
+		p.mtu_result = mtu;
+	}
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+		/* Too big for the device toward its destination: answered as forwarding would (a tail call, with the
+		 * device's MTU in cb[0]); the caller already translated it, and the answer is translated back. */
+		skb->cb[0] = p.mtu_result;
+		tc_tails.call(skb, KPR_TAIL_TOOBIG4);
+	}
 	counter_inc(KPR_CNT_TC_DROP_FIB);
 	return TC_ACT_SHOT;
 }
@@ -241,7 +256,9 @@ static __always_inline int redirect6(struct __sk_buff *skb, const struct flow6 *
 	p.l4_protocol = f->proto;
 	p.sport = f->sport;
 	p.dport = f->dport;
-	p.tot_len = skb->len - ETH_HLEN;
+	/* tot_len stays 0: the kernel then checks the skb against the output device as forwarding does, which lets a
+	 * GRO/TSO aggregate through (it is segmented on the way out); a tot_len is compared with the MTU as it is, so
+	 * every aggregate of a bulk transfer would come back FRAG_NEEDED. */
 	__builtin_memcpy(p.ipv6_src, f->saddr, 16);
 	__builtin_memcpy(p.ipv6_dst, f->daddr, 16);
 	p.ifindex = skb->ingress_ifindex ? skb->ingress_ifindex : skb->ifindex;
@@ -252,8 +269,21 @@ static __always_inline int redirect6(struct __sk_buff *skb, const struct flow6 *
 			return TC_ACT_SHOT;
 		return bpf_redirect(p.ifindex, 0);
 	}
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-		return redirect_neigh(p.ifindex);
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		__u32 mtu = 0;
+
+		/* the lookup stops before its MTU check when the next hop's MAC is unknown: check here */
+		if (bpf_check_mtu(skb, p.ifindex, &mtu, 0, 0) != BPF_MTU_CHK_RET_FRAG_NEEDED)
+			return redirect_neigh(p.ifindex);
+		rc = BPF_FIB_LKUP_RET_FRAG_NEEDED;
+		p.mtu_result = mtu;
+	}
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+		/* Too big for the device toward its destination: answered as forwarding would (a tail call, with the
+		 * device's MTU in cb[0]); the caller already translated it, and the answer is translated back. */
+		skb->cb[0] = p.mtu_result;
+		tc_tails.call(skb, KPR_TAIL_TOOBIG6);
+	}
 	counter_inc(KPR_CNT_TC_DROP_FIB);
 	return TC_ACT_SHOT;
 }
@@ -335,6 +365,29 @@ static __always_inline void reply_ip4(struct iphdr *ip, __be32 saddr, __be32 dad
 	ip->check = csum_fold(bpf_csum_diff(NULL, 0, (__be32 *)ip, sizeof(*ip), 0));
 }
 
+/* Turn the packet in hand into an ICMP error about it, from its destination back to its source (its IP header and
+ * first 8 bytes of TCP/UDP quoted; `rest` is the 4 bytes after the checksum, e.g. the next-hop MTU). */
+static __always_inline int icmp4_reply(struct __sk_buff *skb, const struct flow4 *f, __u8 type, __u8 code, __be32 rest)
+{
+	struct reply4_icmp r;
+	__s64 sum;
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &r.orig, sizeof(r.orig)) ||
+	    bpf_skb_load_bytes(skb, f->l4_off, r.orig_l4, sizeof(r.orig_l4)))
+		return -1;
+	reply_ip4(&r.ip, f->daddr, f->saddr, IPPROTO_ICMP, sizeof(r));
+	__builtin_memset(&r.icmp, 0, sizeof(r.icmp));
+	r.icmp.type = type;
+	r.icmp.code = code;
+	r.icmp.un.gateway = rest;
+	sum = bpf_csum_diff(NULL, 0, (__be32 *)&r.icmp, sizeof(r) - sizeof(r.ip), 0);
+	r.icmp.checksum = csum_fold(sum);
+	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0) || swap_macs(skb) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0))
+		return -1;
+	return 0;
+}
+
 /* kube-proxy's REJECT for a frontend without backends: a reset for TCP, port unreachable for UDP, sent back out. */
 static __always_inline int reject4(struct __sk_buff *skb, const struct flow4 *f)
 {
@@ -367,20 +420,7 @@ static __always_inline int reject4(struct __sk_buff *skb, const struct flow4 *f)
 		return bpf_redirect(ifindex, 0);
 	}
 
-	struct reply4_icmp r;
-	__s64 sum;
-
-	if (bpf_skb_load_bytes(skb, ETH_HLEN, &r.orig, sizeof(r.orig)) ||
-	    bpf_skb_load_bytes(skb, f->l4_off, r.orig_l4, sizeof(r.orig_l4)))
-		return TC_ACT_SHOT;
-	reply_ip4(&r.ip, f->daddr, f->saddr, IPPROTO_ICMP, sizeof(r));
-	__builtin_memset(&r.icmp, 0, sizeof(r.icmp));
-	r.icmp.type = ICMP_DEST_UNREACH;
-	r.icmp.code = ICMP_PORT_UNREACH;
-	sum = bpf_csum_diff(NULL, 0, (__be32 *)&r.icmp, sizeof(r) - sizeof(r.ip), 0);
-	r.icmp.checksum = csum_fold(sum);
-	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0) || swap_macs(skb) ||
-	    bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0))
+	if (icmp4_reply(skb, f, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0))
 		return TC_ACT_SHOT;
 	counter_inc(KPR_CNT_TC_REJECT_UDP);
 	return bpf_redirect(ifindex, 0);
@@ -429,6 +469,28 @@ static __always_inline __s64 pseudo6_sum(const __be32 *saddr, const __be32 *dadd
 	return bpf_csum_diff(NULL, 0, (__be32 *)&ph, sizeof(ph), 0);
 }
 
+static __always_inline int icmp6_reply(struct __sk_buff *skb, const struct flow6 *f, __u8 type, __u8 code, __be32 rest)
+{
+	struct reply6_icmp r;
+	__s64 sum;
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &r.orig, sizeof(r.orig)) ||
+	    bpf_skb_load_bytes(skb, f->l4_off, r.orig_l4, sizeof(r.orig_l4)))
+		return -1;
+	reply_ip6(&r.ip, f->daddr, f->saddr, IPPROTO_ICMPV6, sizeof(r) - sizeof(r.ip));
+	__builtin_memset(&r.icmp, 0, sizeof(r.icmp));
+	r.icmp.icmp6_type = type;
+	r.icmp.icmp6_code = code;
+	r.icmp.icmp6_dataun.un_data32[0] = rest;
+	sum = pseudo6_sum(f->daddr, f->saddr, IPPROTO_ICMPV6, sizeof(r) - sizeof(r.ip));
+	sum = bpf_csum_diff(NULL, 0, (__be32 *)&r.icmp, sizeof(r) - sizeof(r.ip), sum);
+	r.icmp.icmp6_cksum = csum_fold(sum);
+	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0) || swap_macs(skb) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0))
+		return -1;
+	return 0;
+}
+
 static __always_inline int reject6(struct __sk_buff *skb, const struct flow6 *f)
 {
 	__u32 ifindex = skb->ifindex;
@@ -455,21 +517,7 @@ static __always_inline int reject6(struct __sk_buff *skb, const struct flow6 *f)
 		return bpf_redirect(ifindex, 0);
 	}
 
-	struct reply6_icmp r;
-	__s64 sum;
-
-	if (bpf_skb_load_bytes(skb, ETH_HLEN, &r.orig, sizeof(r.orig)) ||
-	    bpf_skb_load_bytes(skb, f->l4_off, r.orig_l4, sizeof(r.orig_l4)))
-		return TC_ACT_SHOT;
-	reply_ip6(&r.ip, f->daddr, f->saddr, IPPROTO_ICMPV6, sizeof(r) - sizeof(r.ip));
-	__builtin_memset(&r.icmp, 0, sizeof(r.icmp));
-	r.icmp.icmp6_type = ICMPV6_DEST_UNREACH;
-	r.icmp.icmp6_code = ICMPV6_PORT_UNREACH;
-	sum = pseudo6_sum(f->daddr, f->saddr, IPPROTO_ICMPV6, sizeof(r) - sizeof(r.ip));
-	sum = bpf_csum_diff(NULL, 0, (__be32 *)&r.icmp, sizeof(r) - sizeof(r.ip), sum);
-	r.icmp.icmp6_cksum = csum_fold(sum);
-	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0) || swap_macs(skb) ||
-	    bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0))
+	if (icmp6_reply(skb, f, ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, 0))
 		return TC_ACT_SHOT;
 	counter_inc(KPR_CNT_TC_REJECT_UDP);
 	return bpf_redirect(ifindex, 0);
@@ -785,6 +833,383 @@ static __always_inline int new_flow4(struct __sk_buff *skb, struct flow4 *f, __u
 	return TC_ACT_OK;
 }
 
+/* ---- ICMP errors about tracked flows (conntrack's RELATED) ----
+ *
+ * An error quotes the IP header and first 8 bytes of the packet it is about, as that packet was where the error
+ * arose. For a translated flow that is the wrong side of the translation: the sender cannot match it to anything it
+ * sent. As netfilter does, the quoted packet is translated back (addresses, ports and their checksums) and the error
+ * is sent on to the other end of the flow, from the address that end knows: Fragmentation Needed / Packet Too Big
+ * (path MTU discovery), unreachables, time exceeded and parameter problems. Each direction is a tail call, entered
+ * only for ICMP errors (the forwarding path's TCP/UDP parse fails for them first).
+ */
+#define ICMP4_CSUM_OFF (ETH_HLEN + sizeof(struct iphdr) + offsetof(struct icmphdr, checksum))
+#define QUOTE4_OFF (ETH_HLEN + sizeof(struct iphdr) + sizeof(struct icmphdr))
+#define ICMP6_CSUM_OFF (ETH_HLEN + sizeof(struct ipv6hdr) + offsetof(struct icmp6hdr, icmp6_cksum))
+#define QUOTE6_OFF (ETH_HLEN + sizeof(struct ipv6hdr) + sizeof(struct icmp6hdr))
+
+/* The quoted packet: its IP header and the 8 bytes of TCP or UDP header every ICMP error carries. */
+struct quote4 {
+	struct iphdr ip;
+	__be16 sport;
+	__be16 dport;
+	__be16 udp_len;	  /* TCP: the sequence number's first half */
+	__be16 udp_check; /* TCP: its second half (the TCP checksum is beyond the 8 bytes) */
+};
+
+struct quote6 {
+	struct ipv6hdr ip;
+	__be16 sport;
+	__be16 dport;
+	__be16 udp_len;
+	__be16 udp_check;
+};
+
+/* Tail-call the ICMP error program `tail` when the packet is an ICMP error (IPv4 without options, not a fragment);
+ * anything else, or a failed tail call, is left to the stack. */
+static __always_inline int icmp4_error_tail(struct __sk_buff *skb, __u32 tail)
+{
+	struct iphdr ip;
+	__u8 type;
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) || ip.version != 4 || ip.ihl != 5 ||
+	    ip.protocol != IPPROTO_ICMP || (ip.frag_off & bpf_htons(0x3fff)) ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(ip), &type, 1))
+		return TC_ACT_OK;
+	if (type == ICMP_DEST_UNREACH || type == ICMP_TIME_EXCEEDED || type == ICMP_PARAMETERPROB)
+		tc_tails.call(skb, tail);
+	return TC_ACT_OK;
+}
+
+static __always_inline int icmp6_error_tail(struct __sk_buff *skb, __u32 tail)
+{
+	struct ipv6hdr ip;
+	__u8 type;
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) || ip.version != 6 || ip.nexthdr != IPPROTO_ICMPV6 ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(ip), &type, 1))
+		return TC_ACT_OK;
+	if (type == ICMPV6_DEST_UNREACH || type == ICMPV6_PKT_TOOBIG || type == ICMPV6_TIME_EXCEED ||
+	    type == ICMPV6_PARAMPROB)
+		tc_tails.call(skb, tail);
+	return TC_ACT_OK;
+}
+
+/* A quoted UDP checksum after its addresses and ports changed (0: none, stays so). */
+static __always_inline __be16 quoted_udp_check(__be16 check, const __be32 *from, const __be32 *to, __u32 size)
+{
+	__u16 folded;
+
+	if (!check)
+		return 0;
+	folded = csum_fold(bpf_csum_diff((__be32 *)from, size, (__be32 *)to, size, (__u16)~check));
+	return folded ? folded : 0xffff;
+}
+
+/* Make an ICMP error about a translated packet read as one about the packet on the other side of the translation:
+ * the quoted packet now goes from qsrc:qsport to qdst:qdport and the error from osrc to odst. Every checksum stays
+ * right: the outer IP header's, the quoted IP header's, a quoted UDP checksum and the ICMP checksum. */
+static __always_inline int icmp4_translate(struct __sk_buff *skb, const struct iphdr *outer, struct quote4 *q,
+					   __be32 osrc, __be32 odst, __be32 qsrc, __be16 qsport, __be32 qdst,
+					   __be16 qdport)
+{
+	struct quote4 old = *q;
+	__be32 from[3], to[3];
+	__s64 diff;
+
+	q->ip.saddr = qsrc;
+	q->ip.daddr = qdst;
+	q->sport = qsport;
+	q->dport = qdport;
+	q->ip.check = 0;
+	q->ip.check = csum_fold(bpf_csum_diff(NULL, 0, (__be32 *)&q->ip, sizeof(q->ip), 0));
+	if (q->ip.protocol == IPPROTO_UDP) {
+		from[0] = old.ip.saddr;
+		from[1] = old.ip.daddr;
+		__builtin_memcpy(&from[2], &old.sport, 4);
+		to[0] = qsrc;
+		to[1] = qdst;
+		__builtin_memcpy(&to[2], &q->sport, 4);
+		q->udp_check = quoted_udp_check(old.udp_check, from, to, sizeof(from));
+	}
+	diff = bpf_csum_diff((__be32 *)&old, sizeof(old), (__be32 *)q, sizeof(*q), 0);
+	if (diff < 0 || bpf_l4_csum_replace(skb, ICMP4_CSUM_OFF, 0, diff, 0) ||
+	    bpf_skb_store_bytes(skb, QUOTE4_OFF, q, sizeof(*q), 0))
+		return -1;
+	if (osrc != outer->saddr &&
+	    (bpf_l3_csum_replace(skb, IP4_CSUM_OFF, outer->saddr, osrc, sizeof(osrc)) ||
+	     bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct iphdr, saddr), &osrc, sizeof(osrc), 0)))
+		return -1;
+	if (odst != outer->daddr &&
+	    (bpf_l3_csum_replace(skb, IP4_CSUM_OFF, outer->daddr, odst, sizeof(odst)) ||
+	     bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct iphdr, daddr), &odst, sizeof(odst), 0)))
+		return -1;
+	counter_inc(KPR_CNT_TC_ICMP_RELATED);
+	return 0;
+}
+
+/* The same for IPv6: no header checksum, but the ICMPv6 checksum covers the outer addresses (pseudo-header). */
+static __always_inline int icmp6_translate(struct __sk_buff *skb, const struct ipv6hdr *outer, struct quote6 *q,
+					   const __be32 *osrc, const __be32 *odst, const __be32 *qsrc, __be16 qsport,
+					   const __be32 *qdst, __be16 qdport)
+{
+	struct quote6 old = *q;
+	__be32 from[9], to[9];
+	__s64 diff;
+
+	__builtin_memcpy(&q->ip.saddr, qsrc, 16);
+	__builtin_memcpy(&q->ip.daddr, qdst, 16);
+	q->sport = qsport;
+	q->dport = qdport;
+	if (q->ip.nexthdr == IPPROTO_UDP) {
+		__builtin_memcpy(from, &old.ip.saddr, 32);
+		__builtin_memcpy(&from[8], &old.sport, 4);
+		__builtin_memcpy(to, &q->ip.saddr, 32);
+		__builtin_memcpy(&to[8], &q->sport, 4);
+		q->udp_check = quoted_udp_check(old.udp_check, from, to, sizeof(from));
+	}
+	diff = bpf_csum_diff((__be32 *)&old, sizeof(old), (__be32 *)q, sizeof(*q), 0);
+	if (diff < 0 || bpf_l4_csum_replace(skb, ICMP6_CSUM_OFF, 0, diff, 0) ||
+	    bpf_skb_store_bytes(skb, QUOTE6_OFF, q, sizeof(*q), 0))
+		return -1;
+	__builtin_memcpy(from, &outer->saddr, 32);
+	__builtin_memcpy(to, osrc, 16);
+	__builtin_memcpy(&to[4], odst, 16);
+	diff = bpf_csum_diff(from, 32, to, 32, 0);
+	if (diff < 0 ||
+	    (bpf_l4_csum_replace(skb, ICMP6_CSUM_OFF, 0, diff, BPF_F_PSEUDO_HDR | BPF_F_IPV6) &&
+	     bpf_l4_csum_replace(skb, ICMP6_CSUM_OFF, 0, diff, BPF_F_PSEUDO_HDR)) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct ipv6hdr, saddr), to, 32, 0))
+		return -1;
+	counter_inc(KPR_CNT_TC_ICMP_RELATED);
+	return 0;
+}
+
+/* Arriving on a node device: an error about a packet this node sent on for a tracked flow. */
+int kpr_tc_icmp4_in(struct __sk_buff *skb)
+{
+	struct iphdr outer;
+	struct quote4 q;
+	struct ct_key4 key = {};
+	struct ct_value4 *ct;
+	struct backend4 *backend;
+	struct flow4 f = {};
+	__u32 backend_id;
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &outer, sizeof(outer)) ||
+	    bpf_skb_load_bytes(skb, QUOTE4_OFF, &q, sizeof(q)) || q.ip.version != 4 || q.ip.ihl != 5 ||
+	    (q.ip.protocol != IPPROTO_TCP && q.ip.protocol != IPPROTO_UDP))
+		return TC_ACT_OK;
+	/* The quoted packet, reversed, is the flow's key in the direction opposite to the quoted packet's. */
+	key.src = q.ip.daddr;
+	key.sport = q.dport;
+	key.dst = q.ip.saddr;
+	key.dport = q.sport;
+	key.proto = q.ip.protocol;
+	key.dir = KPR_CT_REPLY;
+	ct = ct4.lookup(&key);
+	if (ct && (ct->flags & KPR_CT_F_SNAT)) {
+		/* About a packet masqueraded on to a backend of another node (node:port -> backend): the client hears of
+		 * it as about what it sent (client -> frontend), from the frontend. */
+		__be32 client = ct->addr, frontend = ct->fe_addr;
+		__be16 client_port = ct->port, frontend_port = ct->fe_port;
+
+		if (icmp4_translate(skb, &outer, &q, frontend, client, client, client_port, frontend, frontend_port))
+			return TC_ACT_SHOT;
+		f.saddr = frontend;
+		f.daddr = client;
+		f.proto = IPPROTO_ICMP;
+		return redirect4(skb, &f);
+	}
+	key.dir = KPR_CT_ORIGINAL;
+	ct = ct4.lookup(&key);
+	if (!ct)
+		return TC_ACT_OK;
+	backend_id = ct->backend_id;
+	backend = backends4.lookup(&backend_id);
+	if (!backend)
+		return TC_ACT_OK;
+	if (ct->flags & KPR_CT_F_SNAT) {
+		/* About a reply sent to the client for a backend of another node: that backend hears of it as about what
+		 * it sent (backend -> node:port), from this node. */
+		__be32 node = ct->addr;
+		__be16 node_port = ct->port;
+
+		if (icmp4_translate(skb, &outer, &q, node, backend->addr, backend->addr, backend->port, node, node_port))
+			return TC_ACT_SHOT;
+		f.saddr = node;
+		f.daddr = backend->addr;
+		f.proto = IPPROTO_ICMP;
+		return redirect4(skb, &f);
+	}
+	/* About a reply of a backend on this node: it hears of it; the stack delivers it. */
+	if (icmp4_translate(skb, &outer, &q, outer.saddr, backend->addr, backend->addr, backend->port, q.ip.daddr,
+			    q.dport))
+		return TC_ACT_SHOT;
+	return TC_ACT_OK;
+}
+
+int kpr_tc_icmp6_in(struct __sk_buff *skb)
+{
+	struct ipv6hdr outer;
+	struct quote6 q;
+	struct ct_key6 key = {};
+	struct ct_value6 *ct;
+	struct backend6 *backend;
+	struct flow6 f = {};
+	__u32 backend_id;
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &outer, sizeof(outer)) ||
+	    bpf_skb_load_bytes(skb, QUOTE6_OFF, &q, sizeof(q)) || q.ip.version != 6 ||
+	    (q.ip.nexthdr != IPPROTO_TCP && q.ip.nexthdr != IPPROTO_UDP))
+		return TC_ACT_OK;
+	__builtin_memcpy(key.src, &q.ip.daddr, 16);
+	key.sport = q.dport;
+	__builtin_memcpy(key.dst, &q.ip.saddr, 16);
+	key.dport = q.sport;
+	key.proto = q.ip.nexthdr;
+	key.dir = KPR_CT_REPLY;
+	ct = ct6.lookup(&key);
+	if (ct && (ct->flags & KPR_CT_F_SNAT)) {
+		__be32 client[4], frontend[4];
+		__be16 client_port = ct->port, frontend_port = ct->fe_port;
+
+		__builtin_memcpy(client, ct->addr, 16);
+		__builtin_memcpy(frontend, ct->fe_addr, 16);
+		if (icmp6_translate(skb, &outer, &q, frontend, client, client, client_port, frontend, frontend_port))
+			return TC_ACT_SHOT;
+		__builtin_memcpy(f.saddr, frontend, 16);
+		__builtin_memcpy(f.daddr, client, 16);
+		f.proto = IPPROTO_ICMPV6;
+		return redirect6(skb, &f);
+	}
+	key.dir = KPR_CT_ORIGINAL;
+	ct = ct6.lookup(&key);
+	if (!ct)
+		return TC_ACT_OK;
+	backend_id = ct->backend_id;
+	backend = backends6.lookup(&backend_id);
+	if (!backend)
+		return TC_ACT_OK;
+	if (ct->flags & KPR_CT_F_SNAT) {
+		__be32 node[4], backend_addr[4];
+		__be16 node_port = ct->port;
+
+		__builtin_memcpy(node, ct->addr, 16);
+		__builtin_memcpy(backend_addr, backend->addr, 16);
+		if (icmp6_translate(skb, &outer, &q, node, backend_addr, backend_addr, backend->port, node, node_port))
+			return TC_ACT_SHOT;
+		__builtin_memcpy(f.saddr, node, 16);
+		__builtin_memcpy(f.daddr, backend_addr, 16);
+		f.proto = IPPROTO_ICMPV6;
+		return redirect6(skb, &f);
+	}
+	{
+		__be32 source[4], backend_addr[4], client[4];
+
+		__builtin_memcpy(source, &outer.saddr, 16);
+		__builtin_memcpy(backend_addr, backend->addr, 16);
+		__builtin_memcpy(client, &q.ip.daddr, 16);
+		if (icmp6_translate(skb, &outer, &q, source, backend_addr, backend_addr, backend->port, client, q.dport))
+			return TC_ACT_SHOT;
+	}
+	return TC_ACT_OK;
+}
+
+/* Leaving by a node device: an error about a packet this node handed to a backend here (from the backend, or from
+ * this node forwarding it): the client hears of it as about what it sent, from the frontend. */
+int kpr_tc_icmp4_out(struct __sk_buff *skb)
+{
+	struct iphdr outer;
+	struct quote4 q;
+	struct ct_key4 key = {};
+	struct ct_value4 *ct;
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &outer, sizeof(outer)) ||
+	    bpf_skb_load_bytes(skb, QUOTE4_OFF, &q, sizeof(q)) || q.ip.version != 4 || q.ip.ihl != 5 ||
+	    (q.ip.protocol != IPPROTO_TCP && q.ip.protocol != IPPROTO_UDP))
+		return TC_ACT_OK;
+	key.src = q.ip.daddr;
+	key.sport = q.dport;
+	key.dst = q.ip.saddr;
+	key.dport = q.sport;
+	key.proto = q.ip.protocol;
+	key.dir = KPR_CT_REPLY;
+	ct = ct4.lookup(&key);
+	if (!ct || (ct->flags & KPR_CT_F_SNAT))
+		return TC_ACT_OK;
+	if (icmp4_translate(skb, &outer, &q, ct->fe_addr, outer.daddr, q.ip.saddr, q.sport, ct->fe_addr, ct->fe_port))
+		return TC_ACT_SHOT;
+	return TC_ACT_OK;
+}
+
+int kpr_tc_icmp6_out(struct __sk_buff *skb)
+{
+	struct ipv6hdr outer;
+	struct quote6 q;
+	struct ct_key6 key = {};
+	struct ct_value6 *ct;
+	__be32 frontend[4], dest[4], client[4];
+	__be16 frontend_port;
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &outer, sizeof(outer)) ||
+	    bpf_skb_load_bytes(skb, QUOTE6_OFF, &q, sizeof(q)) || q.ip.version != 6 ||
+	    (q.ip.nexthdr != IPPROTO_TCP && q.ip.nexthdr != IPPROTO_UDP))
+		return TC_ACT_OK;
+	__builtin_memcpy(key.src, &q.ip.daddr, 16);
+	key.sport = q.dport;
+	__builtin_memcpy(key.dst, &q.ip.saddr, 16);
+	key.dport = q.sport;
+	key.proto = q.ip.nexthdr;
+	key.dir = KPR_CT_REPLY;
+	ct = ct6.lookup(&key);
+	if (!ct || (ct->flags & KPR_CT_F_SNAT))
+		return TC_ACT_OK;
+	__builtin_memcpy(frontend, ct->fe_addr, 16);
+	frontend_port = ct->fe_port;
+	__builtin_memcpy(dest, &outer.daddr, 16);
+	__builtin_memcpy(client, &q.ip.saddr, 16);
+	if (icmp6_translate(skb, &outer, &q, frontend, dest, client, q.sport, frontend, frontend_port))
+		return TC_ACT_SHOT;
+	return TC_ACT_OK;
+}
+
+/* A translated packet too big for the device toward its destination (redirect4/6 found it so; MTU in cb[0]): answered
+ * as the kernel's forwarding would, with Fragmentation Needed (IPv4 with DF; without DF it is dropped, as kpr does not
+ * fragment) or Packet Too Big, from this node to the packet's translated source; the ICMP error program then
+ * translates that answer for the flow's other end (the client, or a backend) and sends it there. */
+int kpr_tc_toobig4(struct __sk_buff *skb)
+{
+	struct flow4 f = {};
+	struct iphdr ip;
+	__u32 mtu = skb->cb[0];
+
+	if (parse4(skb, &f) || bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)))
+		return TC_ACT_SHOT;
+	if (!(ip.frag_off & bpf_htons(0x4000))) {
+		counter_inc(KPR_CNT_TC_DROP_TOO_BIG);
+		return TC_ACT_SHOT;
+	}
+	if (icmp4_reply(skb, &f, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, bpf_htonl(mtu)))
+		return TC_ACT_SHOT;
+	counter_inc(KPR_CNT_TC_TOO_BIG);
+	tc_tails.call(skb, KPR_TAIL_ICMP4_IN);
+	return TC_ACT_SHOT;
+}
+
+int kpr_tc_toobig6(struct __sk_buff *skb)
+{
+	struct flow6 f = {};
+	__u32 mtu = skb->cb[0];
+
+	if (parse6(skb, &f))
+		return TC_ACT_SHOT;
+	if (icmp6_reply(skb, &f, ICMPV6_PKT_TOOBIG, 0, bpf_htonl(mtu)))
+		return TC_ACT_SHOT;
+	counter_inc(KPR_CNT_TC_TOO_BIG);
+	tc_tails.call(skb, KPR_TAIL_ICMP6_IN);
+	return TC_ACT_SHOT;
+}
+
 static __always_inline int ingress4(struct __sk_buff *skb, bool from_pod)
 {
 	struct flow4 f = {};
@@ -794,7 +1219,7 @@ static __always_inline int ingress4(struct __sk_buff *skb, bool from_pod)
 	__u64 now = bpf_ktime_get_ns();
 
 	if (parse4(skb, &f))
-		return TC_ACT_OK;
+		return from_pod ? TC_ACT_OK : icmp4_error_tail(skb, KPR_TAIL_ICMP4_IN);
 	key.src = f.saddr;
 	key.dst = f.daddr;
 	key.sport = f.sport;
@@ -852,7 +1277,7 @@ static __always_inline int egress4(struct __sk_buff *skb)
 	__be16 frontend_port;
 
 	if (parse4(skb, &f))
-		return TC_ACT_OK;
+		return icmp4_error_tail(skb, KPR_TAIL_ICMP4_OUT);
 	key.src = f.saddr;
 	key.dst = f.daddr;
 	key.sport = f.sport;
@@ -1084,7 +1509,7 @@ static __always_inline int ingress6(struct __sk_buff *skb, bool from_pod)
 	__u64 now = bpf_ktime_get_ns();
 
 	if (parse6(skb, &f))
-		return TC_ACT_OK;
+		return from_pod ? TC_ACT_OK : icmp6_error_tail(skb, KPR_TAIL_ICMP6_IN);
 	__builtin_memcpy(key.src, f.saddr, 16);
 	__builtin_memcpy(key.dst, f.daddr, 16);
 	key.sport = f.sport;
@@ -1144,7 +1569,7 @@ static __always_inline int egress6(struct __sk_buff *skb)
 	__be16 frontend_port;
 
 	if (parse6(skb, &f))
-		return TC_ACT_OK;
+		return icmp6_error_tail(skb, KPR_TAIL_ICMP6_OUT);
 	__builtin_memcpy(key.src, f.saddr, 16);
 	__builtin_memcpy(key.dst, f.daddr, 16);
 	key.sport = f.sport;

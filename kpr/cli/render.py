@@ -192,6 +192,8 @@ def status_text(s: dict[str, Any], now: float, verbose: bool = False) -> str:
                 f"replies {c.get('tc_revnat', 0)}, masqueraded {c.get('tc_snat', 0)}, "
                 f"resets {c.get('tc_reject_tcp', 0)} ({c.get('tc_reset_untracked', 0)} of untracked segments), "
                 f"unreachables {c.get('tc_reject_udp', 0)}, flows re-picked {c.get('tc_ct_stale', 0)}, "
+                f"ICMP errors translated {c.get('tc_icmp_related', 0)} (too big: {c.get('tc_too_big', 0)} answered, "
+                f"{c.get('tc_drop_too_big', 0)} dropped), "
                 f"dropped: no local backend {c.get('tc_drop_no_local', 0)}, "
                 f"source range {c.get('tc_drop_source_range', 0)}, no route {c.get('tc_drop_fib', 0)}",
             )

@@ -80,6 +80,9 @@ COUNTERS = {
     "tc_reset_untracked": 23,
     "reject_source_range": 24,
     "source_unknown": 25,
+    "tc_icmp_related": 26,
+    "tc_too_big": 27,
+    "tc_drop_too_big": 28,
 }
 CNT_MAX = 32
 
@@ -288,6 +291,19 @@ SOCKET_LB_HOSTNS_ONLY = 1
 
 
 CONFIG_F_EXTERNAL_CLUSTER_IP = 0x01
+
+# tc_tails slots (KPR_TAIL_*)
+(
+    TAIL_REJECT4,
+    TAIL_REJECT6,
+    TAIL_ICMP4_IN,
+    TAIL_ICMP6_IN,
+    TAIL_ICMP4_OUT,
+    TAIL_ICMP6_OUT,
+    TAIL_TOOBIG4,
+    TAIL_TOOBIG6,
+) = range(8)
+TAILS_MAX = 8
 
 
 class KprConfig(ctypes.Structure):

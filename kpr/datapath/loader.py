@@ -212,7 +212,16 @@ TC_FILTERS = {
     ("egress", ETH_P_IP): ("kpr_tc_out4", 10),
     ("egress", ETH_P_IPV6): ("kpr_tc_out6", 11),
 }
-TC_TAILS = {0: "kpr_tc_rej4", 1: "kpr_tc_rej6"}  # KPR_TAIL_REJECT4/6 in tc.c
+TC_TAILS = {  # KPR_TAIL_* in kpr.h
+    abi.TAIL_REJECT4: "kpr_tc_rej4",
+    abi.TAIL_REJECT6: "kpr_tc_rej6",
+    abi.TAIL_ICMP4_IN: "kpr_tc_icmp4_in",
+    abi.TAIL_ICMP6_IN: "kpr_tc_icmp6_in",
+    abi.TAIL_ICMP4_OUT: "kpr_tc_icmp4_out",
+    abi.TAIL_ICMP6_OUT: "kpr_tc_icmp6_out",
+    abi.TAIL_TOOBIG4: "kpr_tc_toobig4",
+    abi.TAIL_TOOBIG6: "kpr_tc_toobig6",
+}
 # Programs pinned for kpr-cni (CNI chaining): (hook, protocol) -> (pin in the bpffs dir, program, filter name).
 # Toward the pod, the node devices' egress program does the job; its filter is named for where it sits.
 POD_PROGRAMS = {

@@ -98,30 +98,45 @@ def _accept_streams(name: str, listener: socket.socket, selector: selectors.Base
 
 
 class _Stream:
-    """One held connection: answers each complete line with "{name} {line}"."""
+    """One held connection: answers each complete line with "{name} {line}", however long the line (answers wait in
+    an outbox, and the connection is watched for writing, while the peer is not reading)."""
 
     def __init__(self, name: str, conn: socket.socket, selector: selectors.BaseSelector) -> None:
-        self.name, self.conn, self.selector, self.pending = name, conn, selector, b""
+        self.name, self.conn, self.selector, self.pending, self.outbox = name, conn, selector, b"", b""
 
     def __call__(self, _name: str, _sock: socket.socket) -> None:
         try:
-            data = self.conn.recv(65536)
+            data: bytes | None = self.conn.recv(65536)
         except (BlockingIOError, InterruptedError):
-            return
+            data = None  # woken to write
         except OSError:
             data = b""
-        if not data:
-            self.selector.unregister(self.conn)
-            self.conn.close()
+        if data == b"":
+            self._close()
             return
-        self.pending += data
-        *lines, self.pending = self.pending.split(b"\n")
+        if data:
+            self.pending += data
+            if b"\n" in data:
+                *lines, self.pending = self.pending.split(b"\n")
+                self.outbox += b"".join(self.name.encode() + b" " + line + b"\n" for line in lines)
+        self._flush()
+
+    def _flush(self) -> None:
         try:
-            for line in lines:
-                self.conn.sendall(self.name.encode() + b" " + line + b"\n")
+            while self.outbox:
+                self.outbox = self.outbox[self.conn.send(self.outbox) :]
+        except (BlockingIOError, InterruptedError):
+            pass
         except OSError:
-            self.selector.unregister(self.conn)
-            self.conn.close()
+            self._close()
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.outbox else 0)
+        if self.selector.get_key(self.conn).events != events:
+            self.selector.modify(self.conn, events, self)
+
+    def _close(self) -> None:
+        self.selector.unregister(self.conn)
+        self.conn.close()
 
 
 def _serve_udp(name: str, sock: socket.socket) -> None:

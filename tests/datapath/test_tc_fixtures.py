@@ -58,6 +58,7 @@ OTHER_POD4, OTHER_POD6 = "10.244.2.20", "fd00:244:2::14"  # a pod on node2, a cl
 CLUSTER_CIDRS = DatapathSettings(cluster_cidrs=topology.CLUSTER_CIDRS)  # --cluster-cidr
 EXTERNAL_CLUSTER_IP = DatapathSettings(external_cluster_ip=True)  # --external-cluster-ip
 OTHER4, OTHER6 = "192.0.2.55", "2001:db8::55"  # an address kpr knows nothing about
+ROUTER4, ROUTER6 = "10.244.2.1", "fd00:244:2::1"  # node2's bridge: where a packet toward its pods may be too big
 
 NP_TCP, NP_UDP = 30080, 30053  # NodePort, node-local backend
 REMOTE_TCP, REMOTE_UDP = 30081, 30054  # NodePort, backend on node2 (masqueraded)
@@ -174,12 +175,31 @@ def other_ethertype(frame: bytes) -> bytes:
     return frame[:12] + b"\x88\xb5" + frame[14:]  # IEEE 802 local experimental ethertype
 
 
-def icmp_error_about(outer_src: str, outer_dst: str, inner: bytes, type_: int = 3, code: int = 4) -> bytes:
-    """An ICMP error from outer_src to outer_dst quoting the IP header and 8 bytes of `inner` (a whole frame)."""
+def icmp_error_about(
+    outer_src: str,
+    outer_dst: str,
+    inner: bytes,
+    type_: int = 3,
+    code: int = 4,
+    *,
+    quoted_l4: int = 8,
+    mtu: int = 1400,
+    ident: int = 0x1234,
+) -> bytes:
+    """An ICMP or ICMPv6 error from outer_src to outer_dst quoting the IP header and `quoted_l4` bytes of `inner`
+    (a whole frame). Defaults: Fragmentation Needed; ICMPv6 type 2 is Packet Too Big (both carry `mtu`)."""
     p = P.parse(inner)
-    quoted = inner[P.ETH_HLEN : p.l4_off + 8]
-    rest = b"\0\0\x05\xdc" if (type_, code) == (3, 4) else b"\0\0\0\0"  # frag needed: next-hop MTU 1500
-    return P.packet(outer_src, outer_dst, P.Icmp(type_, code, rest=rest, payload=quoted))
+    quoted = inner[P.ETH_HLEN : p.l4_off + quoted_l4]
+    too_big = ((type_, code) == (3, 4) and ":" not in outer_src) or (type_ == 2 and ":" in outer_src)
+    rest = mtu.to_bytes(4, "big") if too_big else b"\0\0\0\0"
+    return P.packet(outer_src, outer_dst, P.Icmp(type_, code, rest=rest, payload=quoted), ident=ident)
+
+
+# A data segment of an established flow to node2's backend, bigger than node1's eth0 (MTU 1500), with and without DF.
+_BIG_SEGMENT = {"flags": P.ACK, "seq": 1001, "ack": 9001, "payload": b"z" * 1600}
+BIG_DF = P.packet(CLIENT4, NODE4, P.Tcp(40095, REMOTE_TCP, **_BIG_SEGMENT), frag=0x4000)
+BIG_NO_DF = P.packet(CLIENT4, NODE4, P.Tcp(40095, REMOTE_TCP, **_BIG_SEGMENT))
+BIG6 = P.packet(CLIENT6, NODE6, P.Tcp(40095, REMOTE_TCP, **_BIG_SEGMENT))
 
 
 # ---- expectations ----
@@ -250,6 +270,19 @@ class PortUnreachable:
 
 
 @dataclass(frozen=True)
+class Exactly:
+    """These bytes, built from the earlier steps' output (MACs not compared when redirected)."""
+
+    make: Callable[[list[ProgRun]], bytes]
+
+    def check(self, frame: bytes, out: ProgRun, prev: list[ProgRun]) -> None:
+        want, got = self.make(prev), out.data
+        if out.retval == TC_ACT_REDIRECT:
+            want, got = want[12:], got[12:]
+        assert got.hex() == want.hex(), f"{P.parse(out.data)} != {P.parse(want)}"
+
+
+@dataclass(frozen=True)
 class AnyOutput:
     """Dropped after the program had started rewriting: what is left of the frame does not matter."""
 
@@ -257,7 +290,7 @@ class AnyOutput:
         pass
 
 
-Expect = Unchanged | Nat | Reset | PortUnreachable | AnyOutput
+Expect = Unchanged | Nat | Exactly | Reset | PortUnreachable | AnyOutput
 FlowCheck = Callable[[TcHarness, bytes, ProgRun], None]
 
 
@@ -1003,41 +1036,150 @@ def _cases() -> list[Case]:
             Unchanged(),
             flows=no_flows,
         ),
-        # ---- ICMP errors about translated flows ----
-        # DIFFERENT FROM KUBE-PROXY: netfilter NATs ICMP errors RELATED to a tracked flow (outer and quoted headers),
-        # so path MTU discovery and port unreachables work through a NodePort. kpr passes them untranslated: a
-        # "fragmentation needed" about a reply the backend sent reaches the node, not the backend ...
-        Case(
-            "icmp-frag-needed-about-a-translated-reply",
+        # ---- ICMP errors about translated flows (netfilter's RELATED) ----
+        # An error quotes the packet it is about as it was where the error arose, on the wrong side of the
+        # translation; it is translated back (outer and quoted headers, every checksum) and sent to the other end:
+        # path MTU discovery and unreachables work through a NodePort, as with kube-proxy.
+        Case(  # a router near the client: a reply of node1's backend was too big
+            "icmp-frag-needed-about-a-reply-reaches-the-local-backend",
             "kpr_tc_in4",
             lambda prev: icmp_error_about(c4, NODE4, P.rewritten(reply()(prev), src=(NODE4, NP_TCP))),
             OK,
-            Unchanged(),
+            Exactly(lambda prev: icmp_error_about(c4, LOCAL4, reply()(prev))),
             before=(("kpr_tc_in4", syn(c4, 40080, NODE4, NP_TCP)),),
+            counters={"tc_icmp_related": 1},
         ),
         Case(
-            "icmpv6-packet-too-big-about-a-translated-reply",
+            "icmpv6-packet-too-big-about-a-reply-reaches-the-local-backend",
             "kpr_tc_in6",
-            lambda prev: P.packet(
-                c6,
-                NODE6,
-                P.Icmp(
-                    2, 0, b"\0\0\x05\x00", P.rewritten(reply()(prev), src=(NODE6, NP_TCP))[P.ETH_HLEN : P.ETH_HLEN + 48]
-                ),
-            ),
+            lambda prev: icmp_error_about(c6, NODE6, P.rewritten(reply()(prev), src=(NODE6, NP_TCP)), 2, 0),
             OK,
-            Unchanged(),
+            Exactly(lambda prev: icmp_error_about(c6, LOCAL6, reply()(prev), 2, 0)),
             before=(("kpr_tc_in6", syn(c6, 40080, NODE6, NP_TCP)),),
+            counters={"tc_icmp_related": 1},
         ),
-        # ... and a backend's port unreachable leaves with the pod's address and the quoted backend address, which
-        # the client cannot match to anything it sent.
-        Case(
-            "icmp-port-unreachable-from-a-backend-at-egress",
+        Case(  # the backend answers a datagram with port unreachable: the client hears it from the NodePort
+            "icmp-port-unreachable-from-a-local-backend-comes-from-the-frontend",
             "kpr_tc_out4",
             lambda prev: icmp_error_about(LOCAL4, c4, prev[0].data, 3, 3),
             OK,
-            Unchanged(),
+            Exactly(lambda prev: icmp_error_about(NODE4, c4, udp(c4, 50080, NODE4, NP_UDP), 3, 3)),
             before=(("kpr_tc_in4", udp(c4, 50080, NODE4, NP_UDP)),),
+            counters={"tc_icmp_related": 1},
+        ),
+        Case(
+            "icmpv6-port-unreachable-from-a-local-backend-comes-from-the-frontend",
+            "kpr_tc_out6",
+            lambda prev: icmp_error_about(LOCAL6, c6, prev[0].data, 1, 4),
+            OK,
+            Exactly(lambda prev: icmp_error_about(NODE6, c6, udp(c6, 50080, NODE6, NP_UDP), 1, 4)),
+            before=(("kpr_tc_in6", udp(c6, 50080, NODE6, NP_UDP)),),
+            counters={"tc_icmp_related": 1},
+        ),
+        Case(  # a router toward node2: what node1 masqueraded on was too big; the client hears it from the NodePort
+            "icmp-frag-needed-about-a-masqueraded-packet-reaches-the-client",
+            "kpr_tc_in4",
+            lambda prev: icmp_error_about(ROUTER4, NODE4, prev[0].data),
+            REDIRECT,
+            Exactly(lambda prev: icmp_error_about(NODE4, c4, syn(c4, 40081, NODE4, REMOTE_TCP))),
+            before=(("kpr_tc_in4", syn(c4, 40081, NODE4, REMOTE_TCP)),),
+            counters={"tc_icmp_related": 1},
+        ),
+        Case(
+            "icmpv6-packet-too-big-about-a-masqueraded-packet-reaches-the-client",
+            "kpr_tc_in6",
+            lambda prev: icmp_error_about(ROUTER6, NODE6, prev[0].data, 2, 0),
+            REDIRECT,
+            Exactly(lambda prev: icmp_error_about(NODE6, c6, syn(c6, 40081, NODE6, REMOTE_TCP), 2, 0)),
+            before=(("kpr_tc_in6", syn(c6, 40081, NODE6, REMOTE_TCP)),),
+            counters={"tc_icmp_related": 1},
+        ),
+        Case(  # the quoted UDP checksum is translated too
+            "icmp-port-unreachable-from-a-remote-backend-reaches-the-client",
+            "kpr_tc_in4",
+            lambda prev: icmp_error_about(REMOTE4, NODE4, prev[0].data, 3, 3),
+            REDIRECT,
+            Exactly(lambda prev: icmp_error_about(NODE4, c4, udp(c4, 50081, NODE4, REMOTE_UDP), 3, 3)),
+            before=(("kpr_tc_in4", udp(c4, 50081, NODE4, REMOTE_UDP)),),
+            counters={"tc_icmp_related": 1},
+        ),
+        Case(
+            "icmpv6-port-unreachable-from-a-remote-backend-reaches-the-client",
+            "kpr_tc_in6",
+            lambda prev: icmp_error_about(REMOTE6, NODE6, prev[0].data, 1, 4),
+            REDIRECT,
+            Exactly(lambda prev: icmp_error_about(NODE6, c6, udp(c6, 50081, NODE6, REMOTE_UDP), 1, 4)),
+            before=(("kpr_tc_in6", udp(c6, 50081, NODE6, REMOTE_UDP)),),
+            counters={"tc_icmp_related": 1},
+        ),
+        Case(  # a router near the client: a reply node1 sent for node2's backend; the backend hears it from node1
+            "icmp-frag-needed-about-a-masqueraded-reply-reaches-the-remote-backend",
+            "kpr_tc_in4",
+            lambda prev: icmp_error_about(c4, NODE4, prev[1].data),
+            REDIRECT,
+            Exactly(lambda prev: icmp_error_about(NODE4, REMOTE4, reply()(prev))),
+            before=(("kpr_tc_in4", syn(c4, 40082, NODE4, REMOTE_TCP)), ("kpr_tc_in4", reply())),
+            counters={"tc_icmp_related": 1},
+        ),
+        Case(
+            "icmpv6-packet-too-big-about-a-masqueraded-reply-reaches-the-remote-backend",
+            "kpr_tc_in6",
+            lambda prev: icmp_error_about(c6, NODE6, prev[1].data, 2, 0),
+            REDIRECT,
+            Exactly(lambda prev: icmp_error_about(NODE6, REMOTE6, reply()(prev), 2, 0)),
+            before=(("kpr_tc_in6", syn(c6, 40082, NODE6, REMOTE_TCP)), ("kpr_tc_in6", reply())),
+            counters={"tc_icmp_related": 1},
+        ),
+        # tc redirects masqueraded packets past the kernel's forwarding, so kpr answers one too big for the device
+        # toward its backend as forwarding would (the answer translated for the client like any other error)
+        Case(
+            "too-big-for-the-device-toward-a-remote-backend-is-answered-with-frag-needed",
+            "kpr_tc_in4",
+            BIG_DF,
+            REDIRECT,
+            Exactly(lambda prev: icmp_error_about(NODE4, c4, BIG_DF, mtu=1500, ident=0)),
+            before=(("kpr_tc_in4", syn(c4, 40095, NODE4, REMOTE_TCP)),),
+            counters={"tc_dnat": 1, "tc_too_big": 1, "tc_icmp_related": 1},
+        ),
+        Case(
+            "too-big-for-the-device-toward-a-remote-backend-is-answered-with-packet-too-big-v6",
+            "kpr_tc_in6",
+            BIG6,
+            REDIRECT,
+            Exactly(lambda prev: icmp_error_about(NODE6, c6, BIG6, 2, 0, mtu=1500)),
+            before=(("kpr_tc_in6", syn(c6, 40095, NODE6, REMOTE_TCP)),),
+            counters={"tc_dnat": 1, "tc_too_big": 1, "tc_icmp_related": 1},
+        ),
+        Case(  # DIFFERENT FROM KUBE-PROXY: the kernel would fragment it; kpr does not fragment
+            "too-big-without-df-toward-a-remote-backend-is-dropped",
+            "kpr_tc_in4",
+            BIG_NO_DF,
+            SHOT,
+            AnyOutput(),
+            before=(("kpr_tc_in4", syn(c4, 40095, NODE4, REMOTE_TCP)),),
+            counters={"tc_dnat": 1, "tc_drop_too_big": 1},
+        ),
+        Case(  # about no tracked flow: the node's own business
+            "icmp-error-about-an-untracked-packet-is-left-alone",
+            "kpr_tc_in4",
+            icmp_error_about(OTHER4, NODE4, syn(NODE4, 40083, OTHER4, 443)),
+            OK,
+            Unchanged(),
+        ),
+        Case(
+            "icmp-error-quoting-less-than-8-bytes-of-l4-is-left-alone",
+            "kpr_tc_in4",
+            lambda prev: icmp_error_about(ROUTER4, NODE4, prev[0].data, quoted_l4=4),
+            OK,
+            Unchanged(),
+            before=(("kpr_tc_in4", syn(c4, 40084, NODE4, REMOTE_TCP)),),
+        ),
+        Case(
+            "icmp-echo-reply-is-left-alone",
+            "kpr_tc_out4",
+            P.packet(NODE4, c4, P.Icmp(0, 0, b"\0\1\0\1", b"ping")),
+            OK,
+            Unchanged(),
         ),
         # ---- headers the stack would refuse (ip_rcv / ipv6_rcv drop them before netfilter ever sees them) ----
         # tc runs before the stack's header checks: a wrong version field is left untouched (found by the property
@@ -1128,7 +1270,7 @@ def test_tc_fixture(tc: TcHarness, case: Case) -> None:
 # The packets kpr hands to the stack at ingress after rewriting them: a NIC that reports CHECKSUM_COMPLETE gives the
 # skb a checksum of the whole packet, which the rewrite must keep right or the stack drops the packet as corrupt.
 # The kernel computes skb->csum before the run and checks it after (BPF_F_TEST_SKB_CHECKSUM_COMPLETE).
-STACK_BOUND = [c for c in CASES if c.verdict == OK and isinstance(c.expect, Nat) and "_in" in c.program]
+STACK_BOUND = [c for c in CASES if c.verdict == OK and isinstance(c.expect, (Nat, Exactly)) and "_in" in c.program]
 
 
 # A UDP datagram without checksum keeps none (BPF_F_MARK_MANGLED_0 makes bpf_l4_csum_replace a no-op), so nothing

@@ -37,6 +37,15 @@ def test_flag_scope_and_state_constants_match() -> None:
         "KPR_CT_F_CLOSING": abi.CT_F_CLOSING,
         "KPR_NODEPORT_F_LOOPBACK": abi.NODEPORT_F_LOOPBACK,
         "KPR_CONFIG_F_EXTERNAL_CLUSTER_IP": abi.CONFIG_F_EXTERNAL_CLUSTER_IP,
+        "KPR_TAIL_REJECT4": abi.TAIL_REJECT4,
+        "KPR_TAIL_REJECT6": abi.TAIL_REJECT6,
+        "KPR_TAIL_ICMP4_IN": abi.TAIL_ICMP4_IN,
+        "KPR_TAIL_ICMP6_IN": abi.TAIL_ICMP6_IN,
+        "KPR_TAIL_ICMP4_OUT": abi.TAIL_ICMP4_OUT,
+        "KPR_TAIL_ICMP6_OUT": abi.TAIL_ICMP6_OUT,
+        "KPR_TAIL_TOOBIG4": abi.TAIL_TOOBIG4,
+        "KPR_TAIL_TOOBIG6": abi.TAIL_TOOBIG6,
+        "KPR_TAILS_MAX": abi.TAILS_MAX,
     }
     assert {k: DEFINES[k] for k in expected} == expected
 
