@@ -58,6 +58,7 @@
 #define KPR_CT_TCP_LIFETIME_S 21600 /* established TCP: 6 h, like nf_conntrack's 5 days but bounded */
 #define KPR_CT_CLOSING_LIFETIME_S 10 /* after a FIN or RST */
 #define KPR_CT_UDP_LIFETIME_S 60
+#define KPR_CT_SCTP_LIFETIME_S 210 /* nf_conntrack's established SCTP timeout: heartbeats (30 s) keep it alive */
 
 /* Service lookup scopes (svc_key.scope). Every lookup starts at the default scope; a master entry flagged
  * TWO_SCOPES sends traffic that starts inside the cluster (sockets on the node, pods) to the internal scope. */
@@ -115,6 +116,7 @@
 #define KPR_CNT_TC_TOO_BIG 27            /* tc: a translated packet too big for its device: answered with
 					  * Fragmentation Needed / Packet Too Big, as forwarding would */
 #define KPR_CNT_TC_DROP_TOO_BIG 28       /* tc: the same without DF (IPv4): dropped, kpr does not fragment */
+#define KPR_CNT_TC_SCTP_CRC 29           /* tc: an SCTP packet's CRC32c updated for a rewritten port */
 #define KPR_CNT_MAX 32
 
 /* services4/6 key: a frontend address:port/proto, its scope, and slot (0 = master, 1..count = backends). */
@@ -380,6 +382,12 @@ struct kpr_config {
 	__u8 pad[2];
 };
 BPF_TABLE_PINNED("array", __u32, struct kpr_config, config, 1, KPR_PIN("config"));
+
+/* crc32c_powers: x^(8 i) and x^(8 * 256 i) modulo the CRC32c polynomial (i < 256, bit-reflected), filled by the loader
+ * (kpr/datapath/crc32c.py) before any program runs: tc.c folds an SCTP port rewrite into the packet's CRC32c with
+ * them, without reading the packet. */
+#define KPR_CRC32C_POWERS 512
+BPF_TABLE_PINNED("array", __u32, __u32, crc32c_powers, KPR_CRC32C_POWERS, KPR_PIN("crc32c_powers"));
 
 /* tc_tails: the tc path's tail calls. Building a reject reply, or translating an ICMP error, needs more stack than
  * fits beside the forwarding path, so each runs as a program of its own. Pinned because the kernel empties a program

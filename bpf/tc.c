@@ -38,6 +38,7 @@
 #define TCP_RST 0x04
 #define TCP_ACK 0x10
 
+/* tcp_flags: TCP's, or an SCTP packet's first chunk in TCP's terms (sctp_flags), so that conntrack treats both alike. */
 struct flow4 {
 	__be32 saddr;
 	__be32 daddr;
@@ -46,6 +47,7 @@ struct flow4 {
 	__u8 proto;
 	__u8 tcp_flags;
 	__u16 l4_off;
+	__u16 l4_len; /* from the IP header: the L4 packet without any Ethernet padding */
 };
 
 struct flow6 {
@@ -56,7 +58,44 @@ struct flow6 {
 	__u8 proto;
 	__u8 tcp_flags;
 	__u16 l4_off;
+	__u16 l4_len;
 };
+
+/* SCTP's common header and a chunk's header (RFC 9260, 3.1 and 3.2): the kernel's own are not UAPI. */
+struct sctp_common {
+	__be16 source;
+	__be16 dest;
+	__be32 vtag;
+	__u8 checksum[4]; /* CRC32c, least significant byte first */
+};
+
+struct sctp_chunk {
+	__u8 type;
+	__u8 flags;
+	__be16 length;
+};
+
+#define SCTP_CHUNK_INIT 1
+#define SCTP_CHUNK_INIT_ACK 2
+#define SCTP_CHUNK_ABORT 6
+#define SCTP_CHUNK_SHUTDOWN_COMPLETE 14
+
+/* An SCTP packet's first chunk as TCP flags: INIT opens an association (SYN), INIT ACK answers it (SYN ACK), ABORT and
+ * SHUTDOWN COMPLETE end it (RST); anything else belongs to one (ACK). */
+static __always_inline __u8 sctp_flags(__u8 chunk_type)
+{
+	switch (chunk_type) {
+	case SCTP_CHUNK_INIT:
+		return TCP_SYN;
+	case SCTP_CHUNK_INIT_ACK:
+		return TCP_SYN | TCP_ACK;
+	case SCTP_CHUNK_ABORT:
+	case SCTP_CHUNK_SHUTDOWN_COMPLETE:
+		return TCP_RST;
+	default:
+		return TCP_ACK;
+	}
+}
 
 /* BCC 0.26 declares bpf_redirect_neigh with an outdated prototype; call the helper with the kernel's own. */
 static long (*kpr_redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) = (void *)BPF_FUNC_redirect_neigh;
@@ -75,8 +114,8 @@ static __always_inline void counter_inc(__u32 idx)
 		*value += 1;
 }
 
-/* The ports (and TCP flags) of a TCP or UDP header that is there whole: a translation rewrites its checksum, so a
- * header cut short is left to the stack (which drops it) rather than half-translated and tracked. */
+/* The ports (and TCP flags) of a TCP, UDP or SCTP header that is there whole: a translation rewrites its checksum,
+ * so a header cut short is left to the stack (which drops it) rather than half-translated and tracked. */
 static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, __u8 proto, __be16 *sport, __be16 *dport,
 				    __u8 *tcp_flags)
 {
@@ -100,6 +139,19 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, __u8 proto
 		*tcp_flags = 0;
 		return 0;
 	}
+	if (proto == IPPROTO_SCTP) {
+		struct {
+			struct sctp_common common;
+			struct sctp_chunk chunk; /* every SCTP packet carries at least one */
+		} sctp;
+
+		if (bpf_skb_load_bytes(skb, off, &sctp, sizeof(sctp)))
+			return -1;
+		*sport = sctp.common.source;
+		*dport = sctp.common.dest;
+		*tcp_flags = sctp_flags(sctp.chunk.type);
+		return 0;
+	}
 	return -1;
 }
 
@@ -115,6 +167,7 @@ static __always_inline int parse4(struct __sk_buff *skb, struct flow4 *f)
 	f->daddr = ip.daddr;
 	f->proto = ip.protocol;
 	f->l4_off = ETH_HLEN + sizeof(struct iphdr);
+	f->l4_len = bpf_ntohs(ip.tot_len) - sizeof(struct iphdr);
 	return parse_l4(skb, f->l4_off, f->proto, &f->sport, &f->dport, &f->tcp_flags);
 }
 
@@ -128,6 +181,7 @@ static __always_inline int parse6(struct __sk_buff *skb, struct flow6 *f)
 	__builtin_memcpy(f->daddr, &ip.daddr, 16);
 	f->proto = ip.nexthdr; /* extension headers are left to the stack */
 	f->l4_off = ETH_HLEN + sizeof(struct ipv6hdr);
+	f->l4_len = bpf_ntohs(ip.payload_len);
 	return parse_l4(skb, f->l4_off, f->proto, &f->sport, &f->dport, &f->tcp_flags);
 }
 
@@ -142,6 +196,69 @@ static __always_inline __u64 l4_csum_flags(__u8 proto)
 	return proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 }
 
+/* ---- SCTP's checksum ----
+ * A CRC32c over the SCTP packet alone (no pseudo-header: address rewrites leave it alone). A CRC is linear, so a port
+ * change is folded in without reading the packet: for the 4 changed bytes `word` (XOR, packet order) at the start of
+ * a packet of len bytes, crc(new) = crc(old) ^ word x^(8 len) mod P (bit-reflected; zlib's crc32_combine does the
+ * same). x^(8 len) is the product of two powers from crc32c_powers; kpr/datapath/crc32c.py mirrors all of it. */
+#define CRC32C_POLY 0x82f63b78 /* Castagnoli, bit-reflected */
+
+/* a(x) b(x) modulo the polynomial, bit-reflected (x^0 is the top bit). Kept a loop: unrolled at every rewrite it
+ * would multiply the programs' size, and the verifier walks bounded loops. */
+static __always_inline __u32 crc32c_multiply(__u32 a, __u32 b)
+{
+	__u32 product = 0;
+
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < 32; i++) {
+		if (a & (0x80000000U >> i))
+			product ^= b;
+		b = (b & 1) ? (b >> 1) ^ CRC32C_POLY : b >> 1;
+	}
+	return product;
+}
+
+/* word x^(8 len) mod P; 0 if the table is missing. */
+static __always_inline __u32 crc32c_shifted(__u32 word, __u32 len)
+{
+	__u32 low = len & 0xff, high = KPR_CRC32C_POWERS / 2 + ((len >> 8) & 0xff);
+	__u32 *low_power = crc32c_powers.lookup(&low), *high_power = crc32c_powers.lookup(&high);
+
+	if (!low_power || !high_power)
+		return 0;
+	return crc32c_multiply(word, crc32c_multiply(*low_power, *high_power));
+}
+
+/* Fold a port change at the start of an SCTP packet of l4_len bytes into its CRC32c (stored least significant byte
+ * first, RFC 4960 appendix B), keeping it exactly as right, or as wrong, as it was. */
+static __always_inline int sctp_port_changed(struct __sk_buff *skb, __u16 l4_off, __u16 l4_len, bool dst,
+					     __be16 old_port, __be16 new_port)
+{
+	__be16 changed = old_port ^ new_port;
+	__u8 bytes[2], crc[4];
+	__u32 delta, fix;
+
+	if (l4_len < sizeof(struct sctp_common) + sizeof(struct sctp_chunk))
+		return -1;
+	__builtin_memcpy(bytes, &changed, sizeof(bytes));
+	delta = (__u32)bytes[0] | (__u32)bytes[1] << 8; /* packet order, first byte lowest */
+	fix = crc32c_shifted(dst ? delta << 16 : delta, l4_len);
+	if (!fix) /* a port did change: only a missing table gives 0 */
+		return -1;
+	if (bpf_skb_load_bytes(skb, l4_off + offsetof(struct sctp_common, checksum), crc, sizeof(crc)))
+		return -1;
+	crc[0] ^= fix;
+	crc[1] ^= fix >> 8;
+	crc[2] ^= fix >> 16;
+	crc[3] ^= fix >> 24;
+	/* a CRC is no ones' complement sum: nothing else compensates, so a CHECKSUM_COMPLETE skb->csum is updated */
+	if (bpf_skb_store_bytes(skb, l4_off + offsetof(struct sctp_common, checksum), crc, sizeof(crc),
+				BPF_F_RECOMPUTE_CSUM))
+		return -1;
+	counter_inc(KPR_CNT_TC_SCTP_CRC);
+	return 0;
+}
+
 /* Rewrite the source (dst = false) or destination address and port, fixing the L3 and L4 checksums. */
 static __always_inline int rewrite4(struct __sk_buff *skb, struct flow4 *f, bool dst, __be32 addr, __be16 port)
 {
@@ -152,15 +269,19 @@ static __always_inline int rewrite4(struct __sk_buff *skb, struct flow4 *f, bool
 	__u32 csum_off = l4_csum_off(f->proto, f->l4_off);
 	__u64 mangled = l4_csum_flags(f->proto);
 
+	bool sctp = f->proto == IPPROTO_SCTP;
+
 	if (old_addr != addr) {
-		if (bpf_l4_csum_replace(skb, csum_off, old_addr, addr, BPF_F_PSEUDO_HDR | mangled | sizeof(addr)) ||
+		if ((!sctp &&
+		     bpf_l4_csum_replace(skb, csum_off, old_addr, addr, BPF_F_PSEUDO_HDR | mangled | sizeof(addr))) ||
 		    bpf_l3_csum_replace(skb, IP4_CSUM_OFF, old_addr, addr, sizeof(addr)) ||
 		    bpf_skb_store_bytes(skb, addr_off, &addr, sizeof(addr), 0))
 			return -1;
 	}
 	if (old_port != port) {
-		if (bpf_l4_csum_replace(skb, csum_off, old_port, port, mangled | sizeof(port)) ||
-		    bpf_skb_store_bytes(skb, port_off, &port, sizeof(port), 0))
+		if ((sctp ? sctp_port_changed(skb, f->l4_off, f->l4_len, dst, old_port, port)
+			  : bpf_l4_csum_replace(skb, csum_off, old_port, port, mangled | sizeof(port))) ||
+		    bpf_skb_store_bytes(skb, port_off, &port, sizeof(port), sctp ? BPF_F_RECOMPUTE_CSUM : 0))
 			return -1;
 	}
 	if (dst) {
@@ -184,17 +305,20 @@ static __always_inline int rewrite6(struct __sk_buff *skb, struct flow6 *f, bool
 	__be32 from[4], to[4];
 	__s64 diff;
 
+	bool sctp = f->proto == IPPROTO_SCTP;
+
 	__builtin_memcpy(from, old_addr, 16);
 	__builtin_memcpy(to, addr, 16);
 	diff = bpf_csum_diff(from, 16, to, 16, 0);
 	if (diff < 0 ||
-	    (bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | BPF_F_IPV6 | mangled) &&
+	    (!sctp && bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | BPF_F_IPV6 | mangled) &&
 	     bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | mangled)) ||
-	    bpf_skb_store_bytes(skb, addr_off, to, 16, 0))
+	    bpf_skb_store_bytes(skb, addr_off, to, 16, sctp ? BPF_F_RECOMPUTE_CSUM : 0))
 		return -1;
 	if (old_port != port) {
-		if (bpf_l4_csum_replace(skb, csum_off, old_port, port, mangled | sizeof(port)) ||
-		    bpf_skb_store_bytes(skb, port_off, &port, sizeof(port), 0))
+		if ((sctp ? sctp_port_changed(skb, f->l4_off, f->l4_len, dst, old_port, port)
+			  : bpf_l4_csum_replace(skb, csum_off, old_port, port, mangled | sizeof(port))) ||
+		    bpf_skb_store_bytes(skb, port_off, &port, sizeof(port), sctp ? BPF_F_RECOMPUTE_CSUM : 0))
 			return -1;
 	}
 	__builtin_memcpy(old_addr, to, 16);
@@ -527,7 +651,9 @@ static __always_inline int reject6(struct __sk_buff *skb, const struct flow6 *f)
 
 static __always_inline bool ct_expired(__u64 last_seen, __u8 flags, __u8 proto, __u64 now)
 {
-	__u64 lifetime = proto == IPPROTO_TCP ? KPR_CT_TCP_LIFETIME_S : KPR_CT_UDP_LIFETIME_S;
+	__u64 lifetime = proto == IPPROTO_TCP	 ? KPR_CT_TCP_LIFETIME_S
+			 : proto == IPPROTO_SCTP ? KPR_CT_SCTP_LIFETIME_S
+						 : KPR_CT_UDP_LIFETIME_S;
 
 	if (flags & KPR_CT_F_CLOSING)
 		lifetime = KPR_CT_CLOSING_LIFETIME_S;
@@ -540,21 +666,21 @@ static __always_inline __u8 ct_flags_after(__u8 flags, __u8 tcp_flags)
 	return (tcp_flags & (TCP_FIN | TCP_RST)) ? flags | KPR_CT_F_CLOSING : flags;
 }
 
-/* A TCP segment that opens a connection: SYN without ACK. */
+/* A TCP segment that opens a connection (SYN without ACK), or an SCTP INIT. */
 static __always_inline bool tcp_opens(__u8 proto, __u8 tcp_flags)
 {
-	return proto == IPPROTO_TCP && (tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
+	return (proto == IPPROTO_TCP || proto == IPPROTO_SCTP) && (tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
 }
 
-/* Whether a tracked flow keeps its backend. kube-proxy never deletes TCP conntrack entries and deletes UDP ones when
- * their endpoint stops serving: TCP stays on its backend until it ends, whatever the backend's state (terminating,
- * not ready, gone from the slice); UDP while the backend serves. A new connection on an old tuple (a SYN after the
- * flow closed, or towards a backend that no longer serves) picks again, as conntrack does when a tuple is reused. */
+/* Whether a tracked flow keeps its backend. kube-proxy deletes only UDP conntrack entries when their endpoint stops
+ * serving: TCP (and SCTP) stays on its backend until it ends, whatever the backend's state (terminating, not ready,
+ * gone from the slice); UDP while the backend serves. A new connection on an old tuple (a SYN or INIT after the flow
+ * closed, or towards a backend that no longer serves) picks again, as conntrack does when a tuple is reused. */
 static __always_inline bool ct_keeps_backend(__u8 backend_state, __u8 ct_flags, __u8 proto, __u8 tcp_flags)
 {
 	bool serving = backend_state <= KPR_BACKEND_TERMINATING;
 
-	if (proto != IPPROTO_TCP)
+	if (proto == IPPROTO_UDP)
 		return serving;
 	if (tcp_opens(proto, tcp_flags))
 		return serving && !(ct_flags & KPR_CT_F_CLOSING);
@@ -997,7 +1123,7 @@ int kpr_tc_icmp4_in(struct __sk_buff *skb)
 
 	if (bpf_skb_load_bytes(skb, ETH_HLEN, &outer, sizeof(outer)) ||
 	    bpf_skb_load_bytes(skb, QUOTE4_OFF, &q, sizeof(q)) || q.ip.version != 4 || q.ip.ihl != 5 ||
-	    (q.ip.protocol != IPPROTO_TCP && q.ip.protocol != IPPROTO_UDP))
+	    (q.ip.protocol != IPPROTO_TCP && q.ip.protocol != IPPROTO_UDP && q.ip.protocol != IPPROTO_SCTP))
 		return TC_ACT_OK;
 	/* The quoted packet, reversed, is the flow's key in the direction opposite to the quoted packet's. */
 	key.src = q.ip.daddr;
@@ -1060,7 +1186,7 @@ int kpr_tc_icmp6_in(struct __sk_buff *skb)
 
 	if (bpf_skb_load_bytes(skb, ETH_HLEN, &outer, sizeof(outer)) ||
 	    bpf_skb_load_bytes(skb, QUOTE6_OFF, &q, sizeof(q)) || q.ip.version != 6 ||
-	    (q.ip.nexthdr != IPPROTO_TCP && q.ip.nexthdr != IPPROTO_UDP))
+	    (q.ip.nexthdr != IPPROTO_TCP && q.ip.nexthdr != IPPROTO_UDP && q.ip.nexthdr != IPPROTO_SCTP))
 		return TC_ACT_OK;
 	__builtin_memcpy(key.src, &q.ip.daddr, 16);
 	key.sport = q.dport;
@@ -1126,7 +1252,7 @@ int kpr_tc_icmp4_out(struct __sk_buff *skb)
 
 	if (bpf_skb_load_bytes(skb, ETH_HLEN, &outer, sizeof(outer)) ||
 	    bpf_skb_load_bytes(skb, QUOTE4_OFF, &q, sizeof(q)) || q.ip.version != 4 || q.ip.ihl != 5 ||
-	    (q.ip.protocol != IPPROTO_TCP && q.ip.protocol != IPPROTO_UDP))
+	    (q.ip.protocol != IPPROTO_TCP && q.ip.protocol != IPPROTO_UDP && q.ip.protocol != IPPROTO_SCTP))
 		return TC_ACT_OK;
 	key.src = q.ip.daddr;
 	key.sport = q.dport;
@@ -1153,7 +1279,7 @@ int kpr_tc_icmp6_out(struct __sk_buff *skb)
 
 	if (bpf_skb_load_bytes(skb, ETH_HLEN, &outer, sizeof(outer)) ||
 	    bpf_skb_load_bytes(skb, QUOTE6_OFF, &q, sizeof(q)) || q.ip.version != 6 ||
-	    (q.ip.nexthdr != IPPROTO_TCP && q.ip.nexthdr != IPPROTO_UDP))
+	    (q.ip.nexthdr != IPPROTO_TCP && q.ip.nexthdr != IPPROTO_UDP && q.ip.nexthdr != IPPROTO_SCTP))
 		return TC_ACT_OK;
 	__builtin_memcpy(key.src, &q.ip.daddr, 16);
 	key.sport = q.dport;

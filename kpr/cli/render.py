@@ -157,6 +157,14 @@ def status_text(s: dict[str, Any], now: float, verbose: bool = False) -> str:
     nodeports = s.get("nodeport_addresses") or {}
     if nodeports:
         row("NodePorts on", ", ".join(a + (" (the node's own sockets)" if lo else "") for a, lo in nodeports.items()))
+    sctp = s.get("sctp_frontends", 0)
+    if sctp:
+        row(
+            "SCTP",
+            f"{_count(sctp, 'frontend')}, served at tc only (NodePorts, LoadBalancer and external IPs, chained pods; "
+            "the kernel runs no socket hooks for SCTP, so other pods and the node's own sockets reach SCTP ClusterIPs "
+            f"untranslated); {s['counters'].get('tc_sctp_crc', 0)} checksum(s) updated for rewritten ports",
+        )
     k = s["kernel"]
     row(
         "Kernel",

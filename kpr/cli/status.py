@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kpr.datapath import abi, bpfsys
-from kpr.datapath.inspect import backends_from, read_counters, read_nodeport_addresses
+from kpr.datapath.inspect import backends_from, read_counters, read_nodeport_addresses, read_services
 from kpr.datapath.loader import (
     BPF_FS_MAGIC,
     CGROUP2_SUPER_MAGIC,
@@ -51,6 +51,7 @@ class Status:
     counters: dict[str, int] = field(default_factory=dict)
     backends: dict[str, int] = field(default_factory=dict)  # per state, plus "flows_off_slots" (tc flows draining)
     nodeport_addresses: dict[str, bool] = field(default_factory=dict)  # address -> loopback-only
+    sctp_frontends: int = 0  # served at tc only: the kernel runs no socket hooks for SCTP
     kernel: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -128,6 +129,8 @@ def collect(bpffs_dir: Path, cgroup: Path, agent_address: str) -> Status:
             status.backends = backend_states(bpffs_dir)
         if {m.name for m in status.maps} >= {"nodeport_addrs4", "nodeport_addrs6"}:
             status.nodeport_addresses = read_nodeport_addresses(bpffs_dir)
+        if {m.name for m in status.maps} >= {"services4", "services6", "svc_names"}:
+            status.sctp_frontends = sum(r.frontend.endswith("/SCTP") for r in read_services(bpffs_dir))
     else:
         status.warnings.append(f"{bpffs_dir} does not exist: kpr has not run here (or was cleaned up)")
     if cgroup.exists():

@@ -36,6 +36,7 @@ SNAT_PORT_MAX = 65535
 CT_TCP_LIFETIME_S = 21600
 CT_CLOSING_LIFETIME_S = 10
 CT_UDP_LIFETIME_S = 60
+CT_SCTP_LIFETIME_S = 210
 
 BACKEND_ACTIVE = 0
 BACKEND_TERMINATING = 1
@@ -83,6 +84,7 @@ COUNTERS = {
     "tc_icmp_related": 26,
     "tc_too_big": 27,
     "tc_drop_too_big": 28,
+    "tc_sctp_crc": 29,
 }
 CNT_MAX = 32
 
@@ -371,6 +373,7 @@ MAPS: dict[str, MapSpec] = {
         MapSpec("nodeport_addrs6", NodePortAddr6, U8),
         MapSpec("tc_tails", U32, U32, programs=True),
         MapSpec("config", U32, KprConfig, array=True),
+        MapSpec("crc32c_powers", U32, U32, array=True),
     )
 }
 

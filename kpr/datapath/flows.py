@@ -17,12 +17,14 @@ from kpr.datapath.abi import CData
 from kpr.datapath.writers import MapWriteError, MapWriter
 
 _NSEC = 1_000_000_000
+IPPROTO_SCTP = 132  # socket.IPPROTO_SCTP exists only where Python was built with SCTP headers
 
 
 def ct_lifetime_ns(value: CData, proto: int) -> int:
     if value.flags & abi.CT_F_CLOSING:
         return abi.CT_CLOSING_LIFETIME_S * _NSEC
-    return (abi.CT_TCP_LIFETIME_S if proto == socket.IPPROTO_TCP else abi.CT_UDP_LIFETIME_S) * _NSEC
+    lifetime = {socket.IPPROTO_TCP: abi.CT_TCP_LIFETIME_S, IPPROTO_SCTP: abi.CT_SCTP_LIFETIME_S}
+    return lifetime.get(proto, abi.CT_UDP_LIFETIME_S) * _NSEC
 
 
 def ct_expired(value: CData, proto: int, now_ns: int) -> bool:

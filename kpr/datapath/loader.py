@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kpr.datapath import abi, bpfsys
+from kpr.datapath import abi, bpfsys, crc32c
 
 BPF_FS_MAGIC = 0xCAFE4A11
 CGROUP2_SUPER_MAGIC = 0x63677270
@@ -257,6 +257,9 @@ class TcLB:
             bpf = BPF(src_file=str(abi.BPF_DIR / "tc.c"), cflags=cflags)
         except Exception as e:  # BCC raises a bare Exception on compile or pin errors
             raise DatapathError(f"compiling bpf/tc.c failed: {e}") from e
+        with bpfsys.Map(str(self.bpffs_dir / "crc32c_powers"), abi.U32, abi.U32) as table:  # before any program runs
+            for index, value in enumerate(crc32c.powers()):
+                table.update(abi.U32(index), abi.U32(value))
         names = {name for name, _ in TC_FILTERS.values()} | set(TC_TAILS.values())
         names |= {program for _, program, _ in POD_PROGRAMS.values()}
         fns = {name: bpf.load_func(name, BPF.SCHED_CLS) for name in names}

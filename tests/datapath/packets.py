@@ -1,8 +1,8 @@
-"""Build Ethernet/IPv4/IPv6 + TCP/UDP/ICMP frames and check them, with the standard library only.
+"""Build Ethernet/IPv4/IPv6 + TCP/UDP/SCTP/ICMP frames and check them, with the standard library only.
 
-Builders compute every checksum from scratch; `check()` recomputes the IPv4 header checksum and the TCP, UDP, ICMP
-and ICMPv6 checksums (pseudo-header included) from the bytes alone, and the length fields against the frame's size.
-Nothing here shares code with the datapath: it is the independent side of the packet-fixture tests.
+Builders compute every checksum from scratch; `check()` recomputes the IPv4 header checksum, the TCP, UDP, ICMP and
+ICMPv6 checksums (pseudo-header included) and SCTP's CRC32c from the bytes alone, and the length fields against the
+frame's size. Nothing here shares code with the datapath: it is the independent side of the packet-fixture tests.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 ETH_HLEN = 14
-TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
+TCP, UDP, ICMP, ICMPV6, SCTP = 6, 17, 1, 58, 132
 HOPOPTS, ROUTING, FRAGMENT, DSTOPTS = 0, 43, 44, 60
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 
@@ -37,6 +37,33 @@ def ones_sum(data: bytes) -> int:
 def checksum(data: bytes) -> int:
     """The checksum to store: the complement of the ones' complement sum."""
     return ~ones_sum(data) & 0xFFFF
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for n in range(256):
+        reg = n
+        for _ in range(8):
+            reg = (reg >> 1) ^ 0x82F63B78 if reg & 1 else reg >> 1
+        table.append(reg)
+    return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC32c (RFC 9260 appendix A), table-driven a byte at a time."""
+    reg = 0xFFFFFFFF
+    for byte in data:
+        reg = (reg >> 8) ^ _CRC32C[(reg ^ byte) & 0xFF]
+    return reg ^ 0xFFFFFFFF
+
+
+def sctp_checksum(packet: bytes) -> bytes:
+    """The 4 checksum bytes of an SCTP packet (common header on): its CRC32c with the field zeroed, least significant
+    byte first."""
+    return crc32c(packet[:8] + bytes(4) + packet[12:]).to_bytes(4, "little")
 
 
 def _norm(value: int) -> int:
@@ -110,7 +137,23 @@ class Icmp:
         return struct.pack("!BBH", self.type, self.code, 0) + self.rest + self.payload
 
 
-L4 = Tcp | Udp | Icmp
+@dataclass(frozen=True)
+class Sctp:
+    """An SCTP packet with one chunk: INIT (1) by default; its value is opaque filler, padded to 4 bytes."""
+
+    sport: int
+    dport: int
+    chunk: int = 1
+    value: bytes = b"\0\0\0\x2a\0\0\xff\xff\0\x0a\0\x0a\0\0\0\x01"  # INIT: tag, a_rwnd, streams, TSN
+    vtag: int = 0
+    proto: int = field(default=SCTP, init=False)
+
+    def segment(self) -> bytes:
+        chunk = struct.pack("!BBH", self.chunk, 0, 4 + len(self.value)) + self.value
+        return struct.pack("!HHI4x", self.sport, self.dport, self.vtag) + chunk + bytes(-len(chunk) % 4)
+
+
+L4 = Tcp | Udp | Icmp | Sctp
 
 
 def _l4_bytes(l4: L4 | bytes, src: bytes, dst: bytes) -> tuple[int, bytes]:
@@ -118,6 +161,8 @@ def _l4_bytes(l4: L4 | bytes, src: bytes, dst: bytes) -> tuple[int, bytes]:
     if isinstance(l4, bytes):
         raise TypeError("raw L4 bytes need an explicit protocol")
     raw = bytearray(l4.segment())
+    if isinstance(l4, Sctp):
+        return SCTP, bytes(raw[:8]) + sctp_checksum(bytes(raw)) + bytes(raw[12:])
     if isinstance(l4, Icmp):
         proto = ICMP if len(src) == 4 else ICMPV6
         covered = bytes(raw) if proto == ICMP else pseudo_header(src, dst, proto, len(raw)) + bytes(raw)
@@ -265,7 +310,7 @@ def parse(frame: bytes, *, any_version: bool = False) -> Parsed:
         if nexthdr not in (HOPOPTS, ROUTING, DSTOPTS, FRAGMENT):
             p.l4_off = ETH_HLEN + off
     l4 = frame[p.l4_off :] if p.l4_off else b""
-    if p.proto in (TCP, UDP) and len(l4) >= 4:
+    if p.proto in (TCP, UDP, SCTP) and len(l4) >= 4:
         p.sport, p.dport = struct.unpack("!HH", l4[:4])
     if p.proto == TCP and len(l4) >= 14:
         p.seq, p.ack = struct.unpack("!II", l4[4:12])
@@ -360,6 +405,12 @@ def check(frame: bytes) -> list[str]:
     elif p.proto in (ICMP, ICMPV6):
         if len(body) < 8:
             return [*problems, "ICMP message shorter than its header"]
+    elif p.proto == SCTP:
+        if len(body) < 16:
+            return [*problems, "SCTP packet shorter than its common header and a chunk header"]
+        if body[8:12] != sctp_checksum(body):
+            problems.append("bad SCTP checksum")
+        return problems
     else:
         return problems
     if l4_residual(frame) not in (None, 0xFFFF):
@@ -394,6 +445,17 @@ def rewritten(frame: bytes, *, src: tuple[str, int] | None = None, dst: tuple[st
     if l4_before is not None:
         off = p.l4_off + (16 if p.proto == TCP else 6)
         _shift_checksum(out, off, l4_before, _l4_sum_without_checksum(bytes(out)), udp=p.proto == UDP)
+    if p.proto == SCTP and p.l4_off:  # the CRC moves by what the packet's CRC moved (addresses are not covered)
+        end = ETH_HLEN + p.l3_len
+        moved = bytes(
+            a ^ b
+            for a, b in zip(
+                sctp_checksum(frame[p.l4_off : end]), sctp_checksum(bytes(out[p.l4_off : end])), strict=True
+            )
+        )
+        out[p.l4_off + 8 : p.l4_off + 12] = bytes(
+            a ^ b for a, b in zip(out[p.l4_off + 8 : p.l4_off + 12], moved, strict=True)
+        )
     return bytes(out)
 
 

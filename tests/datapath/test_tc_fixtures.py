@@ -37,7 +37,7 @@ from kpr.datapath.testrun import (
 from kpr.lab import topology
 from kpr.model.types import Backend, Frontend, FrontendKind, ServiceKey
 from tests.datapath import packets as P
-from tests.datapath.tc_fixture import TcHarness, tc_harness
+from tests.datapath.tc_fixture import FlowKey, TcHarness, tc_harness
 
 pytestmark = pytest.mark.datapath
 
@@ -66,6 +66,7 @@ EMPTY_TCP, EMPTY_UDP = 30090, 30091  # NodePort, no endpoints at all (reject)
 LOCAL_POLICY = 30085  # NodePort, externalTrafficPolicy=Local, endpoints on node2 only (drop)
 NOROUTE_TCP = 30086  # NodePort whose backend is on an unroutable node
 TARGET_TCP, TARGET_UDP = 8080, 5353
+NP_SCTP, REMOTE_SCTP, EMPTY_SCTP, TARGET_SCTP = 30060, 30061, 30062, 3868  # NodePorts as above; Diameter's port
 
 SNAT_PORTS = range(abi.SNAT_PORT_MIN, abi.SNAT_PORT_MAX + 1)
 
@@ -93,6 +94,11 @@ def _frontends() -> list[Frontend]:
             Frontend(_svc("remote"), "dns", np, node, REMOTE_UDP, "UDP", (remote_udp,)),
             Frontend(_svc("empty"), "http", np, node, EMPTY_TCP, "TCP", ()),
             Frontend(_svc("empty"), "dns", np, node, EMPTY_UDP, "UDP", ()),
+            Frontend(_svc("np"), "diameter", np, node, NP_SCTP, "SCTP", (Backend(local, TARGET_SCTP, "SCTP", True),)),
+            Frontend(
+                _svc("remote"), "diameter", np, node, REMOTE_SCTP, "SCTP", (Backend(remote, TARGET_SCTP, "SCTP"),)
+            ),
+            Frontend(_svc("empty"), "diameter", np, node, EMPTY_SCTP, "SCTP", ()),
             # externalTrafficPolicy=Local, the only endpoint on node2: external clients see none, pods see it
             Frontend(
                 _svc("local"),
@@ -124,7 +130,7 @@ def _frontends() -> list[Frontend]:
 
 
 FRONTENDS = _frontends()
-FRONTEND_ADDRESSES = {(f.addr, f.port, P.TCP if f.protocol == "TCP" else P.UDP) for f in FRONTENDS}
+FRONTEND_ADDRESSES = {(f.addr, f.port, {"TCP": P.TCP, "UDP": P.UDP, "SCTP": P.SCTP}[f.protocol]) for f in FRONTENDS}
 
 
 @pytest.fixture(scope="module")
@@ -151,11 +157,21 @@ def udp(src: str, sport: int, dst: str, dport: int, **kw: Any) -> bytes:
     return P.packet(src, dst, P.Udp(sport, dport, **kw))
 
 
+def sctp(src: str, sport: int, dst: str, dport: int, **kw: Any) -> bytes:
+    return P.packet(src, dst, P.Sctp(sport, dport, **kw))
+
+
+def _assert_closing(h: TcHarness, key: FlowKey) -> None:
+    assert h.flows()[key].closing
+
+
 def reply(flags: int = P.SYN | P.ACK, step: int = 0) -> Callable[[list[ProgRun]], bytes]:
     """The answer to what an earlier step put out (its destination answers its source)."""
 
     def make(prev: list[ProgRun]) -> bytes:
         p = P.parse(prev[step].data)
+        if p.proto == P.SCTP:
+            return P.packet(p.dst, p.src, P.Sctp(p.dport, p.sport, chunk=2))  # INIT ACK
         if p.proto == P.UDP:
             return P.packet(p.dst, p.src, P.Udp(p.dport, p.sport, payload=b"answer"))
         return P.packet(p.dst, p.src, P.Tcp(p.dport, p.sport, flags=flags, seq=9000, ack=(p.seq + 1) & 0xFFFFFFFF))
@@ -1181,6 +1197,110 @@ def _cases() -> list[Case]:
             OK,
             Unchanged(),
         ),
+        # ---- SCTP: translated at tc, its CRC32c kept right (the socket hooks never run for SCTP) ----
+        Case(
+            "sctp-init-to-a-nodeport-local",
+            "kpr_tc_in4",
+            sctp(c4, 40200, NODE4, NP_SCTP),
+            OK,
+            Nat(dst=(LOCAL4, TARGET_SCTP)),
+            counters={**NEW_FLOW, "tc_sctp_crc": 1},
+        ),
+        Case(
+            "sctp-init-to-a-nodeport-local-v6",
+            "kpr_tc_in6",
+            sctp(c6, 40200, NODE6, NP_SCTP),
+            OK,
+            Nat(dst=(LOCAL6, TARGET_SCTP)),
+            counters={**NEW_FLOW, "tc_sctp_crc": 1},
+        ),
+        Case(
+            "sctp-init-ack-of-a-local-backend-comes-from-the-nodeport",
+            "kpr_tc_out4",
+            reply(),
+            OK,
+            Nat(src=(NODE4, NP_SCTP)),
+            before=(("kpr_tc_in4", sctp(c4, 40201, NODE4, NP_SCTP)),),
+            counters={"tc_revnat": 1, "tc_sctp_crc": 1},
+        ),
+        Case(
+            "sctp-data-of-a-tracked-association-follows-it",
+            "kpr_tc_in4",
+            sctp(c4, 40202, NODE4, NP_SCTP, chunk=0, value=b"payload-of-a-data-chunk", vtag=42),
+            OK,
+            Nat(dst=(LOCAL4, TARGET_SCTP)),
+            before=(("kpr_tc_in4", sctp(c4, 40202, NODE4, NP_SCTP)),),
+            counters={"tc_dnat": 1, "tc_sctp_crc": 1},
+        ),
+        Case(
+            "sctp-init-to-a-remote-backend-is-masqueraded",
+            "kpr_tc_in4",
+            sctp(c4, 40203, NODE4, REMOTE_SCTP),
+            REDIRECT,
+            Nat(dst=(REMOTE4, TARGET_SCTP), src=masqueraded(NODE4)),
+            counters={**NEW_MASQUERADED_FLOW, "tc_sctp_crc": 2},
+            flows=flows_of_masqueraded_flow(c4, 40203, NODE4, REMOTE_SCTP, REMOTE4, P.SCTP),
+        ),
+        Case(
+            "sctp-init-to-a-remote-backend-is-masqueraded-v6",
+            "kpr_tc_in6",
+            sctp(c6, 40203, NODE6, REMOTE_SCTP),
+            REDIRECT,
+            Nat(dst=(REMOTE6, TARGET_SCTP), src=masqueraded(NODE6)),
+            counters={**NEW_MASQUERADED_FLOW, "tc_sctp_crc": 2},
+        ),
+        Case(
+            "sctp-init-ack-of-a-masqueraded-association-comes-back-to-the-client",
+            "kpr_tc_in6",
+            reply(),
+            REDIRECT,
+            Nat(src=(NODE6, REMOTE_SCTP), dst=(c6, 40204)),
+            before=(("kpr_tc_in6", sctp(c6, 40204, NODE6, REMOTE_SCTP)),),
+            counters={"tc_revnat": 1, "tc_sctp_crc": 2},
+        ),
+        Case(
+            "sctp-abort-ends-the-association",
+            "kpr_tc_in4",
+            sctp(c4, 40205, NODE4, NP_SCTP, chunk=6, value=b""),
+            OK,
+            Nat(dst=(LOCAL4, TARGET_SCTP)),
+            before=(("kpr_tc_in4", sctp(c4, 40205, NODE4, NP_SCTP)),),
+            counters={"tc_dnat": 1, "tc_sctp_crc": 1},
+            flows=lambda h, frame, out: _assert_closing(h, ("original", CLIENT4, 40205, NODE4, NP_SCTP, P.SCTP)),
+        ),
+        Case(
+            "sctp-to-a-nodeport-without-endpoints-is-port-unreachable",
+            "kpr_tc_in4",
+            sctp(c4, 40206, NODE4, EMPTY_SCTP),
+            REDIRECT,
+            PortUnreachable(),
+            counters={"tc_reject_udp": 1},
+        ),
+        Case(
+            "sctp-bad-crc-stays-exactly-as-wrong",
+            "kpr_tc_in4",
+            P.with_byte(sctp(c4, 40207, NODE4, NP_SCTP), P.ETH_HLEN + 20 + 9, 0x5A),
+            OK,
+            Nat(dst=(LOCAL4, TARGET_SCTP)),
+            counters={**NEW_FLOW, "tc_sctp_crc": 1},
+        ),
+        Case(  # the CRC covers what the IP header says, not the Ethernet padding after it
+            "sctp-with-ethernet-padding",
+            "kpr_tc_in4",
+            sctp(c4, 40208, NODE4, NP_SCTP, chunk=14, value=b"") + bytes(14),
+            OK,
+            Nat(dst=(LOCAL4, TARGET_SCTP)),
+            counters={**NEW_FLOW, "tc_sctp_crc": 1},
+        ),
+        Case(
+            "icmp-frag-needed-about-a-masqueraded-sctp-packet-reaches-the-client",
+            "kpr_tc_in4",
+            lambda prev: icmp_error_about(ROUTER4, NODE4, prev[0].data),
+            REDIRECT,
+            Exactly(lambda prev: icmp_error_about(NODE4, c4, sctp(c4, 40209, NODE4, REMOTE_SCTP))),
+            before=(("kpr_tc_in4", sctp(c4, 40209, NODE4, REMOTE_SCTP)),),
+            counters={"tc_icmp_related": 1},
+        ),
         # ---- headers the stack would refuse (ip_rcv / ipv6_rcv drop them before netfilter ever sees them) ----
         # tc runs before the stack's header checks: a wrong version field is left untouched (found by the property
         # test below, when tc.c did not check it and translated and tracked such junk).
@@ -1347,6 +1467,7 @@ def test_packet_helpers_agree_with_published_checksums() -> None:
 ADDRS4 = [NODE4, CLIENT4, BLOCKED4, POD4, LOCAL4, REMOTE4, LB4, CIP4, OTHER4]
 ADDRS6 = [NODE6, CLIENT6, BLOCKED6, POD6, LOCAL6, REMOTE6, LB6, CIP6, OTHER6]
 PORTS = [NP_TCP, NP_UDP, REMOTE_TCP, REMOTE_UDP, EMPTY_TCP, EMPTY_UDP, LOCAL_POLICY, 80, TARGET_TCP, TARGET_UDP, 22]
+PORTS += [NP_SCTP, REMOTE_SCTP, EMPTY_SCTP, TARGET_SCTP]
 
 
 @st.composite
@@ -1360,18 +1481,18 @@ def addresses(draw: st.DrawFn, family: int) -> str:
 
 @st.composite
 def structured_frames(draw: st.DrawFn, family: int) -> bytes:
-    """TCP or UDP from a known or random source to a frontend (often) or anywhere, random flags, sometimes with a
-    corrupted IP header byte or cut short."""
+    """TCP, UDP or SCTP from a known or random source to a frontend (often) or anywhere, random flags or chunk,
+    sometimes with a corrupted IP header byte or cut short."""
     src, dst = draw(addresses(family)), draw(addresses(family))
     ports = st.sampled_from(PORTS) | st.integers(1, 65535)
     sport, dport = draw(ports), draw(ports)
-    proto = draw(st.sampled_from([P.TCP, P.UDP]))
+    proto = draw(st.sampled_from([P.TCP, P.UDP, P.SCTP]))
     # (hypothesis favours the first of sampled_from's choices and small integers: the common case goes first)
     if draw(st.sampled_from([True, True, False])):  # two in three to a frontend, mostly with its protocol
         frontend = draw(st.sampled_from([f for f in FRONTENDS if f.family == family]))
         dst, dport = frontend.addr, frontend.port
         if draw(st.sampled_from([True, True, True, False])):
-            proto = P.TCP if frontend.protocol == "TCP" else P.UDP
+            proto = {"TCP": P.TCP, "UDP": P.UDP, "SCTP": P.SCTP}[frontend.protocol]
     payload = draw(st.binary(max_size=64))
     l4: P.L4
     if proto == P.TCP:
@@ -1381,6 +1502,9 @@ def structured_frames(draw: st.DrawFn, family: int) -> bytes:
         flags = draw(st.one_of(common, common, common, st.integers(0, 255)))
         seq, ack = draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, 2**32 - 1))
         l4 = P.Tcp(sport, dport, flags=flags, seq=seq, ack=ack, payload=payload)
+    elif proto == P.SCTP:
+        chunk = draw(st.sampled_from([1, 0, 2, 6, 14]) | st.integers(0, 255))
+        l4 = P.Sctp(sport, dport, chunk=chunk, value=payload, vtag=draw(st.integers(0, 2**32 - 1)))
     else:
         l4 = P.Udp(sport, dport, payload=payload, zero_checksum=family == 4 and draw(st.booleans()))
     frame = P.packet(src, dst, l4)
@@ -1425,6 +1549,8 @@ def _answer(out: bytes, flags: int) -> bytes | None:
         return P.packet(p.dst, p.src, P.Tcp(p.dport, p.sport, flags=flags, seq=1, ack=(p.seq + 1) & 0xFFFFFFFF))
     if p.proto == P.UDP and p.dport >= 0 and P.check(out) == []:
         return P.packet(p.dst, p.src, P.Udp(p.dport, p.sport))
+    if p.proto == P.SCTP and p.dport >= 0 and P.check(out) == []:
+        return P.packet(p.dst, p.src, P.Sctp(p.dport, p.sport, chunk=2))
     return None
 
 

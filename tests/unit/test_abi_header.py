@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from kpr.datapath import abi, bpfsys, loader
+from kpr.datapath import abi, bpfsys, crc32c, loader
 
 pytestmark = pytest.mark.unit
 
@@ -34,6 +34,7 @@ def test_flag_scope_and_state_constants_match() -> None:
         "KPR_CT_TCP_LIFETIME_S": abi.CT_TCP_LIFETIME_S,
         "KPR_CT_CLOSING_LIFETIME_S": abi.CT_CLOSING_LIFETIME_S,
         "KPR_CT_UDP_LIFETIME_S": abi.CT_UDP_LIFETIME_S,
+        "KPR_CT_SCTP_LIFETIME_S": abi.CT_SCTP_LIFETIME_S,
         "KPR_CT_F_CLOSING": abi.CT_F_CLOSING,
         "KPR_NODEPORT_F_LOOPBACK": abi.NODEPORT_F_LOOPBACK,
         "KPR_CONFIG_F_EXTERNAL_CLUSTER_IP": abi.CONFIG_F_EXTERNAL_CLUSTER_IP,
@@ -46,6 +47,7 @@ def test_flag_scope_and_state_constants_match() -> None:
         "KPR_TAIL_TOOBIG4": abi.TAIL_TOOBIG4,
         "KPR_TAIL_TOOBIG6": abi.TAIL_TOOBIG6,
         "KPR_TAILS_MAX": abi.TAILS_MAX,
+        "KPR_CRC32C_POWERS": crc32c.POWERS,
     }
     assert {k: DEFINES[k] for k in expected} == expected
 

@@ -356,6 +356,12 @@ def test_status_text_verbose_and_agent_down() -> None:
     assert "Maps (/sys/fs/bpf/kpr):" in down
 
 
+def test_status_says_how_sctp_is_served() -> None:
+    text = status_text(dict(STATUS, sctp_frontends=2, counters=dict(STATUS["counters"], tc_sctp_crc=7)), now=1180.0)
+    assert "SCTP:         2 frontends, served at tc only" in text and "7 checksum(s) updated" in text
+    assert "SCTP" not in status_text(STATUS, now=1180.0)
+
+
 def test_status_names_the_north_south_settings() -> None:
     agent = dict(STATUS["agent"], devices=["eth0"], external_cluster_ip=True, cluster_cidrs=["10.244.0.0/16"])
     text = status_text(dict(STATUS, agent=agent), now=1180.0)
