@@ -3,7 +3,8 @@
 Mirrors pkg/proxy/util/nodeport_addresses.go (NewNodePortAddresses, GetNodeIPs) and cmd/kube-proxy's
 expandNodePortAddressKeywords: a list of CIDRs and the keywords `primary` (the Node object's node IP of each family),
 `localhost` (127.0.0.0/8 and ::1/128) and `all` (0.0.0.0/0 and ::/0); per family, a list without a CIDR of that family
-matches every address of it. Unset, kpr does what kube-proxy's iptables mode does: `all`, loopback included, so
+matches every address of it. `primary` before the Node is known matches nothing (kube-proxy would fall back to
+127.0.0.1): NodePorts then wait for the node's IP rather than answer on addresses nobody chose. Unset, kpr does what kube-proxy's iptables mode does: `all`, loopback included, so
 `127.0.0.1:<nodePort>` answers on the node itself (kube-proxy's localhost NodePorts; IPv4 only, as there).
 """
 
@@ -35,6 +36,7 @@ def parse(values: Iterable[str]) -> tuple[str, ...]:
 
 def _expand(spec: Sequence[str], primary_ips: Sequence[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     cidrs: list[str] = []
+    keyword_families = set()  # keywords speak for both families, even when `primary` has no IP of one (yet)
     for value in spec or ("all",):
         if value == "primary":
             cidrs += [f"{ip}/{32 if ':' not in ip else 128}" for ip in primary_ips if not _is_loopback(ip)]
@@ -44,9 +46,11 @@ def _expand(spec: Sequence[str], primary_ips: Sequence[str]) -> list[ipaddress.I
             cidrs += ["0.0.0.0/0", "::/0"]
         else:
             cidrs.append(value)
+            continue
+        keyword_families |= {4, 6}
     networks = [ipaddress.ip_network(c, strict=False) for c in cidrs]
     for version, zero in ((4, "0.0.0.0/0"), (6, "::/0")):  # a family without a CIDR: all of its addresses
-        if not any(n.version == version for n in networks):
+        if version not in keyword_families and not any(n.version == version for n in networks):
             networks.append(ipaddress.ip_network(zero))
     return networks
 
