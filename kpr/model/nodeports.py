@@ -4,8 +4,9 @@ Mirrors pkg/proxy/util/nodeport_addresses.go (NewNodePortAddresses, GetNodeIPs) 
 expandNodePortAddressKeywords: a list of CIDRs and the keywords `primary` (the Node object's node IP of each family),
 `localhost` (127.0.0.0/8 and ::1/128) and `all` (0.0.0.0/0 and ::/0); per family, a list without a CIDR of that family
 matches every address of it. `primary` before the Node is known matches nothing (kube-proxy would fall back to
-127.0.0.1): NodePorts then wait for the node's IP rather than answer on addresses nobody chose. Unset, kpr does what kube-proxy's iptables mode does: `all`, loopback included, so
-`127.0.0.1:<nodePort>` answers on the node itself (kube-proxy's localhost NodePorts; IPv4 only, as there).
+127.0.0.1): NodePorts then wait for the node's IP rather than answer on addresses nobody chose. Unset, kpr does what
+kube-proxy's iptables mode does: `all`, loopback included, so `127.0.0.1:<nodePort>` answers on the node itself
+(kube-proxy's localhost NodePorts; IPv4 only, as there).
 """
 
 from __future__ import annotations
