@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from kpr import log
-from kpr.agent.http import listen
+from kpr.agent.http import REQUEST_TIMEOUT, listen
 from kpr.model.types import ServiceKey
 
 
@@ -32,6 +32,8 @@ class _Server:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = REQUEST_TIMEOUT
+
             def _answer(self) -> None:
                 service, count = server.service, server.local_endpoints
                 healthy = owner.proxy_healthy()

@@ -8,6 +8,9 @@
 Like Go's net/http: every method gets the route's answer (load balancers probe with HEAD or OPTIONS too; HEAD gets no
 body), an unknown path 404 "404 page not found", and the IPv4 wildcard listens on IPv6 as well (Go binds 0.0.0.0
 with a dual-stack socket), so an IPv6-only node is probed like any other.
+
+Unlike a goroutine, a connection here costs a thread: a client gets REQUEST_TIMEOUT seconds to send its request, and
+at most MAX_CONNECTIONS are served at once (more are closed at once), so half-sent requests cannot pile up threads.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from typing import Any, ClassVar, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+REQUEST_TIMEOUT = 5.0  # seconds a connection may take to send its request
+MAX_CONNECTIONS = 64  # per listener; probes take milliseconds
+
 Response = tuple[int, str, bytes]  # (status, content type, body)
 Route = Callable[[], Response]
 FAMILIES = ("IPv4", "IPv6")  # kpr serves both families at once, where kube-proxy runs one proxier each
@@ -35,6 +41,7 @@ def json_response(status: int, body: Any) -> Response:
 
 class _Handler(BaseHTTPRequestHandler):
     routes: ClassVar[dict[str, Route]] = {}  # set per server by serve()
+    timeout = REQUEST_TIMEOUT  # applied to the connection's socket before the request is read
 
     def _answer(self) -> None:
         route = self.routes.get(self.path.split("?", 1)[0])
@@ -54,9 +61,28 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # probes every few seconds would flood the log
 
 
-class _DualStackServer(ThreadingHTTPServer):
-    address_family = socket.AF_INET6
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per connection, at most MAX_CONNECTIONS of them."""
+
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog (socketserver's 5 makes a burst of connects wait on SYN retries)
+
+    def server_activate(self) -> None:
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().server_activate()
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        return self.slots.acquire(blocking=False)  # False: the server closes the connection
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+class _DualStackServer(_BoundedServer):
+    address_family = socket.AF_INET6
 
     def server_bind(self) -> None:
         with contextlib.suppress(OSError):  # a kernel without IPv6 refuses this option: the bind below says so
@@ -64,13 +90,12 @@ class _DualStackServer(ThreadingHTTPServer):
         super().server_bind()
 
 
-class _V6Server(ThreadingHTTPServer):
+class _V6Server(_BoundedServer):
     address_family = socket.AF_INET6
-    daemon_threads = True
 
 
-class _V4Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _V4Server(_BoundedServer):
+    pass
 
 
 def listen(host: str, port: int, handler: type[BaseHTTPRequestHandler], *, v6only: bool = False) -> ThreadingHTTPServer:

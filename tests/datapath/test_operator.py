@@ -283,3 +283,42 @@ def test_healthz_as_kube_proxy_answers_it_any_method_over_both_families_and_when
         assert http_get(lab, node, "http://127.0.0.1:10256/livez")["status"] == 200  # alive all the same
         write_manifest(manifests, "node.yaml", [node_manifest(node.name)])
         wait_until(lambda: http_get(lab, node, "http://127.0.0.1:10256/healthz")["status"] == 200, 10, "eligible again")
+
+
+SLOWLORIS = """
+import json, socket, sys, time
+port, held = int(sys.argv[1]), int(sys.argv[2])
+conns = []
+for _ in range(held):  # connections that send half a request and wait
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"GET /healthz HTTP/1.1\\r\\nHost: x\\r\\n")
+    conns.append(s)
+time.sleep(float(sys.argv[3]))
+closed = 0
+for s in conns:
+    s.settimeout(0.5)
+    try:
+        closed += s.recv(1) == b""
+    except TimeoutError:
+        pass  # still held open by the server
+    except ConnectionError:
+        closed += 1
+print(json.dumps({"closed": closed}))
+"""
+
+
+def test_half_sent_requests_cannot_pile_up_threads(
+    running: tuple[Lab, LabAgent, Path],
+) -> None:
+    """286 connections each sending half a request used to hold a thread each, forever. Now each gets
+    http.REQUEST_TIMEOUT seconds, at most http.MAX_CONNECTIONS are served at once and the rest are closed."""
+    lab, agent, _ = running
+    threads_before = len(list(Path(f"/proc/{agent.proc.pid}/task").iterdir()))
+    wait = http.REQUEST_TIMEOUT + 1
+    out = lab.run(agent.node, [sys.executable, "-c", SLOWLORIS, "10256", "286", str(wait)], timeout=60)
+    result = json.loads(out.stdout)
+    assert result["closed"] == 286  # the over-limit ones at once, the rest after the request timeout
+    threads_after = len(list(Path(f"/proc/{agent.proc.pid}/task").iterdir()))
+    assert threads_after <= threads_before + 2, (threads_before, threads_after)
+    # while every slot is taken a probe is closed unanswered; once the timeout freed them, it is answered
+    assert http_get(lab, agent.node, "http://127.0.0.1:10256/healthz")["status"] == 200
