@@ -102,6 +102,7 @@ class Agent:
         self.loop_beat = time.monotonic()  # the main loop's last turn, for /livez
         self.loop_started = time.monotonic()
         self.recent_errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
+        self.conflicted: dict[ServiceKey, tuple[str, ...]] = {}  # services waiting for a frontend another one holds
         self.health_checks = HealthChecks(lambda: self.healthy()[0])
 
     # ---- lifecycle ----
@@ -287,6 +288,12 @@ class Agent:
         for key in sorted(services):
             self.dirty.discard(key)
             self._sync_one(key)
+        waiting = set(self.conflicted) - services
+        if waiting and services - set(self.conflicted):
+            # Another service changed: it may have given up an address a waiting one claims. (Nothing else can free
+            # it, so a conflict waits for a change instead of retrying on a timer.)
+            for key in sorted(waiting):
+                self._sync_one(key)
         if self.reconciler.flow_ends or self._lingering_counts() != self.lingering_seen:
             self.settle_flows()
         if self.reconciler.ranged_frontends and not self.netns_written:
@@ -321,13 +328,7 @@ class Agent:
         trigger = self.trigger_times.pop(key, None)
         if trigger is not None:
             self.metrics.programming_latency.observe(max(0.0, time.time() - trigger))
-        for conflict in result.conflicts:
-            self.metrics.sync_errors.labels(reason="conflict").inc()
-            slog.warning("frontend conflict; retrying", detail=conflict)
-        if result.conflicts:
-            # The owner may give the address up later in this batch or the next: try again until it is ours.
-            _, attempt = self.retry_at.get(key, (0.0, 0))
-            self.retry_at[key] = (time.monotonic() + RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)], attempt + 1)
+        self._note_conflicts(key, tuple(result.conflicts), slog)
         if result.ops:
             # The first full sync logs one summary line instead of one per service.
             emit = slog.info if self.programming else slog.debug
@@ -555,7 +556,24 @@ class Agent:
             "lingering_frontends": self.lingering_seen[1],
             "last_socket_sweep": self.last_sweep or None,
             "recent_errors": list(self.recent_errors),
+            "conflicts": {str(k): list(v) for k, v in sorted(self.conflicted.items())},
         }
+
+    def _note_conflicts(self, key: ServiceKey, conflicts: tuple[str, ...], slog: Any) -> None:
+        """A frontend another service holds is a standing state, reported when it starts, changes and ends (not on
+        every retry); the service gets the address once its holder lets go of it."""
+        if conflicts == self.conflicted.get(key, ()):
+            return
+        if conflicts:
+            self.conflicted[key] = conflicts
+            for conflict in conflicts:
+                self.metrics.sync_errors.labels(reason="conflict").inc()
+                slog.warning("frontend held by another service; waiting for it to let go", detail=conflict)
+                self._remember_error(f"{key}: {conflict}")
+        else:
+            del self.conflicted[key]
+            slog.info("frontend conflict resolved")
+        self.metrics.conflicts.set(len(self.conflicted))
 
     def _update_gauges(self) -> None:
         assert self.reconciler is not None

@@ -69,6 +69,9 @@ class Metrics:
             registry=r,
         )
         self.services = Gauge("kpr_services", "Services programmed", registry=r)
+        self.conflicts = Gauge(
+            "kpr_frontend_conflicts", "Services waiting for a frontend address:port another service holds", registry=r
+        )
         self.frontends = Gauge("kpr_frontends", "Frontends programmed", registry=r)
         self.backends = Gauge("kpr_backends", "Backends programmed", registry=r)
         self.last_sync = Gauge("kpr_last_sync_timestamp_seconds", "When the maps were last brought in step", registry=r)

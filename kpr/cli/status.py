@@ -146,6 +146,8 @@ def collect(bpffs_dir: Path, cgroup: Path, agent_address: str) -> Status:
         status.warnings.append(f"socket hooks without a kpr program: {', '.join(status.missing_hooks)}")
     if agent is not None and not agent.get("healthy"):
         status.warnings.append(f"agent unhealthy: {agent.get('health')}")
+    for service, conflicts in ((agent or {}).get("conflicts") or {}).items():
+        status.warnings.append(f"{service} waits for a frontend another Service holds: {'; '.join(conflicts)}")
     for kind, watch in ((agent or {}).get("source", {}).get("watches") or {}).items():
         if watch.get("state") == "forbidden":
             status.warnings.append(

@@ -110,18 +110,26 @@ def test_a_relist_keeps_the_last_good_version_of_an_object_that_is_invalid_now()
     assert len(writer.tables["services4"]) == before
 
 
-def test_a_frontend_lost_to_a_conflict_is_programmed_once_its_owner_lets_go() -> None:
-    agent, _ = started_agent(1, 2)
-    thief = ServiceSpec(
-        key=ServiceKey("bulk", "aaa"),
-        cluster_ips=(make_service(0).cluster_ips[0],),
-        ports=(ServicePort("http", "TCP", 80, 8080),),
-    )
+def test_a_frontend_held_by_another_service_is_reported_once_and_taken_as_soon_as_its_owner_lets_go() -> None:
+    """A conflict is a standing state, not a retryable error: one warning and one metric increment when it starts
+    (it once warned every 0.5 s forever), and the waiting service gets the address in the batch that frees it."""
+    agent, _ = started_agent(2, 2)
+    waiting = ServiceKey("bulk", "aaa")
+    thief = ServiceSpec(key=waiting, cluster_ips=make_service(0).cluster_ips, ports=make_service(0).ports)
     agent.events.put(Upsert("Service", thief))
     agent.step()
-    assert ServiceKey("bulk", "aaa") in agent.retry_at  # conflict: retried, not forgotten
+
+    def reported() -> float | None:
+        return agent.metrics.registry.get_sample_value("kpr_sync_errors_total", {"reason": "conflict"})
+
+    assert set(agent.conflicted) == {waiting} and reported() == 1
+    assert agent.metrics.registry.get_sample_value("kpr_frontend_conflicts") == 1
+    assert agent.retry_at == {}  # nothing to retry on a timer: only a change can free the address
+    for i in range(3):  # other services change: the waiting one is tried again, quietly
+        agent.events.put(Upsert("EndpointSlice", make_slice(1, 2, first=i + 1)))
+        agent.step()
+    assert reported() == 1 and "svc0" in agent.status()["conflicts"]["bulk/aaa"][0]
     agent.events.put(Delete("Service", "bulk", "svc0"))
     agent.step()
-    agent.retry_at = {k: (0.0, n) for k, (_, n) in agent.retry_at.items()}  # the retry falls due
-    agent.step()
-    assert agent.reconciler is not None and ServiceKey("bulk", "aaa") in agent.reconciler.by_service
+    assert agent.reconciler is not None and waiting in agent.reconciler.by_service
+    assert agent.conflicted == {} and agent.metrics.registry.get_sample_value("kpr_frontend_conflicts") == 0

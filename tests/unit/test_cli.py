@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
@@ -354,6 +356,15 @@ def test_status_text_verbose_and_agent_down() -> None:
     down = status_text(dict(STATUS, agent=None, agent_error="no answer from http://127.0.0.1:10256/status"), 0.0)
     assert down.splitlines()[0] == "Agent:        DOWN (no answer from http://127.0.0.1:10256/status)"
     assert "Maps (/sys/fs/bpf/kpr):" in down
+
+
+def test_status_warns_of_services_waiting_for_a_frontend(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from kpr.cli import status as status_module
+
+    agent = dict(STATUS["agent"], conflicts={"bulk/aaa": ["10.96.0.1:80/TCP is already served for bulk/svc0"]})
+    monkeypatch.setattr(status_module, "fetch_agent_status", lambda address: (agent, ""))
+    collected = status_module.collect(tmp_path / "bpffs", tmp_path / "cgroup", "127.0.0.1:10256")
+    assert any("bulk/aaa waits for a frontend another Service holds" in w for w in collected.warnings)
 
 
 def test_status_says_how_sctp_is_served() -> None:
