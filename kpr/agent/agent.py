@@ -32,7 +32,16 @@ from kpr.datapath import abi, netns, sockets
 from kpr.datapath.addresses import AddressWatch, local_addresses
 from kpr.datapath.flows import scan_flows
 from kpr.datapath.inspect import nodeport_addresses_from
-from kpr.datapath.loader import DatapathSettings, default_route_devices, load_and_attach_isolated
+from kpr.datapath.loader import (
+    DatapathError,
+    DatapathSettings,
+    attach_socket_programs,
+    attach_tc_programs,
+    attached_tc_filters,
+    default_route_devices,
+    load_isolated,
+    lock_bpffs,
+)
 from kpr.datapath.writers import MapWriteError, MapWriter, PinnedMapWriter
 from kpr.model.nodeports import nodeport_addresses
 from kpr.model.translate import local_ready_endpoints, needs_health_check, node_eligible, translate
@@ -44,6 +53,7 @@ RETRY_BACKOFF = (0.5, 1, 2, 5, 10, 30)  # seconds before a failed service is tri
 NODE_GRACE_SECONDS = 10.0
 FLOW_CHECK_PERIOD = 10.0  # seconds between looks at whether lingering backends still carry flows
 NETNS_REFRESH_PERIOD = 1.0  # seconds between looks at the node's namespaces while source ranges are in use
+DATAPATH_CHECK_PERIOD = 1.0  # seconds between looks at whether the programs are still attached and the maps pinned
 
 
 @dataclass
@@ -103,33 +113,35 @@ class Agent:
         self.loop_started = time.monotonic()
         self.recent_errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
         self.conflicted: dict[ServiceKey, tuple[str, ...]] = {}  # services waiting for a frontend another one holds
+        self.bpffs_lock: int | None = None  # the flock on the bpffs directory (lock_bpffs)
+        self.attach_due = False  # programs loaded and pinned, to be attached after the first full sync
+        self.attached = False
+        self.next_datapath_check = 0.0
+        self.health_problem = ""  # set by fatal(): /healthz fails with it
+        self.exit_code = 0
         self.health_checks = HealthChecks(lambda: self.healthy()[0])
 
     # ---- lifecycle ----
 
     def start(self, writer: MapWriter | None = None, source: Any = None) -> None:
-        """Attach programs and adopt the maps, then start the source.
+        """Take the bpffs directory, load and pin the programs, adopt the maps, then start the source. The programs
+        are attached once the first full sync is in the maps (attach_programs).
 
         Tests without BPF pass a `writer` (the maps are then not attached to anything) and may pass a `source`
         (anything with start(); events are put on `self.events` directly).
         """
         if writer is None:
+            self.take_bpffs()
             devices = self.config.devices if self.config.devices is not None else default_route_devices()
-            attached = load_and_attach_isolated(
-                self.config.bpffs_dir,
-                self.config.cgroup_root,
-                self.config.map_sizes,
-                devices,
-                self.config.datapath_settings(),
+            settings = self.config.datapath_settings()
+            compile_seconds = load_isolated(
+                self.config.bpffs_dir, self.config.map_sizes, settings, tc=bool(devices) or settings.socket_lb != "full"
             )
             self.devices = devices
+            self.attach_due = True
             self.log.info(
-                "programs attached",
-                cgroup=str(self.config.cgroup_root),
-                programs=len(attached.programs),
-                devices=devices or "none (socket LB only)",
-                tc_programs=len(attached.tc),
-                compile_seconds=round(attached.compile_seconds, 2),
+                "programs loaded and pinned; they are attached once the maps hold the first full sync",
+                compile_seconds=round(compile_seconds, 2),
                 bpffs=str(self.config.bpffs_dir),
             )
             writer = PinnedMapWriter(self.config.bpffs_dir)
@@ -149,6 +161,12 @@ class Agent:
         self.update_nodeport_addresses()
         self.source = source if source is not None else self._make_source()
         self.source.start()
+
+    def take_bpffs(self) -> None:
+        """Lock the bpffs directory for this agent's life (first of all: a second agent stops here, before it binds
+        any port)."""
+        if self.bpffs_lock is None:
+            self.bpffs_lock = lock_bpffs(self.config.bpffs_dir)
 
     def _source_queue(self) -> queue.Queue[Event]:
         """The agent's queue as the sources see it: they put only their events on it."""
@@ -178,7 +196,8 @@ class Agent:
                 signal.signal(sig, self._on_signal)
         while not self.stop_event.is_set():
             self.step(self._idle_time())
-        self.log.info("stopped; programs stay attached and maps pinned so traffic keeps flowing")
+        if self.exit_code == 0:
+            self.log.info("stopped; programs stay attached and maps pinned so traffic keeps flowing")
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.log.info("signal received", signal=signal.Signals(signum).name)
@@ -229,6 +248,8 @@ class Agent:
             self.refresh_namespace_addresses()
         if now >= self.next_drift_check:
             self.check_drift()
+        if self.attached and now >= self.next_datapath_check:
+            self.check_datapath()
 
     def _idle_time(self) -> float:
         """Wait for events until a coalesced sync, a retry or a drift check falls due."""
@@ -280,6 +301,63 @@ class Agent:
             pruned_operations=pruned,
             seconds=round(time.monotonic() - started, 3),
         )
+        if self.attach_due:
+            self.attach_programs()
+
+    # ---- the programs ----
+
+    def attach_programs(self) -> None:
+        """Attach the pinned programs (replacing a previous agent's in one step): only now, with the maps complete,
+        so no program ever serves from half-filled maps."""
+        try:
+            programs = attach_socket_programs(self.config.bpffs_dir, self.config.cgroup_root, self.config.socket_lb)
+            tc = attach_tc_programs(self.config.bpffs_dir, self.devices) if self.devices else []
+        except (DatapathError, OSError) as e:
+            self.fatal(f"cannot attach the programs: {e}")
+            return
+        self.attach_due = False
+        self.attached = True
+        self.next_datapath_check = time.monotonic() + DATAPATH_CHECK_PERIOD
+        self.log.info(
+            "programs attached",
+            cgroup=str(self.config.cgroup_root),
+            programs=len(programs),
+            devices=self.devices or "none (socket LB only)",
+            tc_programs=len(tc),
+        )
+
+    def check_datapath(self) -> None:
+        """Notice programs detached or maps unpinned behind the agent's back (`kpr cleanup --force`, another tool):
+        detached programs are attached again; unpinned maps end the agent (it writes into maps nothing reads any
+        more), so that a restart sets everything up afresh instead of a healthy-looking agent serving nothing."""
+        self.next_datapath_check = time.monotonic() + DATAPATH_CHECK_PERIOD
+        bpffs = self.config.bpffs_dir
+        unpinned = [name for name in ("services4", "services6", "config") if not (bpffs / name).exists()]
+        if unpinned:
+            self.fatal(f"maps unpinned from {bpffs} behind the agent's back ({', '.join(unpinned)}): exiting")
+            return
+        detached = []
+        if self.config.socket_lb != "off":
+            from kpr.datapath.loader import SOCKET_HOOKS, attached_programs
+
+            ours = {p.hook for p in attached_programs(self.config.cgroup_root) if p.name in SOCKET_HOOKS.values()}
+            detached += [f"{hook} on {self.config.cgroup_root}" for hook in SOCKET_HOOKS if hook not in ours]
+        if self.devices:
+            present = attached_tc_filters(self.devices)
+            detached += [f"tc on {device}" for device in self.devices if present.get(device, 0) < 4]
+        if detached:
+            self.log.error("programs were detached behind the agent's back; attaching them again", detached=detached)
+            self._remember_error(f"programs detached behind the agent's back: {', '.join(detached)}")
+            self.metrics.reattached.inc()
+            self.attach_programs()
+
+    def fatal(self, message: str) -> None:
+        """Stop with exit status 1: for states a restart repairs and the agent cannot."""
+        self.log.error(message)
+        self._remember_error(message)
+        self.health_problem = message
+        self.exit_code = 1
+        self.stop()
 
     def sync(self, services: set[ServiceKey]) -> None:
         assert self.reconciler is not None
@@ -506,6 +584,8 @@ class Agent:
         """kube-proxy's rule: healthy once synced, unless a queued change waits longer than twice the sync period."""
         now = time.monotonic()
         limit = 2 * self.config.sync_period
+        if self.health_problem:
+            return False, self.health_problem
         if not self.programming:
             return False, "waiting for the first list of every kind"
         if self.dirty and self.dirty_since is not None and now - self.dirty_since > limit:

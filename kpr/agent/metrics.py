@@ -69,6 +69,11 @@ class Metrics:
             registry=r,
         )
         self.services = Gauge("kpr_services", "Services programmed", registry=r)
+        self.reattached = Counter(
+            "kpr_programs_reattached_total",
+            "Times the agent found its programs detached and attached them again",
+            registry=r,
+        )
         self.conflicts = Gauge(
             "kpr_frontend_conflicts", "Services waiting for a frontend address:port another service holds", registry=r
         )

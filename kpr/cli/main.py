@@ -238,6 +238,7 @@ def agent(
     )
     a = Agent(config)
     try:
+        a.take_bpffs()
         if metrics_bind_address:
             http.serve(metrics_bind_address, http.metrics_routes(a.metrics.registry), "metrics")
         if healthz_bind_address:
@@ -247,6 +248,7 @@ def agent(
         log.get("kpr.agent").error("cannot start", error=str(e))
         sys.exit(1)
     a.run()
+    sys.exit(a.exit_code)
 
 
 def _read_maps(bpffs_dir: Path, read: Callable[[Path], T]) -> T:
@@ -422,19 +424,30 @@ def status(cgroup_root: Path | None, bpffs_dir: Path, output: str, verbose: bool
     help="With --kube-proxy: remove only kube-proxy's state and leave kpr's programs and maps (switching a node "
     "while the agent runs).",
 )
-def cleanup(cgroup_root: Path | None, bpffs_dir: Path, kube_proxy: bool, keep_kpr: bool) -> None:
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Clean up even while an agent runs on --bpffs-dir (it then notices, logs why and exits with status 1).",
+)
+def cleanup(cgroup_root: Path | None, bpffs_dir: Path, kube_proxy: bool, keep_kpr: bool, force: bool) -> None:
     """Detach kpr's programs (cgroup hooks and tc filters) and unpin its maps. Safe to run twice.
 
     Programs of other tools on the same cgroup or devices and other pins are left alone.
     """
     from kpr.datapath.kube_proxy import clean_kube_proxy
-    from kpr.datapath.loader import DatapathError, detach_all, detach_tc, unpin_all
+    from kpr.datapath.loader import DatapathError, bpffs_lock_holder, detach_all, detach_tc, unpin_all
 
     if os.geteuid() != 0:
         raise click.ClickException("cleanup needs root (CAP_BPF and CAP_NET_ADMIN)")
     if keep_kpr and not kube_proxy:
         raise click.UsageError("--keep-kpr goes with --kube-proxy (without both there is nothing to do)")
     if not keep_kpr:
+        holder = bpffs_lock_holder(bpffs_dir) if bpffs_dir.exists() else None
+        if holder is not None and not force:
+            raise click.ClickException(
+                f"a kpr agent (pid {holder}) is running on {bpffs_dir}: stop it first (a DaemonSet would start it "
+                "again: delete the DaemonSet), or pass --force"
+            )
         cgroup = cgroup_root or _default_cgroup_root()
         detached = detach_all(cgroup)
         tc_removed = detach_tc()
@@ -447,7 +460,8 @@ def cleanup(cgroup_root: Path | None, bpffs_dir: Path, kube_proxy: bool, keep_kp
             + (f" ({', '.join(p.hook for p in detached)})" if detached else "")
         )
         click.echo(f"removed {len(tc_removed)} tc filter(s)" + (f" ({', '.join(tc_removed)})" if tc_removed else ""))
-        click.echo(f"unpinned {len(unpinned)} map(s) from {bpffs_dir}")
+        maps = [name for name in unpinned if not name.startswith("prog_")]
+        click.echo(f"unpinned {len(maps)} map(s) and {len(unpinned) - len(maps)} program(s) from {bpffs_dir}")
     if kube_proxy:
         report = clean_kube_proxy()
         click.echo(f"removed {len(report.removed)} piece(s) of kube-proxy state")

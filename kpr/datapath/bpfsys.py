@@ -26,6 +26,7 @@ BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
+BPF_PROG_ATTACH = 8
 BPF_PROG_DETACH = 9
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
@@ -401,6 +402,12 @@ def cgroup_programs(cgroup_fd: int) -> list[AttachedProgram]:
             finally:
                 os.close(fd)
     return found
+
+
+def cgroup_attach(cgroup_fd: int, hook: str, prog_fd: int) -> None:
+    """Attach a program in the cgroup's exclusive (non-multi) mode: it replaces the one attached there in one step."""
+    attr = _AttachAttr(target_fd=cgroup_fd, attach_bpf_fd=prog_fd, attach_type=ATTACH_TYPES[hook])
+    _bpf(BPF_PROG_ATTACH, attr, f"attach {hook} program")
 
 
 def cgroup_detach(cgroup_fd: int, hook: str, prog_id: int) -> bool:

@@ -1,8 +1,12 @@
-"""Compile kpr's BPF programs with BCC, pin their maps, attach them to a cgroup, and take everything down again.
+"""Compile kpr's BPF programs with BCC, pin them and their maps, attach them, and take everything down again.
 
-Attachment uses the cgroup's exclusive (non-multi) mode: attaching again replaces the program in one step, so an
-agent restart or upgrade swaps programs without a moment where connects go untranslated. The maps are pinned under
-the bpffs directory and reused (contents included) by the next load.
+Loading and attaching are two steps. A short-lived child process compiles (BCC and LLVM never stay in the agent),
+pins the maps (reusing pinned ones, contents included) and pins every program under the bpffs directory; the agent
+attaches the pinned programs only once the maps hold its first full sync, so a program never runs against empty maps
+(until then a previous agent's programs, if any, keep serving from the same maps). Attachment uses the cgroup's
+exclusive (non-multi) mode and tc's replace-filter: attaching again swaps the program in one step, so an agent restart
+or upgrade never leaves a moment where traffic goes untranslated. One agent owns a bpffs directory at a time: it holds
+an exclusive flock on the directory (lock_bpffs).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import argparse
 import ctypes
 import dataclasses
 import errno
+import fcntl
 import ipaddress
 import json
 import os
@@ -97,22 +102,63 @@ def map_size_flags(sizes: dict[str, int]) -> list[str]:
     return [f"-D{name}={value}" for name, value in (DEFAULT_MAP_SIZES | sizes).items()]
 
 
+def pin_program(fd: int, bpffs_dir: Path, pin: str) -> None:
+    """Pin a program beside, then rename over: an attacher never finds the pin missing while a new one replaces it."""
+    staging = bpffs_dir / f"{pin}_new"  # bpffs refuses names with a dot
+    staging.unlink(missing_ok=True)
+    bpfsys.obj_pin(fd, str(staging))
+    os.replace(staging, bpffs_dir / pin)
+
+
+def lock_bpffs(bpffs_dir: Path) -> int:
+    """Make (if needed) and lock the bpffs directory for this process; the returned fd holds the lock until closed.
+
+    Two agents on one directory would "repair" each other's writes forever; the second one is refused instead."""
+    check_bpffs(bpffs_dir)
+    bpffs_dir.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(bpffs_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        holder = bpffs_lock_holder(bpffs_dir)
+        raise DatapathError(
+            f"another kpr agent{f' (pid {holder})' if holder else ''} owns {bpffs_dir}; "
+            "stop it first, or give this one its own --bpffs-dir"
+        ) from None
+    return fd
+
+
+def bpffs_lock_holder(bpffs_dir: Path) -> int | None:
+    """The pid holding lock_bpffs's lock on the directory (from /proc/locks), None when nobody does."""
+    try:
+        st = os.stat(bpffs_dir)
+        with open("/proc/locks") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode:
+            return int(fields[4])
+    return None
+
+
 @dataclass
 class SocketLB:
-    """The socket-LB programs of one node: compiled, pinned under `bpffs_dir`, attached to `cgroup`."""
+    """The socket-LB programs of one node: compiled, pinned under `bpffs_dir` (attach_socket_programs attaches them)."""
 
     bpffs_dir: Path
-    cgroup: Path
     map_sizes: dict[str, int] = field(default_factory=dict)
     settings: DatapathSettings = field(default_factory=lambda: DatapathSettings())
     compile_seconds: float = 0.0
 
-    def load_and_attach(self) -> list[bpfsys.AttachedProgram]:
+    def load(self) -> None:
         check_kernel_headers()
         check_bpffs(self.bpffs_dir)
-        check_cgroup2(self.cgroup)
         self.bpffs_dir.mkdir(mode=0o700, exist_ok=True)
-        from bcc import BPF, BPFAttachType  # only the datapath imports bcc
+        from bcc import BPF, BPFAttachType  # only the loader child imports bcc
 
         attach_types = {
             "connect4": BPFAttachType.CGROUP_INET4_CONNECT,
@@ -132,18 +178,9 @@ class SocketLB:
             raise DatapathError(f"compiling bpf/sock.c failed: {e}") from e
         self.compile_seconds = time.monotonic() - started
         write_config(self.bpffs_dir, self.settings)
-        if self.settings.socket_lb == "off":
-            detach_all(self.cgroup)  # a previous agent's, if it ran in another mode
-            return []
-        cgroup_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            for hook, program in SOCKET_HOOKS.items():
-                fn = bpf.load_func(program, BPF.CGROUP_SOCK_ADDR, attach_type=attach_types[hook])
-                # Exclusive mode: replaces a previous kpr program on this hook atomically.
-                BPF.attach_func(fn, cgroup_fd, attach_types[hook])
-            return [p for p in bpfsys.cgroup_programs(cgroup_fd) if p.name.startswith(PROGRAM_PREFIX)]
-        finally:
-            os.close(cgroup_fd)
+        for hook, program in SOCKET_HOOKS.items():
+            fn = bpf.load_func(program, BPF.CGROUP_SOCK_ADDR, attach_type=attach_types[hook])
+            pin_program(fn.fd, self.bpffs_dir, SOCKET_PINS[hook])
 
 
 @dataclass(frozen=True)
@@ -231,19 +268,22 @@ POD_PROGRAMS = {
     ("egress", ETH_P_IPV6): ("prog_pod_out6", "kpr_tc_out6", "kpr_pod_out6"),
 }
 SOCKET_LB_MODES = {"full": abi.SOCKET_LB_FULL, "hostns-only": abi.SOCKET_LB_HOSTNS_ONLY, "off": abi.SOCKET_LB_FULL}
+# Where the loader pins each program for attaching later: the socket hooks' and the node devices' tc programs.
+SOCKET_PINS = {hook: f"prog_{hook}" for hook in SOCKET_HOOKS}
+TC_PINS = {hook_proto: f"prog_{name.removeprefix(PROGRAM_PREFIX)}" for hook_proto, (name, _) in TC_FILTERS.items()}
 SO_NETNS_COOKIE = 71
 
 
 @dataclass
 class TcLB:
-    """The north-south programs of one node: compiled against the same pinned maps, attached to `devices`."""
+    """The north-south programs of one node: compiled against the same pinned maps and pinned (attach_tc_programs
+    attaches them to the node devices; kpr-cni attaches the pod programs to chained pods' veths)."""
 
     bpffs_dir: Path
-    devices: list[str]
     map_sizes: dict[str, int] = field(default_factory=dict)
 
     def load(self) -> tuple[Any, dict[str, Any]]:
-        """Compile tc.c against the pinned maps, load every program, pin the pod programs and fill tc_tails.
+        """Compile tc.c against the pinned maps, load every program, pin them and fill tc_tails.
 
         Attaches nothing. Returns the BCC object (keep it while the programs are used) and the programs by name,
         each with its `.fd`; packet-fixture tests run them with BPF_PROG_TEST_RUN (kpr.datapath.testrun).
@@ -263,35 +303,14 @@ class TcLB:
         names = {name for name, _ in TC_FILTERS.values()} | set(TC_TAILS.values())
         names |= {program for _, program, _ in POD_PROGRAMS.values()}
         fns = {name: bpf.load_func(name, BPF.SCHED_CLS) for name in names}
-        for pin, program, _ in POD_PROGRAMS.values():
-            # Pin beside, then rename over: kpr-cni never finds the pin missing during an agent restart.
-            # Veths attached earlier keep the programs they have.
-            staging = self.bpffs_dir / f"{pin}_new"  # bpffs refuses names with a dot
-            staging.unlink(missing_ok=True)
-            bpfsys.obj_pin(fns[program].fd, str(staging))
-            os.replace(staging, self.bpffs_dir / pin)
+        for pin, program, _ in POD_PROGRAMS.values():  # kpr-cni attaches these; veths keep the programs they have
+            pin_program(fns[program].fd, self.bpffs_dir, pin)
+        for hook_proto, (program, _) in TC_FILTERS.items():
+            pin_program(fns[program].fd, self.bpffs_dir, TC_PINS[hook_proto])
         tails = bpf.get_table("tc_tails")
         for index, name in TC_TAILS.items():
             tails[ct.c_int(index)] = ct.c_int(fns[name].fd)
         return bpf, fns
-
-    def load_and_attach(self) -> list[dict[str, object]]:
-        from pyroute2 import IPRoute
-
-        _, fns = self.load()
-        attached: list[dict[str, object]] = []
-        devices_map = bpfsys.Map(str(self.bpffs_dir / "devices"), abi.U32, abi.DeviceInfo)
-        with IPRoute() as ipr, devices_map:
-            for device in self.devices:
-                found = ipr.link_lookup(ifname=device)
-                if not found:
-                    raise DatapathError(f"device {device!r} (from --devices) does not exist in this network namespace")
-                index = found[0]
-                programs = {hook_proto: (fns[name].fd, name) for hook_proto, (name, _) in TC_FILTERS.items()}
-                for hook, name in attach_filters(ipr, index, programs):
-                    attached.append({"device": device, "hook": hook, "program": name})
-                devices_map.update(abi.U32(index), _device_info(ipr, index))
-        return attached
 
 
 def attach_filters(ipr: Any, index: int, programs: dict[tuple[str, int], tuple[int, str]]) -> list[tuple[str, str]]:
@@ -357,6 +376,31 @@ def default_route_devices() -> list[str]:
     return devices
 
 
+def _bpf_filters(ipr: Any, index: int) -> list[tuple[int, int, int, str]]:
+    """Every bpf tc filter on a device's clsact: (parent, prio, protocol, program name)."""
+    found = []
+    for parent in (TC_INGRESS, TC_EGRESS):
+        for msg in ipr.get_filters(index=index, parent=parent):
+            options = msg.get_attr("TCA_OPTIONS")
+            prog = options.get_attr("TCA_BPF_NAME") if options else None
+            if prog is not None:  # else a chain header, not a filter
+                found.append((parent, msg["info"] >> 16, socket.ntohs(msg["info"] & 0xFFFF), prog))
+    return found
+
+
+def attached_tc_filters(devices: list[str]) -> dict[str, int]:
+    """How many of kpr's tc filters each device carries (4 when fully attached)."""
+    from pyroute2 import IPRoute
+
+    counts = {}
+    with IPRoute() as ipr:
+        for device in devices:
+            found = ipr.link_lookup(ifname=device)
+            filters = _bpf_filters(ipr, found[0]) if found else []
+            counts[device] = sum(name.startswith(PROGRAM_PREFIX) for *_, name in filters)
+    return counts
+
+
 def detach_tc(devices: list[str] | None = None) -> list[str]:
     """Remove kpr's tc filters (from `devices`, or every device of this namespace) and their clsact when emptied."""
     from pyroute2 import IPRoute
@@ -368,28 +412,12 @@ def detach_tc(devices: list[str] | None = None) -> list[str]:
             if devices is not None and name not in devices:
                 continue
             index = link["index"]
-            left = ours = 0
-            for parent in (TC_INGRESS, TC_EGRESS):
-                for msg in ipr.get_filters(index=index, parent=parent):
-                    options = msg.get_attr("TCA_OPTIONS")
-                    prog = options.get_attr("TCA_BPF_NAME") if options else None
-                    if prog is None:
-                        continue  # a chain header, not a filter
-                    if not prog.startswith(PROGRAM_PREFIX):
-                        left += 1
-                        continue
-                    ipr.tc(
-                        "del-filter",
-                        "bpf",
-                        index,
-                        parent=parent,
-                        prio=msg["info"] >> 16,
-                        protocol=socket.ntohs(msg["info"] & 0xFFFF),
-                        handle=1,
-                    )
-                    removed.append(f"{name} {'ingress' if parent == TC_INGRESS else 'egress'} {prog}")
-                    ours += 1
-            if ours and not left:
+            filters = _bpf_filters(ipr, index)
+            ours = [f for f in filters if f[3].startswith(PROGRAM_PREFIX)]
+            for parent, prio, protocol, prog in ours:
+                ipr.tc("del-filter", "bpf", index, parent=parent, prio=prio, protocol=protocol, handle=1)
+                removed.append(f"{name} {'ingress' if parent == TC_INGRESS else 'egress'} {prog}")
+            if ours and len(ours) == len(filters):
                 ipr.tc("del", "clsact", index)
     return removed
 
@@ -422,7 +450,8 @@ def unpin_all(bpffs_dir: Path) -> list[str]:
     if not bpffs_dir.exists():
         return []
     removed = []
-    for name in [*abi.MAPS, *(pin for pin, _, _ in POD_PROGRAMS.values())]:
+    program_pins = [*SOCKET_PINS.values(), *TC_PINS.values(), *(pin for pin, _, _ in POD_PROGRAMS.values())]
+    for name in [*abi.MAPS, *program_pins]:
         pin = bpffs_dir / name
         if pin.exists():
             pin.unlink()
@@ -452,35 +481,22 @@ def default_cgroup_root() -> Path:
 class Attached:
     programs: list[bpfsys.AttachedProgram]  # on the cgroup
     tc: list[dict[str, object]]  # {"device", "hook", "program"}
-    compile_seconds: float
 
 
-def load_and_attach_isolated(
-    bpffs_dir: Path,
-    cgroup: Path,
-    map_sizes: dict[str, int],
-    devices: list[str] | None = None,
-    settings: DatapathSettings | None = None,
-) -> Attached:
-    """Compile and attach in a child process, so BCC and LLVM (~130 MiB) never stay resident in the agent.
-
-    The attachments and pinned maps outlive the child; the agent only ever touches them through bpf(2).
-    `devices`: the node devices for the north-south tc programs (none: socket LB only).
-    """
+def load_isolated(bpffs_dir: Path, map_sizes: dict[str, int], settings: DatapathSettings, tc: bool) -> float:
+    """Compile and pin every program (and the maps) in a child process, so BCC and LLVM (~130 MiB) never stay resident
+    in the agent; attaches nothing. `tc`: also tc.c (node devices, or chained pods). Returns the compile seconds."""
     argv = [
         sys.executable,
         "-m",
         "kpr.datapath.loader",
         "--bpffs-dir",
         str(bpffs_dir),
-        "--cgroup",
-        str(cgroup),
         "--map-sizes",
         json.dumps(map_sizes),
-        "--devices",
-        ",".join(devices or []),
         "--settings",
-        (settings or DatapathSettings()).to_json(),
+        settings.to_json(),
+        *(["--tc"] if tc else []),
     ]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     lines = proc.stdout.strip().splitlines()
@@ -488,39 +504,74 @@ def load_and_attach_isolated(
         result = json.loads(lines[-1]) if lines else {}
     except ValueError:
         result = {}
-    if proc.returncode != 0 or "programs" not in result:
+    if proc.returncode != 0 or "compile_seconds" not in result:
         raise DatapathError(result.get("error") or f"loading the BPF programs failed: {proc.stderr.strip()[-2000:]}")
-    programs = [bpfsys.AttachedProgram(**p) for p in result["programs"]]
-    return Attached(programs, result["tc"], float(result["compile_seconds"]))
+    return float(result["compile_seconds"])
+
+
+def attach_socket_programs(bpffs_dir: Path, cgroup: Path, socket_lb: str) -> list[bpfsys.AttachedProgram]:
+    """Attach the pinned socket programs to the cgroup (replacing kpr's previous ones in one step); with
+    --socket-lb off, detach them instead."""
+    check_cgroup2(cgroup)
+    if socket_lb == "off":
+        detach_all(cgroup)  # a previous agent's, if it ran in another mode
+        return []
+    cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for hook, pin in SOCKET_PINS.items():
+            prog_fd = bpfsys.obj_get(str(bpffs_dir / pin))
+            try:
+                bpfsys.cgroup_attach(cgroup_fd, hook, prog_fd)
+            finally:
+                os.close(prog_fd)
+        return [p for p in bpfsys.cgroup_programs(cgroup_fd) if p.name.startswith(PROGRAM_PREFIX)]
+    finally:
+        os.close(cgroup_fd)
+
+
+def attach_tc_programs(bpffs_dir: Path, devices: list[str]) -> list[dict[str, object]]:
+    """Attach the pinned tc programs to each device (replace-filter: one step) and record the addresses masquerading
+    uses on it in the devices map."""
+    from pyroute2 import IPRoute
+
+    attached: list[dict[str, object]] = []
+    fds = {hook_proto: bpfsys.obj_get(str(bpffs_dir / pin)) for hook_proto, pin in TC_PINS.items()}
+    try:
+        with IPRoute() as ipr, bpfsys.Map(str(bpffs_dir / "devices"), abi.U32, abi.DeviceInfo) as devices_map:
+            for device in devices:
+                found = ipr.link_lookup(ifname=device)
+                if not found:
+                    raise DatapathError(f"device {device!r} (from --devices) does not exist in this network namespace")
+                index = found[0]
+                devices_map.update(abi.U32(index), _device_info(ipr, index))  # before a program can look for it
+                programs = {hook_proto: (fds[hook_proto], name) for hook_proto, (name, _) in TC_FILTERS.items()}
+                for hook, name in attach_filters(ipr, index, programs):
+                    attached.append({"device": device, "hook": hook, "program": name})
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return attached
 
 
 def _child_main() -> int:
-    parser = argparse.ArgumentParser(description="compile and attach kpr's programs (used by the agent)")
+    parser = argparse.ArgumentParser(description="compile and pin kpr's programs and maps (used by the agent)")
     parser.add_argument("--bpffs-dir", type=Path, required=True)
-    parser.add_argument("--cgroup", type=Path, required=True)
     parser.add_argument("--map-sizes", default="{}")
-    parser.add_argument("--devices", default="")
     parser.add_argument("--settings", default=DatapathSettings().to_json())
+    parser.add_argument("--tc", action="store_true", help="also tc.c")
     args = parser.parse_args()
     sizes = json.loads(args.map_sizes)
-    settings = DatapathSettings.from_json(args.settings)
-    lb = SocketLB(args.bpffs_dir, args.cgroup, sizes, settings)
+    lb = SocketLB(args.bpffs_dir, sizes, DatapathSettings.from_json(args.settings))
     try:
-        programs = lb.load_and_attach()
+        lb.load()
         started = time.monotonic()
-        devices = [d for d in args.devices.split(",") if d]
-        # tc.c also holds the per-packet programs chained pods need (pinned for kpr-cni) when sockets are not served
-        wanted = bool(devices) or settings.socket_lb != "full"
-        tc = TcLB(args.bpffs_dir, devices, sizes).load_and_attach() if wanted else []
+        if args.tc:
+            TcLB(args.bpffs_dir, sizes).load()
         compile_seconds = lb.compile_seconds + time.monotonic() - started
     except DatapathError as e:
         print(json.dumps({"error": str(e)}))
         return 1
-    print(
-        json.dumps(
-            {"programs": [dataclasses.asdict(p) for p in programs], "tc": tc, "compile_seconds": compile_seconds}
-        )
-    )
+    print(json.dumps({"compile_seconds": compile_seconds}))
     return 0
 
 

@@ -287,10 +287,10 @@ class LabAgent:
         return self
 
     def wait_started(self, timeout: float = 60) -> None:
-        """Until the agent has attached its programs, listed every kind and made its first full sync."""
+        """Until the agent has listed every kind, made its first full sync and then attached its programs."""
         try:
             wait_until(
-                lambda: self._check_alive() and '"first full sync done"' in self.log(this_run=True),
+                lambda: self._check_alive() and '"programs attached"' in self.log(this_run=True),
                 timeout,
                 f"the agent on {self.node.name} to start",
             )

@@ -130,7 +130,7 @@ def tc_harness() -> Iterator[TcHarness]:
         bpffs_dir = node.bpffs_dir  # /sys/fs/bpf/<lab prefix>-node1, removed by lab.close() too
         bpffs_dir.mkdir(mode=0o700)
         cleanup.callback(unpin_all, bpffs_dir)
-        bpf, fns = TcLB(bpffs_dir, []).load()
+        bpf, fns = TcLB(bpffs_dir).load()
         cleanup.callback(bpf.cleanup)
         pool = netns.executor(f"/run/netns/{node.netns}", name="kpr-tc-fixture")
         cleanup.callback(pool.shutdown)

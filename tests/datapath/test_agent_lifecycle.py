@@ -11,7 +11,7 @@ import pytest
 
 from kpr.datapath import abi
 from kpr.datapath.inspect import read_services
-from kpr.datapath.loader import attached_programs
+from kpr.datapath.loader import attached_programs, detach_all, unpin_all
 from kpr.lab import Lab
 from kpr.lab.cluster import (
     LabAgent,
@@ -97,7 +97,8 @@ def test_cleanup_detaches_every_program_and_unpins_every_map_twice_over(
     agent.stop(signal.SIGTERM)
     args = ("cleanup", "--cgroup-root", str(node.cgroup), "--bpffs-dir", str(node.bpffs_dir))
     first = agent.kpr(*args)
-    assert "detached 8 program(s)" in first.stdout and f"unpinned {len(abi.MAPS)} map(s)" in first.stdout
+    assert "detached 8 program(s)" in first.stdout
+    assert f"unpinned {len(abi.MAPS)} map(s) and 8 program(s)" in first.stdout  # the socket programs' pins
     assert attached_programs(node.cgroup) == []
     assert not node.bpffs_dir.exists()
     second = agent.kpr(*args)  # idempotent
@@ -105,3 +106,64 @@ def test_cleanup_detaches_every_program_and_unpins_every_map_twice_over(
     # With kpr gone, the ClusterIP is just an unrouted address again.
     result = lab.client(lab.pods["client"], "tcp", VIP, 80, count=2, timeout=0.5)
     assert result["ok"] == 0 and "ECONNREFUSED" not in result["errors"]
+
+
+def test_a_second_agent_on_the_same_bpffs_directory_is_refused(node_with_agent: tuple[Lab, LabAgent]) -> None:
+    """Two agents on one directory used to both run and "repair" each other's writes at every drift check."""
+    lab, agent = node_with_agent
+    second = LabAgent(lab, agent.node, Path(agent.source_args[1])).start()
+    assert second.proc.wait(timeout=60) == 1
+    assert f"another kpr agent (pid {agent.proc.pid}) owns {agent.node.bpffs_dir}" in second.log(this_run=True)
+    assert agent.proc.poll() is None  # the first one serves on
+    assert lab.client(lab.pods["client"], "tcp", VIP, 80, count=20)["ok"] == 20
+
+
+def test_cleanup_refuses_while_an_agent_runs_and_the_agent_never_outlives_its_maps(
+    node_with_agent: tuple[Lab, LabAgent],
+) -> None:
+    """`kpr cleanup` under a running agent used to leave it writing into unpinned maps, reporting healthy beside
+    "0/8 hooks attached" while ClusterIPs failed. Now cleanup refuses; with --force the agent notices within a
+    second or two, says why and exits 1 (a DaemonSet restarts it into a fresh, consistent state)."""
+    _, agent = node_with_agent
+    node = agent.node
+    args = ("cleanup", "--cgroup-root", str(node.cgroup), "--bpffs-dir", str(node.bpffs_dir))
+    refused = agent.kpr(*args, check=False)
+    assert refused.returncode == 1 and f"a kpr agent (pid {agent.proc.pid}) is running" in refused.stderr
+    assert attached_programs(node.cgroup) and node.bpffs_dir.exists()
+
+    forced = agent.kpr(*args, "--force")
+    assert "detached 8 program(s)" in forced.stdout
+    assert agent.proc.wait(timeout=10) == 1
+    assert "maps unpinned from" in agent.log(this_run=True)
+
+
+def test_programs_detached_behind_the_agents_back_are_attached_again(node_with_agent: tuple[Lab, LabAgent]) -> None:
+    lab, agent = node_with_agent
+    detach_all(agent.node.cgroup)  # another tool, or a half-run cleanup
+    wait_until(lambda: len(attached_programs(agent.node.cgroup)) == 8, 5, "the programs attached again")
+    assert "programs were detached behind the agent's back" in agent.log(this_run=True)
+    assert lab.client(lab.pods["client"], "tcp", VIP, 80, count=20)["ok"] == 20
+
+
+def test_a_restart_with_the_pins_gone_attaches_nothing_before_the_maps_are_full(
+    node_with_agent: tuple[Lab, LabAgent],
+) -> None:
+    """The bpffs directory removed and the agent restarted: the new programs used to be attached to empty maps
+    before the first sync (5 failed connects). The old programs keep serving from the old maps (they hold them)
+    until the new ones replace them, attached only after the new maps hold the first full sync."""
+    lab, agent = node_with_agent
+    client = start_client_loop(lab, lab.pods["client"], VIP, 80, seconds=8)
+    try:
+        time.sleep(1)
+        agent.stop(signal.SIGKILL)
+        unpin_all(agent.node.bpffs_dir)  # what an operator wiping /sys/fs/bpf/kpr does; the programs stay attached
+        agent.start()
+        agent.wait_started()
+        result = finish_client_loop(client, timeout=60)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    assert result["errors"] == {}, result["errors"]
+    assert result["ok"] == result["attempts"] > 300
+    log = agent.log(this_run=True)
+    assert log.index('"first full sync done"') < log.index('"programs attached"')
