@@ -17,6 +17,10 @@ namespace, as every CNI plugin does:
 Configuration (stdin): cniVersion, name, type ("kpr-cni"), optional bpffsDir (default /sys/fs/bpf/kpr, the agent's
 --bpffs-dir on the host), prevResult. Errors are CNI error objects on stdout with exit status 1; logs go to stderr.
 Nothing is left attached when ADD fails.
+
+Every invocation ends in a result or an error object, whatever the input (kpr/cni/inputs.py bounds stdin in size, time
+and nesting, and checks CNI_NETNS is a network namespace before entering it); anything unexpected is error 999 with
+its message. STATUS and GC (spec 1.1.0) are refused: kpr-cni speaks the versions above.
 """
 
 from __future__ import annotations
@@ -31,44 +35,71 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, NoReturn, TypeVar
 
+from kpr.cni.errors import (
+    ERR_DECODE,
+    ERR_INCOMPATIBLE_VERSION,
+    ERR_INVALID_CONFIG,
+    ERR_INVALID_ENV,
+    ERR_IO,
+    ERR_KPR,
+    ERR_TRY_AGAIN_LATER,
+    CNIError,
+    describe,
+    error_json,
+)
+from kpr.cni.inputs import MAX_CONFIG_BYTES, NetnsError, decode_config, open_netns, read_stdin
+
+__all__ = [
+    "ERR_DECODE",
+    "ERR_INCOMPATIBLE_VERSION",
+    "ERR_INVALID_CONFIG",
+    "ERR_INVALID_ENV",
+    "ERR_IO",
+    "ERR_KPR",
+    "ERR_TRY_AGAIN_LATER",
+    "CNIError",
+    "main",
+    "run",
+]
+
 T = TypeVar("T")
 
 CNI_VERSION = "1.0.0"
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0")
+NEWER_COMMANDS = {"STATUS": "1.1.0", "GC": "1.1.0"}  # spec version that defines them: refused, not unknown
 DEFAULT_BPFFS_DIR = "/sys/fs/bpf/kpr"
+STDIN_TIMEOUT = 30.0  # seconds for the runtime to write the configuration and close stdin
 
-# Well-known CNI error codes (the spec reserves 1-99), and kpr-cni's own.
-ERR_INCOMPATIBLE_VERSION = 1
-ERR_INVALID_ENV = 4
-ERR_IO = 5
-ERR_DECODE = 6
-ERR_INVALID_CONFIG = 7
-ERR_TRY_AGAIN_LATER = 11
-ERR_KPR = 999  # anything else: the message says what
-
-_CONTAINER_ID_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
+# SPEC.md, section 2: "Must start with an alphanumeric character, optionally followed by any combination of one or
+# more alphanumeric characters, underscore, dot (.) or hyphen (-)" (for the container id and the network name).
+_CONTAINER_ID_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")
 _NETWORK_NAME_RE = _CONTAINER_ID_RE
 _IFNAMSIZ = 16
-
-
-class CNIError(Exception):
-    """A failure reported to the runtime as a CNI error object."""
-
-    def __init__(self, code: int, msg: str, details: str = "") -> None:
-        super().__init__(msg)
-        self.code = code
-        self.msg = msg
-        self.details = details
+_NETNS_HINT = (
+    "CNI_NETNS must name the pod's network namespace: a bind mount such as /run/netns/NAME, or /proc/PID/ns/net"
+)
 
 
 class _Gone(Exception):
     """The pod's namespace or interface does not exist (any more)."""
 
 
+def _printable(text: str, limit: int = 200) -> str:
+    """`text` for a log line: one line, ASCII, bounded."""
+    clipped = text if len(text) <= limit else text[:limit] + "..."
+    return clipped.encode("unicode_escape", errors="backslashreplace").decode("ascii")
+
+
 def log(message: str) -> None:
-    """One line on stderr (stdout is the CNI protocol)."""
-    sys.stderr.write(f"kpr-cni: {message}\n")
-    sys.stderr.flush()
+    """One line on stderr (stdout is the CNI protocol); never fails, even with stderr closed."""
+    stream = sys.stderr
+    if stream is None:
+        return
+    try:
+        stream.write(f"kpr-cni: {message[:4000]}\n")
+        stream.flush()
+    except (OSError, ValueError):
+        pass
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -91,33 +122,97 @@ class Invocation:
     ifname: str
 
 
-def parse_config(raw: bytes) -> NetConf:
-    """The network configuration from stdin; CNIError 6 (decoding), 7 (invalid) or 1 (unsupported cniVersion)."""
-    try:
-        conf = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CNIError(ERR_DECODE, "the network configuration on stdin is not valid JSON", str(e)) from None
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number"}
+    return "null" if value is None else names.get(type(value), "a number")
+
+
+# The keys of a CNI result whose shape kpr-cni relies on (host_interfaces) or could not print back otherwise.
+_RESULT_SHAPES = (
+    ("interfaces", list, "an array"),
+    ("ips", list, "an array"),
+    ("routes", list, "an array"),
+    ("dns", dict, "an object"),
+)
+
+
+def prev_result_problem(prev: Any) -> str | None:
+    """What makes `prev` unusable as a CNI result (SPEC.md, section 5, "Success"), or None. Only the shape kpr-cni
+    relies on or passes back is checked; extra keys are the previous plugins' business."""
+    if not isinstance(prev, dict):
+        return f"it is {_json_type(prev)}, not an object"
+    for key, kind, what in _RESULT_SHAPES:
+        value = prev.get(key)
+        if value is not None and not isinstance(value, kind):
+            return f"{key} is {_json_type(value)}, not {what}"
+    for i, interface in enumerate(prev.get("interfaces") or []):
+        if not isinstance(interface, dict):
+            return f"interfaces[{i}] is {_json_type(interface)}, not an object"
+        name, sandbox = interface.get("name"), interface.get("sandbox")
+        if not isinstance(name, str) or not name:
+            return f"interfaces[{i}] has no name"
+        if sandbox is not None and not isinstance(sandbox, str):
+            return f"interfaces[{i}].sandbox is {_json_type(sandbox)}, not a string"
+    for key in ("ips", "routes"):
+        for i, item in enumerate(prev.get(key) or []):
+            if not isinstance(item, dict):
+                return f"{key}[{i}] is {_json_type(item)}, not an object"
+    return None
+
+
+def reply_version(conf: Any) -> str:
+    """The cniVersion of an answer: the configuration's, when it is one kpr-cni speaks (SPEC.md, section 5)."""
+    version = conf.get("cniVersion") if isinstance(conf, dict) else None
+    return version if isinstance(version, str) and version in SUPPORTED_VERSIONS else CNI_VERSION
+
+
+def parse_config(conf: Any, command: str = "ADD") -> NetConf:
+    """The network configuration, decoded from stdin; CNIError 6 (not an object), 7 (invalid) or 1 (unsupported
+    cniVersion). DEL ignores a malformed prevResult (it does not use it), the other commands refuse it."""
     if not isinstance(conf, dict):
-        raise CNIError(ERR_DECODE, "the network configuration on stdin is not a JSON object", type(conf).__name__)
+        raise CNIError(ERR_DECODE, "the network configuration on stdin is not a JSON object", _json_type(conf))
     version = conf.get("cniVersion")
     if not isinstance(version, str) or not version:
-        raise CNIError(ERR_INVALID_CONFIG, "the network configuration has no cniVersion", repr(version))
+        raise CNIError(ERR_INVALID_CONFIG, "the network configuration has no cniVersion", repr(version)[:200])
     if version not in SUPPORTED_VERSIONS:
         raise CNIError(
             ERR_INCOMPATIBLE_VERSION,
-            f'incompatible CNI version "{version}"',
+            f"incompatible CNI version {json.dumps(version[:50])}",
             f"kpr-cni supports {', '.join(SUPPORTED_VERSIONS)}",
         )
     name = conf.get("name")
-    if not isinstance(name, str) or not _NETWORK_NAME_RE.match(name):
-        raise CNIError(ERR_INVALID_CONFIG, "the network configuration needs a valid name", repr(name))
+    if not isinstance(name, str) or not _NETWORK_NAME_RE.fullmatch(name):
+        raise CNIError(ERR_INVALID_CONFIG, "the network configuration needs a valid name", repr(name)[:200])
     bpffs_dir = conf.get("bpffsDir", DEFAULT_BPFFS_DIR)
-    if not isinstance(bpffs_dir, str) or not os.path.isabs(bpffs_dir):
-        raise CNIError(ERR_INVALID_CONFIG, "bpffsDir must be an absolute path", f"bpffsDir={bpffs_dir!r}")
+    if not isinstance(bpffs_dir, str) or not os.path.isabs(bpffs_dir) or "\0" in bpffs_dir:
+        raise CNIError(ERR_INVALID_CONFIG, "bpffsDir must be an absolute path", f"bpffsDir={bpffs_dir!r}"[:300])
     prev = conf.get("prevResult")
-    if prev is not None and not isinstance(prev, dict):
-        raise CNIError(ERR_INVALID_CONFIG, "prevResult must be a JSON object", f"prevResult={prev!r}"[:500])
+    problem = None if prev is None else prev_result_problem(prev)
+    if problem is not None:
+        if command != "DEL":
+            raise CNIError(
+                ERR_INVALID_CONFIG,
+                f"prevResult is not a CNI result: {problem}",
+                f"prevResult={json.dumps(prev)}"[:300],
+            )
+        log(f"DEL: ignoring a malformed prevResult ({problem}); DEL does not need it")
+        prev = None
     return NetConf(version, name, Path(bpffs_dir), prev)
+
+
+def _ifname_problem(ifname: str) -> str | None:
+    """Why `ifname` cannot be an interface name (SPEC.md, section 2, and the kernel's dev_valid_name), or None."""
+    try:
+        size = len(ifname.encode())
+    except UnicodeEncodeError:
+        return "not UTF-8"
+    if size >= _IFNAMSIZ:
+        return f"{size} bytes; at most {_IFNAMSIZ - 1}"
+    if ifname in (".", ".."):
+        return "not a name"
+    if any(c in "/:" or c.isspace() for c in ifname):
+        return "contains '/', ':' or whitespace"
+    return None
 
 
 def parse_environment(env: Mapping[str, str], command: str) -> Invocation:
@@ -128,12 +223,13 @@ def parse_environment(env: Mapping[str, str], command: str) -> Invocation:
         raise CNIError(ERR_INVALID_ENV, f"missing environment variable(s) {', '.join(missing)} for {command}")
     container_id, ifname, netns = env["CNI_CONTAINERID"], env["CNI_IFNAME"], env.get("CNI_NETNS", "")
     invalid = []
-    if not _CONTAINER_ID_RE.match(container_id):
-        invalid.append(f"CNI_CONTAINERID={container_id!r}")
-    if len(ifname) >= _IFNAMSIZ or ifname in (".", "..") or any(c in ifname for c in "/: \t\n"):
-        invalid.append(f"CNI_IFNAME={ifname!r}")
+    if not _CONTAINER_ID_RE.fullmatch(container_id):
+        invalid.append(f"CNI_CONTAINERID={container_id[:100]!r}")
+    problem = _ifname_problem(ifname)
+    if problem:
+        invalid.append(f"CNI_IFNAME={ifname[:100]!r} ({problem})")
     if netns and not os.path.isabs(netns):
-        invalid.append(f"CNI_NETNS={netns!r} (must be an absolute path)")
+        invalid.append(f"CNI_NETNS={netns[:200]!r} (must be an absolute path)")
     if invalid:
         raise CNIError(ERR_INVALID_ENV, f"invalid environment variable(s): {', '.join(invalid)}")
     return Invocation(command, container_id, netns, ifname)
@@ -174,20 +270,17 @@ def _nsid(ipr: Any, fd: int) -> int | None:
 def find_host_veth(netns: str, ifname: str) -> str:
     """The name, in this (the node's) namespace, of the veth whose peer is `ifname` in the pod namespace `netns`.
 
-    Raises _Gone when the namespace or the interface does not exist, CNIError when the interface is not a veth to
-    this namespace.
+    Raises NetnsError when `netns` is not a network namespace (a FIFO, a file, a directory, nothing: checked before
+    anything enters it, without blocking), _Gone when the interface does not exist, CNIError when the interface is
+    not a veth to this namespace.
     """
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
+    ns_fd = open_netns(netns)
+    host_fd = -1
     try:
-        ns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise _Gone(f"network namespace {netns} does not exist") from None
-    except OSError as e:
-        raise CNIError(ERR_KPR, f"cannot open network namespace {netns}: {e.strerror}") from None
-    host_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
+        host_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 
         def container_side() -> _ContainerSide:
             with IPRoute() as ipr:
@@ -247,7 +340,8 @@ def find_host_veth(netns: str, ifname: str) -> str:
             )
         return str(name)
     finally:
-        os.close(host_fd)
+        if host_fd >= 0:
+            os.close(host_fd)
         os.close(ns_fd)
 
 
@@ -265,6 +359,9 @@ def locate(conf: NetConf, inv: Invocation) -> str:
     """ADD and CHECK: the pod's host-side veth, cross-checked against prevResult."""
     try:
         veth = find_host_veth(inv.netns, inv.ifname)
+    except NetnsError as e:
+        what = "does not exist" if e.missing else f"is not a network namespace: {e.reason}"
+        raise CNIError(ERR_INVALID_ENV, f"CNI_NETNS={inv.netns[:200]!r} {what}", _NETNS_HINT) from None
     except _Gone as e:
         raise CNIError(ERR_KPR, f"cannot find the pod's interface: {e}") from None
     listed = host_interfaces(conf.prev_result or {})
@@ -344,6 +441,9 @@ def cmd_del(conf: NetConf, inv: Invocation) -> str:
         return ""
     try:
         veth = find_host_veth(inv.netns, inv.ifname)
+    except NetnsError as e:  # kpr's programs live on the pod's veth, which dies with the pod's namespace
+        log(f"DEL {inv.container_id}: CNI_NETNS {_printable(str(e))}; nothing to do")
+        return ""
     except _Gone as e:
         log(f"DEL {inv.container_id}: {e}; nothing to do")
         return ""
@@ -381,53 +481,68 @@ def version_info() -> str:
     return json.dumps({"cniVersion": CNI_VERSION, "supportedVersions": list(SUPPORTED_VERSIONS)})
 
 
-def error_json(error: CNIError, cni_version: str = CNI_VERSION) -> str:
-    body: dict[str, Any] = {"cniVersion": cni_version, "code": error.code, "msg": error.msg}
-    if error.details:
-        body["details"] = error.details
-    return json.dumps(body)
-
-
-def _version_of(raw: bytes) -> str:
-    """The configuration's cniVersion for an error object, when it is one kpr-cni speaks."""
-    try:
-        version = json.loads(raw).get("cniVersion")
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        return CNI_VERSION
-    return version if version in SUPPORTED_VERSIONS else CNI_VERSION
-
-
-def run(env: Mapping[str, str], stdin: IO[bytes]) -> tuple[int, str]:
-    """One plugin invocation: (exit status, what to print on stdout)."""
+def run(env: Mapping[str, str], stdin: IO[bytes] | None) -> tuple[int, str]:
+    """One plugin invocation: (exit status, what to print on stdout). Never raises: every failure is an error
+    object, with the configuration's cniVersion once it is known."""
     command = env.get("CNI_COMMAND", "")
     if command == "VERSION":
         return 0, version_info()
-    raw = b""
+    version = CNI_VERSION
     try:
-        if command not in COMMANDS:
-            what = f"unknown CNI_COMMAND {command!r}" if command else "missing environment variable CNI_COMMAND"
+        if command not in COMMANDS and command not in NEWER_COMMANDS:
+            what = f"unknown CNI_COMMAND {command[:50]!r}" if command else "missing environment variable CNI_COMMAND"
             raise CNIError(ERR_INVALID_ENV, what, f"kpr-cni supports {', '.join([*COMMANDS, 'VERSION'])}")
-        try:
-            raw = stdin.read()
-        except OSError as e:
-            raise CNIError(ERR_IO, "cannot read the network configuration from stdin", str(e)) from None
-        conf = parse_config(raw)
+        document = decode_config(read_stdin(stdin, MAX_CONFIG_BYTES, STDIN_TIMEOUT))
+        version = reply_version(document)
+        conf = parse_config(document, command)
+        if command in NEWER_COMMANDS:
+            raise CNIError(
+                ERR_INVALID_ENV,
+                f"CNI_COMMAND {command} is defined by CNI spec {NEWER_COMMANDS[command]}, which kpr-cni does not "
+                f"implement (cniVersion {conf.cni_version})",
+                f"kpr-cni supports {', '.join([*COMMANDS, 'VERSION'])} and cniVersion {', '.join(SUPPORTED_VERSIONS)}",
+            )
         inv = parse_environment(env, command)
-        return 0, COMMANDS[command](conf, inv)
+        output = COMMANDS[command](conf, inv)
+        if not isinstance(output, str):
+            raise TypeError(f"{command} returned {type(output).__name__}, not str")
+        return 0, output
     except CNIError as e:
-        log(f"{command or '?'} {env.get('CNI_CONTAINERID', '')}: error {e.code}: {e.msg}")
-        return 1, error_json(e, _version_of(raw))
-    except Exception as e:
-        log(f"{command} {env.get('CNI_CONTAINERID', '')}: unexpected {type(e).__name__}: {e}")
-        return 1, error_json(CNIError(ERR_KPR, f"kpr-cni {command} failed: {type(e).__name__}: {e}"), _version_of(raw))
+        log(f"{_printable(command) or '?'} {_printable(env.get('CNI_CONTAINERID', ''))}: error {e.code}: {e.msg}")
+        return 1, error_json(e, version)
+    except BaseException as e:  # anything else, KeyboardInterrupt included: still an answer the runtime can read
+        log(f"{_printable(command)} {_printable(env.get('CNI_CONTAINERID', ''))}: unexpected {describe(e)}")
+        return 1, error_json(CNIError(ERR_KPR, f"kpr-cni {command} failed: {describe(e)}"), version)
+
+
+def _print(status: int, output: str) -> int:
+    """Print the answer; the exit status (non-zero when the answer could not be printed)."""
+    if not output:
+        return status
+    try:
+        if sys.stdout is None:
+            raise OSError(errno.EBADF, "stdout is closed")
+        sys.stdout.write(output + "\n")
+        sys.stdout.flush()
+    except (OSError, ValueError) as e:
+        log(f"cannot print the answer on stdout: {describe(e)}")
+        try:  # so that the interpreter's own flush at exit finds nothing to complain about
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+        return status or 1
+    return status
 
 
 def main() -> NoReturn:
-    status, output = run(os.environ, sys.stdin.buffer)
-    if output:
-        sys.stdout.write(output + "\n")
-        sys.stdout.flush()
-    sys.exit(status)
+    try:
+        status, output = run(os.environ, sys.stdin.buffer if sys.stdin is not None else None)
+    except BaseException as e:  # run() answers everything itself; this is the last resort
+        log(f"unexpected {describe(e)}")
+        status, output = 1, error_json(CNIError(ERR_KPR, f"kpr-cni failed: {describe(e)}"), CNI_VERSION)
+    sys.exit(_print(status, output))
 
 
 if __name__ == "__main__":

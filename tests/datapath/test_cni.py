@@ -567,3 +567,90 @@ def test_an_older_cni_version_is_served_too(cluster: Cluster, bridged_pod: Chain
     done = cluster.kpr_cni("ADD", pod, stdin=json.dumps(_conf(cluster, pod, cniVersion="0.4.0")))
     assert done.returncode == 0 and done.output is not None and done.output["cniVersion"] == "0.4.0", done
     assert set(cluster.attached(pod.veth)) == POD_PROGRAMS
+
+
+# ---- hostile input (tests/unit/test_cni_input.py has every row that needs no namespace; these enter real ones)
+
+
+def _not_a_namespace(cluster: Cluster, pod: ChainedPod, case: str) -> str:
+    """A CNI_NETNS path that is no network namespace, made in the lab's run dir (the node shares the filesystem)."""
+    path = cluster.lab.run_dir / f"{pod.name}-{case.replace(' ', '-')}"
+    if case == "a FIFO":
+        os.mkfifo(path)
+    elif case == "an unmounted namespace file":  # what /run/netns/NAME is after `umount`
+        path.write_bytes(b"")
+    elif case == "the mount namespace":
+        return "/proc/self/ns/mnt"
+    elif case != "a missing path":
+        raise AssertionError(case)
+    return str(path)
+
+
+NOT_A_NAMESPACE = ["a FIFO", "an unmounted namespace file", "the mount namespace", "a missing path"]
+
+
+@pytest.mark.parametrize(
+    ("case", "code"),
+    [
+        *((f"CNI_NETNS is {case}", 4) for case in NOT_A_NAMESPACE),
+        ("nested 200k deep", 6),
+        ("nested 200k deep in prevResult", 6),
+        ("larger than 1 MiB", 6),
+        ("prevResult interfaces not a list", 7),
+    ],
+)
+def test_hostile_input_is_a_cni_error_and_attaches_nothing(
+    cluster: Cluster, bridged_pod: ChainedPod, case: str, code: int
+) -> None:
+    pod = bridged_pod
+    env: dict[str, str] = {}
+    stdin: str | None = None
+    if case.startswith("CNI_NETNS is "):
+        env = {"CNI_NETNS": _not_a_namespace(cluster, pod, case.removeprefix("CNI_NETNS is "))}
+    elif case == "nested 200k deep":
+        stdin = "[" * 200_000 + "]" * 200_000
+    elif case == "nested 200k deep in prevResult":
+        stdin = json.dumps(_conf(cluster, pod, prevResult={"x": "@"})).replace('"@"', "[" * 200_000 + "]" * 200_000)
+    elif case == "larger than 1 MiB":
+        stdin = json.dumps(_conf(cluster, pod)) + " " * (1 << 20)
+    elif case == "prevResult interfaces not a list":
+        assert pod.result is not None
+        stdin = json.dumps(_conf(cluster, pod, prevResult={**pod.result, "interfaces": pod.veth}))
+    for command in ("ADD", "CHECK"):
+        done = cluster.kpr_cni(command, pod, stdin=stdin, env=env)  # a hang fails on lab.run's timeout
+        assert done.returncode != 0 and "Traceback" not in done.stderr, done
+        assert done.output is not None and done.output["code"] == code and done.output["msg"], done
+        if case.startswith("CNI_NETNS"):
+            assert "CNI_NETNS" in done.output["msg"], done
+    assert cluster.attached(pod.veth) == []
+
+
+@pytest.mark.parametrize("case", NOT_A_NAMESPACE)
+def test_del_of_a_cni_netns_that_is_not_a_namespace_succeeds_and_touches_nothing(
+    cluster: Cluster, pod: ChainedPod, case: str
+) -> None:
+    done = cluster.kpr_cni("DEL", pod, env={"CNI_NETNS": _not_a_namespace(cluster, pod, case)})
+    assert (done.returncode, done.output) == (0, None), done
+    assert "nothing to do" in done.stderr, done
+    assert set(cluster.attached(pod.veth)) == POD_PROGRAMS  # the pod's own attachment is not someone else's DEL
+
+
+def test_cni_netns_as_proc_pid_ns_net_and_as_a_symlink(cluster: Cluster, bridged_pod: ChainedPod) -> None:
+    """The namespace check accepts what the spec allows: /proc/PID/ns/net, or a bind mount or a link to one."""
+    pod = bridged_pod
+    link = cluster.lab.run_dir / f"{pod.name}-netns-link"
+    link.symlink_to(pod.netns_path)
+    with subprocess.Popen(["ip", "netns", "exec", pod.netns, "sleep", "60"]) as holder:
+        try:
+            by_pid = f"/proc/{holder.pid}/ns/net"
+            wait_until(lambda: os.stat(by_pid).st_ino == os.stat(pod.netns_path).st_ino, 5, "sleep in the pod")
+            added = cluster.kpr_cni("ADD", pod, env={"CNI_NETNS": by_pid})
+            assert added.returncode == 0 and added.output == {**(pod.result or {}), "cniVersion": "1.0.0"}, added
+            assert set(cluster.attached(pod.veth)) == POD_PROGRAMS
+            checked = cluster.kpr_cni("CHECK", pod, env={"CNI_NETNS": str(link)})
+            assert (checked.returncode, checked.output) == (0, None), checked
+            deleted = cluster.kpr_cni("DEL", pod, env={"CNI_NETNS": str(link)})
+            assert (deleted.returncode, deleted.output) == (0, None), deleted
+            assert cluster.attached(pod.veth) == []
+        finally:
+            holder.kill()
