@@ -15,6 +15,8 @@ On SIGTERM it stops and leaves programs and maps in place.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import errno
 import os
 import queue
 import signal
@@ -45,8 +47,8 @@ from kpr.datapath.loader import (
 from kpr.datapath.writers import MapWriteError, MapWriter, PinnedMapWriter
 from kpr.model.nodeports import nodeport_addresses
 from kpr.model.translate import local_ready_endpoints, needs_health_check, node_eligible, translate
-from kpr.model.types import EndpointSliceSpec, NodeInfo, ServiceKey, ServiceSpec
-from kpr.reconcile.reconciler import FlowEnds, Reconciler, ServiceSyncError
+from kpr.model.types import EndpointSliceSpec, Frontend, NodeInfo, ServiceKey, ServiceSpec
+from kpr.reconcile.reconciler import FlowEnds, Reconciler, ServiceSyncError, SyncResult
 from kpr.sources.events import KINDS, Event, Replace, SourceError, Upsert
 
 RETRY_BACKOFF = (0.5, 1, 2, 5, 10, 30)  # seconds before a failed service is tried again
@@ -390,7 +392,12 @@ class Agent:
         frontends = translate(spec, self.store.slices_of(key), self.store.node) if spec else []
         slog = self.log.bind(service=str(key))
         try:
-            result = self.reconciler.sync_service(key, frontends)
+            try:
+                result = self.reconciler.sync_service(key, frontends)
+            except ServiceSyncError as e:
+                if e.cause.errno != errno.E2BIG:
+                    raise
+                result = self._make_room_and_sync(key, frontends, e, slog)
         except ServiceSyncError as e:
             _, attempt = self.retry_at.get(key, (0.0, 0))
             delay = RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)]
@@ -638,6 +645,31 @@ class Agent:
             "recent_errors": list(self.recent_errors),
             "conflicts": {str(k): list(v) for k, v in sorted(self.conflicted.items())},
         }
+
+    def _make_room_and_sync(
+        self, key: ServiceKey, frontends: list[Frontend], full: ServiceSyncError, slog: Any
+    ) -> SyncResult:
+        """A map is too full for make-before-break (new backends written before the departing ones go): free first.
+        The service drops the backends it is losing (kept, marked gone, while tracked flows use them), what no flow
+        uses is released, and then the new ones are added. Between the two steps the service has only the backends
+        it keeps; that beats keeping the departed ones until some other service shrinks."""
+        assert self.reconciler is not None
+        rec = self.reconciler
+        slog.warning("map full; freeing the service's departing backends before adding new ones", error=str(full))
+        kept = [
+            dataclasses.replace(
+                f,
+                backends=tuple(b for b in f.backends if b.identity in rec.backends),
+                internal_backends=None
+                if f.internal_backends is None
+                else tuple(b for b in f.internal_backends if b.identity in rec.backends),
+                standby=tuple(b for b in f.standby if b.identity in rec.backends),
+            )
+            for f in frontends
+        ]
+        rec.sync_service(key, kept)
+        self.settle_flows()  # releases what the service let go of, unless a tracked flow still uses it
+        return rec.sync_service(key, frontends)
 
     def _note_conflicts(self, key: ServiceKey, conflicts: tuple[str, ...], slog: Any) -> None:
         """A frontend another service holds is a standing state, reported when it starts, changes and ends (not on

@@ -133,3 +133,24 @@ def test_a_frontend_held_by_another_service_is_reported_once_and_taken_as_soon_a
     agent.step()
     assert agent.reconciler is not None and waiting in agent.reconciler.by_service
     assert agent.conflicted == {} and agent.metrics.registry.get_sample_value("kpr_frontend_conflicts") == 0
+
+
+def test_a_full_backends_map_frees_the_departing_backends_before_adding_new_ones() -> None:
+    """Reliability finding 6: backends map 7/8 full, a Service's 3 endpoints replaced by 3 new ones. Make-before-break
+    needed 3 more entries first, failed with "map is full" and the Service kept its removed endpoints until some other
+    Service shrank. Now the departing ones go first (released at once: no tracked flow uses them)."""
+    writer = MemoryMapWriter({"backends4": 8})
+    agent = Agent(AgentConfig(node_name="node1", cgroup_root=Path("/"), bpffs_dir=Path("/"), min_sync_period=0))
+    agent.start(writer=writer, source=NoSource())
+    agent.events.put(Replace("Service", (make_service(0), make_service(1))))
+    agent.events.put(Replace("EndpointSlice", (make_slice(0, 3), make_slice(1, 4))))
+    agent.events.put(Replace("Node", ()))
+    agent.step()
+    assert len(writer.tables["backends4"]) == 7
+    agent.events.put(Upsert("EndpointSlice", make_slice(0, 3, first=8)))  # three new endpoints, the old ones gone
+    agent.step()
+    assert agent.retry_at == {} and agent.failing_since == {}
+    assert agent.reconciler is not None
+    backends = {addr for (addr, _, _) in agent.reconciler.backends}
+    assert backends == {ep.addresses[0] for s in (make_slice(0, 3, first=8), make_slice(1, 4)) for ep in s.endpoints}
+    assert len(writer.tables["backends4"]) == 7
