@@ -54,7 +54,9 @@
 #define KPR_SNAT_PORT_MAX 65535
 #define KPR_SNAT_TRIES 16
 
-/* Conntrack lifetimes (tc path), refreshed by every packet; an LRU evicts the oldest under pressure. */
+/* Conntrack lifetimes (tc path), refreshed by every packet. ct4/ct6 are plain hashes, not LRUs: like netfilter
+ * (which never early-drops an assured connection), a full table refuses new flows (tc_drop_ct_full) instead of
+ * evicting established ones. The agent deletes expired flows (kpr/datapath/flows.py, collect_expired). */
 #define KPR_CT_TCP_LIFETIME_S 21600 /* established TCP: 6 h, like nf_conntrack's 5 days but bounded */
 #define KPR_CT_CLOSING_LIFETIME_S 10 /* after a FIN or RST */
 #define KPR_CT_UDP_LIFETIME_S 60
@@ -320,7 +322,8 @@ struct device_info {
 
 #define KPR_PIN(name) KPR_PIN_DIR "/" name
 
-/* Control-plane-written maps are allocated on demand; the LRU maps are preallocated by the kernel. */
+/* Control-plane-written maps are allocated on demand; the datapath-written ones (LRUs, conntrack) are preallocated,
+ * so a packet never waits for memory. */
 BPF_TABLE_PINNED("hash", struct svc_key4, struct svc_value, services4, KPR_SERVICES_MAX, KPR_PIN("services4"),
 		 BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", struct svc_key6, struct svc_value, services6, KPR_SERVICES_MAX, KPR_PIN("services6"),
@@ -341,8 +344,8 @@ BPF_TABLE_PINNED("lru_hash", struct affinity_key, struct affinity_value, affinit
 BPF_TABLE_PINNED("hash", struct affinity_match_key, __u8, affinity_match, KPR_BACKENDS_MAX, KPR_PIN("affinity_match"),
 		 BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, counters, KPR_CNT_MAX, KPR_PIN("counters"));
-BPF_TABLE_PINNED("lru_hash", struct ct_key4, struct ct_value4, ct4, KPR_CT_MAX, KPR_PIN("ct4"));
-BPF_TABLE_PINNED("lru_hash", struct ct_key6, struct ct_value6, ct6, KPR_CT_MAX, KPR_PIN("ct6"));
+BPF_TABLE_PINNED("hash", struct ct_key4, struct ct_value4, ct4, KPR_CT_MAX, KPR_PIN("ct4"));
+BPF_TABLE_PINNED("hash", struct ct_key6, struct ct_value6, ct6, KPR_CT_MAX, KPR_PIN("ct6"));
 BPF_TABLE_PINNED("lpm_trie", struct src_range_key4, __u8, src_ranges4, KPR_SRC_RANGES_MAX, KPR_PIN("src_ranges4"),
 		 BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lpm_trie", struct src_range_key6, __u8, src_ranges6, KPR_SRC_RANGES_MAX, KPR_PIN("src_ranges6"),

@@ -19,6 +19,7 @@
 #include <uapi/linux/icmp.h>
 #include <uapi/linux/icmpv6.h>
 #include <uapi/linux/pkt_cls.h>
+#include <uapi/asm-generic/errno.h>
 #include "kpr.h"
 
 /* Separate BPF functions (not inlined) for the big branches: each keeps its own stack frame under 512 bytes. */
@@ -799,23 +800,27 @@ static __always_inline bool src4_allowed(__u32 rev_nat_id, __be32 saddr)
 }
 
 /* Pick a free masquerade port by inserting the reply entry; 0 when every try collided. */
-static __always_inline __be16 snat4_port(struct ct_key4 *reply, struct ct_value4 *value, __u64 now)
+static __always_inline int snat4_port(struct ct_key4 *reply, struct ct_value4 *value, __u64 now)
 {
 	__u32 span = KPR_SNAT_PORT_MAX - KPR_SNAT_PORT_MIN + 1;
 	struct ct_value4 *taken;
+	long rc;
 
 #pragma unroll
 	for (int i = 0; i < KPR_SNAT_TRIES; i++) {
 		reply->dport = bpf_htons(KPR_SNAT_PORT_MIN + bpf_get_prandom_u32() % span);
-		if (ct4.insert(reply, value) == 0)
-			return reply->dport;
-		/* A port whose flow has expired is free again: the LRU alone would keep it until the map fills. */
+		rc = ct4.insert(reply, value);
+		if (rc == 0)
+			return 0;
+		if (rc == -E2BIG)
+			return -E2BIG; /* conntrack is full, not the port range */
+		/* A port whose flow has expired is free again, before the agent's collection of expired flows. */
 		taken = ct4.lookup(reply);
 		if (taken && ct_expired(taken->last_seen_ns, taken->flags, reply->proto, now) &&
 		    ct4.update(reply, value) == 0)
-			return reply->dport;
+			return 0;
 	}
-	return 0;
+	return -EADDRINUSE;
 }
 
 /* A new flow to an external frontend: choose, record, translate. */
@@ -828,6 +833,7 @@ static __always_inline int new_flow4(struct __sk_buff *skb, struct flow4 *f, __u
 	struct ct_value4 oval = {}, rval = {};
 	struct device_info *dev;
 	__u32 backend_id;
+	int rc;
 
 	key.addr = f->daddr;
 	key.port = f->dport;
@@ -933,8 +939,9 @@ static __always_inline int new_flow4(struct __sk_buff *skb, struct flow4 *f, __u
 		rval.addr = f->saddr;
 		rval.port = f->sport;
 		rval.flags = KPR_CT_F_SNAT;
-		if (!snat4_port(&rkey, &rval, now)) {
-			counter_inc(KPR_CNT_TC_DROP_SNAT_PORTS);
+		rc = snat4_port(&rkey, &rval, now);
+		if (rc) {
+			counter_inc(rc == -E2BIG ? KPR_CNT_TC_DROP_CT_FULL : KPR_CNT_TC_DROP_SNAT_PORTS);
 			return TC_ACT_SHOT;
 		}
 		oval.addr = dev->addr4;
@@ -1465,23 +1472,27 @@ static __always_inline bool src6_allowed(__u32 rev_nat_id, const __be32 *saddr)
 	return src_ranges6.lookup(&key) != NULL;
 }
 
-static __always_inline __be16 snat6_port(struct ct_key6 *reply, struct ct_value6 *value, __u64 now)
+static __always_inline int snat6_port(struct ct_key6 *reply, struct ct_value6 *value, __u64 now)
 {
 	__u32 span = KPR_SNAT_PORT_MAX - KPR_SNAT_PORT_MIN + 1;
 	struct ct_value6 *taken;
+	long rc;
 
 #pragma unroll
 	for (int i = 0; i < KPR_SNAT_TRIES; i++) {
 		reply->dport = bpf_htons(KPR_SNAT_PORT_MIN + bpf_get_prandom_u32() % span);
-		if (ct6.insert(reply, value) == 0)
-			return reply->dport;
-		/* A port whose flow has expired is free again: the LRU alone would keep it until the map fills. */
+		rc = ct6.insert(reply, value);
+		if (rc == 0)
+			return 0;
+		if (rc == -E2BIG)
+			return -E2BIG; /* conntrack is full, not the port range */
+		/* A port whose flow has expired is free again, before the agent's collection of expired flows. */
 		taken = ct6.lookup(reply);
 		if (taken && ct_expired(taken->last_seen_ns, taken->flags, reply->proto, now) &&
 		    ct6.update(reply, value) == 0)
-			return reply->dport;
+			return 0;
 	}
-	return 0;
+	return -EADDRINUSE;
 }
 
 static __always_inline bool zero6(const __be32 *a)
@@ -1498,6 +1509,7 @@ static __always_inline int new_flow6(struct __sk_buff *skb, struct flow6 *f, __u
 	struct ct_value6 oval = {}, rval = {};
 	struct device_info *dev;
 	__u32 backend_id;
+	int rc;
 
 	__builtin_memcpy(key.addr, f->daddr, 16);
 	key.port = f->dport;
@@ -1600,8 +1612,9 @@ static __always_inline int new_flow6(struct __sk_buff *skb, struct flow6 *f, __u
 		__builtin_memcpy(rval.addr, f->saddr, 16);
 		rval.port = f->sport;
 		rval.flags = KPR_CT_F_SNAT;
-		if (!snat6_port(&rkey, &rval, now)) {
-			counter_inc(KPR_CNT_TC_DROP_SNAT_PORTS);
+		rc = snat6_port(&rkey, &rval, now);
+		if (rc) {
+			counter_inc(rc == -E2BIG ? KPR_CNT_TC_DROP_CT_FULL : KPR_CNT_TC_DROP_SNAT_PORTS);
 			return TC_ACT_SHOT;
 		}
 		__builtin_memcpy(oval.addr, dev->addr6, 16);

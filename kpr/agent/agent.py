@@ -28,12 +28,12 @@ from typing import Any, cast
 
 from kpr import log
 from kpr.agent.healthcheck import HealthChecks
-from kpr.agent.metrics import Metrics
+from kpr.agent.metrics import DatapathCounters, Metrics
 from kpr.agent.store import Store
 from kpr.datapath import abi, netns, sockets
 from kpr.datapath.addresses import AddressWatch, local_addresses
-from kpr.datapath.flows import scan_flows
-from kpr.datapath.inspect import nodeport_addresses_from
+from kpr.datapath.flows import collect_expired, scan_flows
+from kpr.datapath.inspect import nodeport_addresses_from, read_counters
 from kpr.datapath.loader import (
     DatapathError,
     DatapathSettings,
@@ -56,6 +56,22 @@ NODE_GRACE_SECONDS = 10.0
 FLOW_CHECK_PERIOD = 10.0  # seconds between looks at whether lingering backends still carry flows
 NETNS_REFRESH_PERIOD = 1.0  # seconds between looks at the node's namespaces while source ranges are in use
 DATAPATH_CHECK_PERIOD = 1.0  # seconds between looks at whether the programs are still attached and the maps pinned
+CT_GC_PERIOD = 30.0  # seconds between collections of expired tc flows (ct4/ct6 are hashes: nothing evicts)
+CT_GC_PERIOD_FULL = 5.0  # the same while the table is over CT_GC_BUSY full
+CT_GC_BUSY = 0.75
+EPISODE_QUIET = 60.0  # an exhaustion episode ends after this long without a drop; it is logged at most this often
+# Datapath counters that mean a resource ran out, with what to say about it.
+EXHAUSTION = {
+    "tc_drop_ct_full": (
+        "conntrack",
+        "the tc path's conntrack table is full: new flows are dropped, established ones kept; raise --map-size ct=N",
+    ),
+    "tc_drop_snat_ports": (
+        "masquerade ports",
+        f"no free masquerade port ({abi.SNAT_PORT_MIN}-{abi.SNAT_PORT_MAX}) toward a backend: new flows to it "
+        "are dropped until flows end",
+    ),
+}
 
 
 @dataclass
@@ -120,6 +136,9 @@ class Agent:
         self.attached = False
         self.next_datapath_check = 0.0
         self.health_problem = ""  # set by fatal(): /healthz fails with it
+        self.next_ct_gc = 0.0
+        self.counters_seen: dict[str, int] = {}
+        self.episodes: dict[str, dict[str, Any]] = {}  # resource -> its exhaustion episode (EXHAUSTION)
         self.exit_code = 0
         self.health_checks = HealthChecks(lambda: self.healthy()[0])
 
@@ -147,6 +166,7 @@ class Agent:
                 bpffs=str(self.config.bpffs_dir),
             )
             writer = PinnedMapWriter(self.config.bpffs_dir)
+            self.metrics.registry.register(DatapathCounters(lambda: read_counters(self.config.bpffs_dir)))
             self.address_watch = AddressWatch(lambda: self.events.put(AddressesChanged())).start()
             self.local_addresses = local_addresses()
         self.reconciler = Reconciler(writer)
@@ -252,6 +272,9 @@ class Agent:
             self.check_drift()
         if self.attached and now >= self.next_datapath_check:
             self.check_datapath()
+            self.watch_exhaustion()
+        if self.attached and now >= self.next_ct_gc:
+            self.collect_flows()
 
     def _idle_time(self) -> float:
         """Wait for events until a coalesced sync, a retry or a drift check falls due."""
@@ -352,6 +375,40 @@ class Agent:
             self._remember_error(f"programs detached behind the agent's back: {', '.join(detached)}")
             self.metrics.reattached.inc()
             self.attach_programs()
+
+    def collect_flows(self) -> None:
+        """Delete expired tc flows (both entries of a flow, once both are idle past their lifetime)."""
+        assert self.reconciler is not None
+        collected = collect_expired(self.reconciler.writer)
+        busy = collected.capacity and collected.kept / collected.capacity > CT_GC_BUSY
+        self.next_ct_gc = time.monotonic() + (CT_GC_PERIOD_FULL if busy else CT_GC_PERIOD)
+        self.metrics.flows_collected.inc(collected.deleted)
+        if collected.deleted:
+            self.log.debug("expired flows collected", entries=collected.deleted, left=collected.kept)
+
+    def watch_exhaustion(self, counters: dict[str, int] | None = None) -> None:
+        """Turn the datapath's exhaustion counters into episodes: one warning when one starts (and at most one a
+        minute while it lasts), an info line when it ends, and /status for `kpr status`."""
+        counters = read_counters(self.config.bpffs_dir) if counters is None else counters
+        now = time.monotonic()
+        for counter, (resource, advice) in EXHAUSTION.items():
+            value = counters.get(counter, 0)
+            moved = value - self.counters_seen.get(counter, value)
+            self.counters_seen[counter] = value
+            episode = self.episodes.get(resource)
+            if moved > 0:
+                if episode is None or not episode["active"]:
+                    episode = {"active": True, "since": time.time(), "dropped": 0, "last_log": 0.0}
+                    self.episodes[resource] = episode
+                episode["dropped"] += moved
+                episode["last_drop"], episode["last_drop_wall"] = now, time.time()
+                if now - episode["last_log"] >= EPISODE_QUIET:
+                    episode["last_log"] = now
+                    self.log.warning(f"{resource} exhausted", detail=advice, dropped=episode["dropped"])
+                    self._remember_error(f"{resource} exhausted: {advice} ({episode['dropped']} dropped so far)")
+            elif episode is not None and episode["active"] and now - episode["last_drop"] >= EPISODE_QUIET:
+                episode["active"] = False
+                self.log.info(f"{resource} no longer exhausted", dropped=episode["dropped"])
 
     def fatal(self, message: str) -> None:
         """Stop with exit status 1: for states a restart repairs and the agent cannot."""
@@ -644,6 +701,16 @@ class Agent:
             "last_socket_sweep": self.last_sweep or None,
             "recent_errors": list(self.recent_errors),
             "conflicts": {str(k): list(v) for k, v in sorted(self.conflicted.items())},
+            "exhaustion": {
+                resource: {
+                    "active": e["active"],
+                    "since": e["since"],
+                    "last": e["last_drop_wall"],
+                    "dropped": e["dropped"],
+                    "advice": next(a for r, a in EXHAUSTION.values() if r == resource),
+                }
+                for resource, e in self.episodes.items()
+            },
         }
 
     def _make_room_and_sync(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 
 @dataclass
@@ -69,6 +71,9 @@ class Metrics:
             registry=r,
         )
         self.services = Gauge("kpr_services", "Services programmed", registry=r)
+        self.flows_collected = Counter(
+            "kpr_flows_collected_total", "Expired tc-path conntrack entries deleted by the agent", registry=r
+        )
         self.reattached = Counter(
             "kpr_programs_reattached_total",
             "Times the agent found its programs detached and attached them again",
@@ -80,3 +85,19 @@ class Metrics:
         self.frontends = Gauge("kpr_frontends", "Frontends programmed", registry=r)
         self.backends = Gauge("kpr_backends", "Backends programmed", registry=r)
         self.last_sync = Gauge("kpr_last_sync_timestamp_seconds", "When the maps were last brought in step", registry=r)
+
+
+class DatapathCounters:
+    """The BPF programs' counters (the per-CPU `counters` map, summed), read at each scrape as
+    kpr_datapath_events_total{event=...}: translations, rejects, and every kind of drop."""
+
+    def __init__(self, read: Callable[[], dict[str, int]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "kpr_datapath_events", "Events counted by kpr's BPF programs (bpf/kpr.h KPR_CNT_*)", labels=["event"]
+        )
+        for name, value in sorted(self.read().items()):
+            family.add_metric([name], value)
+        yield family

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,11 @@ from kpr.datapath.loader import (
 from kpr.datapath.writers import PinnedMapWriter
 
 FULL_WARNING = 0.9  # a map this full is flagged
+RECENT = 600.0  # seconds an ended exhaustion episode stays in the warnings
+
+
+def _clock(epoch: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(epoch))
 
 
 @dataclass
@@ -146,6 +152,13 @@ def collect(bpffs_dir: Path, cgroup: Path, agent_address: str) -> Status:
         status.warnings.append(f"socket hooks without a kpr program: {', '.join(status.missing_hooks)}")
     if agent is not None and not agent.get("healthy"):
         status.warnings.append(f"agent unhealthy: {agent.get('health')}")
+    for resource, episode in ((agent or {}).get("exhaustion") or {}).items():
+        if episode["active"] or time.time() - episode["last"] < RECENT:
+            when = "now" if episode["active"] else f"until {_clock(episode['last'])}"
+            status.warnings.append(
+                f"{resource} exhausted since {_clock(episode['since'])} ({when}): {episode['dropped']} new flow(s) "
+                f"dropped; {episode['advice']}"
+            )
     for service, conflicts in ((agent or {}).get("conflicts") or {}).items():
         status.warnings.append(f"{service} waits for a frontend another Service holds: {'; '.join(conflicts)}")
     for kind, watch in ((agent or {}).get("source", {}).get("watches") or {}).items():

@@ -1,8 +1,11 @@
-"""The tc path's tracked flows as the agent sees them: which ids they still name, and ending UDP flows.
+"""The tc path's tracked flows as the agent sees them: which ids they still name, ending UDP flows, and collecting
+expired ones.
 
 Reads ct4/ct6 in batches. Expiry mirrors ct_expired() in bpf/tc.c (bpf_ktime_get_ns() is CLOCK_MONOTONIC, as is
-time.monotonic_ns()). Expired entries are not deleted here: the datapath replaces them itself when their tuple is
-used again, and a delete racing with that replacement would take a new flow's entry.
+time.monotonic_ns()). ct4/ct6 are plain hashes (a full table refuses new flows rather than evicting live ones), so
+expired flows are deleted here (collect_expired): a flow's two entries together, once both are expired, each one
+read again just before its delete so that a flow the datapath has just started on the same tuple is left alone (the
+window left is the few microseconds between that read and the delete).
 """
 
 from __future__ import annotations
@@ -73,3 +76,67 @@ def scan_flows(
                 expiry = value.last_seen_ns + ct_lifetime_ns(value, key.proto)
                 scan.next_expiry_ns = expiry if scan.next_expiry_ns is None else min(scan.next_expiry_ns, expiry)
     return scan
+
+
+@dataclass
+class Collected:
+    deleted: int = 0  # entries (a flow has two)
+    kept: int = 0  # entries left, both families
+    capacity: int = 0  # of the fuller family's map
+
+
+def collect_expired(writer: MapWriter, now_ns: int | None = None) -> Collected:
+    """Delete the tracked flows whose entries have all expired."""
+    now = time.monotonic_ns() if now_ns is None else now_ns
+    out = Collected()
+    for fam in ("4", "6"):
+        name = f"ct{fam}"
+        backends = {int(k.value): v for k, v in writer.items(f"backends{fam}")}
+        entries = {bytes(k): (k, v) for k, v in writer.items(name)}
+        paired: set[bytes] = set()
+        doomed: list[CData] = []
+        for key, value in entries.values():
+            if key.dir != abi.CT_ORIGINAL:
+                continue
+            reply = _reply_key(key, value, backends.get(value.backend_id))
+            reply_raw = bytes(reply) if reply is not None else b""
+            partner = entries.get(reply_raw)
+            if partner is not None:
+                paired.add(reply_raw)
+            if ct_expired(value, key.proto, now) and (partner is None or ct_expired(partner[1], key.proto, now)):
+                doomed.append(key)
+                if partner is not None:
+                    doomed.append(partner[0])
+        doomed += [
+            key
+            for raw, (key, value) in entries.items()
+            if key.dir == abi.CT_REPLY and raw not in paired and ct_expired(value, key.proto, now)
+        ]
+        deleted = 0
+        for key in doomed:
+            current = writer.lookup(name, key)
+            if current is None or not ct_expired(current, key.proto, now):
+                continue  # gone meanwhile, or a new flow on the same tuple
+            try:
+                writer.delete(name, key)
+                deleted += 1
+            except MapWriteError:
+                pass
+        out.deleted += deleted
+        out.kept += len(entries) - deleted
+        out.capacity = max(out.capacity, writer.capacity(name))
+    return out
+
+
+def _reply_key(key: CData, value: CData, backend: CData | None) -> CData | None:
+    """The REPLY entry of an ORIGINAL one: from the backend to the client, or to the node address:port used."""
+    if backend is None:
+        return None
+    reply = type(key)()
+    reply.src, reply.sport = backend.addr, backend.port
+    if value.flags & abi.CT_F_SNAT:
+        reply.dst, reply.dport = value.addr, value.port
+    else:
+        reply.dst, reply.dport = key.src, key.sport
+    reply.proto, reply.dir = key.proto, abi.CT_REPLY
+    return reply

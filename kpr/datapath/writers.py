@@ -39,6 +39,8 @@ class MapWriter(Protocol):
 
     def items(self, map_name: str) -> list[tuple[CData, CData]]: ...
 
+    def lookup(self, map_name: str, key: CData) -> CData | None: ...
+
     def capacity(self, map_name: str) -> int: ...
 
 
@@ -92,6 +94,9 @@ class PinnedMapWriter:
     def items(self, map_name: str) -> list[tuple[CData, CData]]:
         return self.maps[map_name].items()
 
+    def lookup(self, map_name: str, key: CData) -> CData | None:
+        return self.maps[map_name].lookup(key)
+
     def capacity(self, map_name: str) -> int:
         return self.maps[map_name].info.max_entries
 
@@ -128,6 +133,10 @@ class MemoryMapWriter:
             (spec.key.from_buffer_copy(k), spec.value.from_buffer_copy(v)) for k, v in self.tables[map_name].items()
         ]
 
+    def lookup(self, map_name: str, key: CData) -> CData | None:
+        raw = self.tables[map_name].get(bytes(key))
+        return None if raw is None else abi.MAPS[map_name].value.from_buffer_copy(raw)
+
     def capacity(self, map_name: str) -> int:
         return self.capacities[map_name]
 
@@ -159,6 +168,9 @@ class FaultyMapWriter:
 
     def items(self, map_name: str) -> list[tuple[CData, CData]]:
         return self.inner.items(map_name)
+
+    def lookup(self, map_name: str, key: CData) -> CData | None:
+        return self.inner.lookup(map_name, key)
 
     def capacity(self, map_name: str) -> int:
         return self.inner.capacity(map_name)

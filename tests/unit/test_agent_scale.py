@@ -154,3 +154,28 @@ def test_a_full_backends_map_frees_the_departing_backends_before_adding_new_ones
     backends = {addr for (addr, _, _) in agent.reconciler.backends}
     assert backends == {ep.addresses[0] for s in (make_slice(0, 3, first=8), make_slice(1, 4)) for ep in s.endpoints}
     assert len(writer.tables["backends4"]) == 7
+
+
+def test_exhaustion_is_an_episode_logged_once_a_minute_and_shown_until_it_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reliability findings 3 and 14: conntrack and masquerade ports running out was visible only in `kpr status -v`
+    counters, without a log line. Now each is an episode: a warning when it starts and at most one a minute while
+    it lasts, an info line when it ends, and /status (so the default `kpr status` warns)."""
+    from kpr.agent import agent as agent_module
+
+    agent, _ = started_agent(1, 1)
+    clock = [1000.0]
+    monkeypatch.setattr(agent_module.time, "monotonic", lambda: clock[0])
+    agent.watch_exhaustion({"tc_drop_ct_full": 7})  # what the counters held when the agent started: no episode
+    assert agent.status()["exhaustion"] == {}
+    for drops in (9, 20, 31):  # three seconds in a row with drops
+        clock[0] += 1
+        agent.watch_exhaustion({"tc_drop_ct_full": drops})
+    episode = agent.status()["exhaustion"]["conntrack"]
+    assert episode["active"] and episode["dropped"] == 24 and "--map-size ct=" in episode["advice"]
+    assert sum("conntrack exhausted" in e["error"] for e in agent.recent_errors) == 1  # not one per second
+    clock[0] += agent_module.EPISODE_QUIET
+    agent.watch_exhaustion({"tc_drop_ct_full": 31})
+    assert not agent.status()["exhaustion"]["conntrack"]["active"]
+    clock[0] += 5
+    agent.watch_exhaustion({"tc_drop_ct_full": 32, "tc_drop_snat_ports": 0})  # a new episode starts afresh
+    assert agent.status()["exhaustion"]["conntrack"]["dropped"] == 1

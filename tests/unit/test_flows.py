@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from kpr.datapath import abi
-from kpr.datapath.flows import ct_expired, scan_flows
+from kpr.datapath.flows import collect_expired, ct_expired, scan_flows
 from kpr.datapath.writers import MemoryMapWriter
 
 pytestmark = pytest.mark.unit
@@ -55,3 +55,56 @@ def test_udp_flows_of_ended_backends_and_frontends_are_deleted_and_the_rest_repo
 def test_expiry_mirrors_the_datapath(proto: int, flags: int, idle_s: float, expired: bool) -> None:
     value = abi.CtValue4(last_seen_ns=NOW - int(idle_s * SECOND), flags=flags)
     assert ct_expired(value, proto, NOW) == expired
+
+
+def pair(
+    w: MemoryMapWriter, sport: int, proto: int, idle_s: float, reply_idle_s: float, snat: bool = False
+) -> tuple[abi.CtKey4, abi.CtKey4]:
+    """A tracked flow from client 1:sport to frontend 2:80 on backend 7 (10.0.0.7:8080), as tc.c records it."""
+    w.update("backends4", abi.U32(7), abi.Backend4(addr=7, port=8080, proto=proto))
+    original = abi.CtKey4(src=1, dst=2, sport=sport, dport=80, proto=proto, dir=abi.CT_ORIGINAL)
+    value = abi.CtValue4(last_seen_ns=NOW - int(idle_s * SECOND), backend_id=7, rev_nat_id=1)
+    if snat:
+        value.addr, value.port, value.flags = 3, 61000 + sport, abi.CT_F_SNAT
+    reply = abi.CtKey4(
+        src=7, sport=8080, dst=3 if snat else 1, dport=61000 + sport if snat else sport, proto=proto, dir=abi.CT_REPLY
+    )
+    reply_value = abi.CtValue4(last_seen_ns=NOW - int(reply_idle_s * SECOND), backend_id=7, rev_nat_id=1)
+    w.update("ct4", original, value)
+    w.update("ct4", reply, reply_value)
+    return original, reply
+
+
+def test_expired_flows_are_collected_in_pairs_and_live_ones_left_alone() -> None:
+    """ct4/ct6 are plain hashes: nothing evicts, so the agent deletes flows once both of their entries expired."""
+    w = MemoryMapWriter()
+    udp, tcp = socket.IPPROTO_UDP, socket.IPPROTO_TCP
+    gone = pair(w, 1, udp, idle_s=61, reply_idle_s=70)  # both expired: collected
+    one_way = pair(w, 2, udp, idle_s=1, reply_idle_s=300)  # a client that sends, a backend that never answers: kept
+    masqueraded = pair(w, 3, tcp, idle_s=abi.CT_TCP_LIFETIME_S + 5, reply_idle_s=abi.CT_TCP_LIFETIME_S + 9, snat=True)
+    live = pair(w, 4, tcp, idle_s=5, reply_idle_s=5)
+    orphan = abi.CtKey4(src=9, sport=9, dst=1, dport=9, proto=udp, dir=abi.CT_REPLY)  # its original is long gone
+    w.update("ct4", orphan, abi.CtValue4(last_seen_ns=NOW - 100 * SECOND))
+    collected = collect_expired(w, now_ns=NOW)
+    assert (collected.deleted, collected.kept) == (5, 4)
+    left = {bytes(k) for k, _ in w.items("ct4")}
+    assert left == {bytes(k) for k in (*one_way, *live)}
+    assert {bytes(k) for k in (*gone, *masqueraded, orphan)}.isdisjoint(left)
+
+
+def test_a_flow_started_again_on_an_expired_tuple_is_not_collected() -> None:
+    """Between reading the table and deleting, the datapath may have put a new flow on the same tuple."""
+    w = MemoryMapWriter()
+    original, _ = pair(w, 5, socket.IPPROTO_UDP, idle_s=61, reply_idle_s=61)
+
+    class Racing(MemoryMapWriter):
+        def lookup(self, map_name: str, key: object) -> object:  # the datapath refreshed it just now
+            value = w.lookup(map_name, key)  # type: ignore[arg-type]
+            if value is not None and bytes(key) == bytes(original):  # type: ignore[arg-type]
+                value.last_seen_ns = NOW
+            return value
+
+    racing = Racing()
+    racing.tables = w.tables
+    assert collect_expired(racing, now_ns=NOW).deleted == 1  # the reply entry only
+    assert w.lookup("ct4", original) is not None
