@@ -30,7 +30,7 @@ from kpr import log
 from kpr.agent.healthcheck import HealthChecks
 from kpr.agent.metrics import DatapathCounters, Metrics
 from kpr.agent.store import Store
-from kpr.datapath import abi, netns, sockets
+from kpr.datapath import abi, migrate, netns, sockets
 from kpr.datapath.addresses import AddressWatch, local_addresses
 from kpr.datapath.flows import collect_expired, scan_flows
 from kpr.datapath.inspect import nodeport_addresses_from, read_counters
@@ -137,6 +137,7 @@ class Agent:
         self.next_datapath_check = 0.0
         self.health_problem = ""  # set by fatal(): /healthz fails with it
         self.next_ct_gc = 0.0
+        self.migrating: set[str] | None = None  # maps migrated by the loader: copy once more after attaching
         self.counters_seen: dict[str, int] = {}
         self.episodes: dict[str, dict[str, Any]] = {}  # resource -> its exhaustion episode (EXHAUSTION)
         self.exit_code = 0
@@ -155,14 +156,22 @@ class Agent:
             self.take_bpffs()
             devices = self.config.devices if self.config.devices is not None else default_route_devices()
             settings = self.config.datapath_settings()
-            compile_seconds = load_isolated(
+            loaded = load_isolated(
                 self.config.bpffs_dir, self.config.map_sizes, settings, tc=bool(devices) or settings.socket_lb != "full"
             )
             self.devices = devices
             self.attach_due = True
+            self.migrating = set(loaded.copied)
+            if loaded.migrated:
+                self.log.warning(
+                    "pinned maps of another shape replaced",
+                    maps=loaded.migrated,
+                    entries_copied_from=loaded.copied,
+                    rebuilt=sorted(set(loaded.migrated) - self.migrating),
+                )
             self.log.info(
                 "programs loaded and pinned; they are attached once the maps hold the first full sync",
-                compile_seconds=round(compile_seconds, 2),
+                compile_seconds=round(loaded.compile_seconds, 2),
                 bpffs=str(self.config.bpffs_dir),
             )
             writer = PinnedMapWriter(self.config.bpffs_dir)
@@ -343,6 +352,11 @@ class Agent:
         self.attach_due = False
         self.attached = True
         self.next_datapath_check = time.monotonic() + DATAPATH_CHECK_PERIOD
+        if self.migrating is not None:
+            copied = migrate.finish(self.config.bpffs_dir, self.migrating)  # what the old programs wrote meanwhile
+            self.migrating = None
+            if copied:
+                self.log.info("entries the previous programs wrote meanwhile copied over", entries=copied)
         self.log.info(
             "programs attached",
             cgroup=str(self.config.cgroup_root),

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kpr.datapath import abi, bpfsys, crc32c
+from kpr.datapath import abi, bpfsys, crc32c, migrate
 
 BPF_FS_MAGIC = 0xCAFE4A11
 CGROUP2_SUPER_MAGIC = 0x63677270
@@ -483,9 +483,16 @@ class Attached:
     tc: list[dict[str, object]]  # {"device", "hook", "program"}
 
 
-def load_isolated(bpffs_dir: Path, map_sizes: dict[str, int], settings: DatapathSettings, tc: bool) -> float:
+@dataclass
+class Loaded:
+    compile_seconds: float
+    migrated: dict[str, str]  # maps moved aside because their shape changed, and why (kpr.datapath.migrate)
+    copied: list[str]  # those of them whose entries were copied (and are copied again after attaching)
+
+
+def load_isolated(bpffs_dir: Path, map_sizes: dict[str, int], settings: DatapathSettings, tc: bool) -> Loaded:
     """Compile and pin every program (and the maps) in a child process, so BCC and LLVM (~130 MiB) never stay resident
-    in the agent; attaches nothing. `tc`: also tc.c (node devices, or chained pods). Returns the compile seconds."""
+    in the agent; attaches nothing. `tc`: also tc.c (node devices, or chained pods)."""
     argv = [
         sys.executable,
         "-m",
@@ -506,7 +513,7 @@ def load_isolated(bpffs_dir: Path, map_sizes: dict[str, int], settings: Datapath
         result = {}
     if proc.returncode != 0 or "compile_seconds" not in result:
         raise DatapathError(result.get("error") or f"loading the BPF programs failed: {proc.stderr.strip()[-2000:]}")
-    return float(result["compile_seconds"])
+    return Loaded(float(result["compile_seconds"]), result["migrated"], result["copied"])
 
 
 def attach_socket_programs(bpffs_dir: Path, cgroup: Path, socket_lb: str) -> list[bpfsys.AttachedProgram]:
@@ -563,15 +570,23 @@ def _child_main() -> int:
     sizes = json.loads(args.map_sizes)
     lb = SocketLB(args.bpffs_dir, sizes, DatapathSettings.from_json(args.settings))
     try:
+        check_bpffs(args.bpffs_dir)
+        try:
+            plan = migrate.prepare(args.bpffs_dir, DEFAULT_MAP_SIZES | sizes) if args.bpffs_dir.exists() else None
+        except ValueError as e:
+            raise DatapathError(str(e)) from e
         lb.load()
         started = time.monotonic()
         if args.tc:
             TcLB(args.bpffs_dir, sizes).load()
         compile_seconds = lb.compile_seconds + time.monotonic() - started
+        if plan is not None:
+            migrate.copy_entries(args.bpffs_dir, plan.copied)
     except DatapathError as e:
         print(json.dumps({"error": str(e)}))
         return 1
-    print(json.dumps({"compile_seconds": compile_seconds}))
+    moved, copied = (plan.moved, sorted(plan.copied)) if plan else ({}, [])
+    print(json.dumps({"compile_seconds": compile_seconds, "migrated": moved, "copied": copied}))
     return 0
 
 

@@ -78,3 +78,16 @@ def test_pinned_maps_have_the_mirrored_sizes(compiled: object) -> None:
         info = bpfsys.map_info(table.map_fd)
         assert info.key_size == ctypes.sizeof(spec.key), name
         assert info.value_size == ctypes.sizeof(spec.value), name
+
+
+def test_the_migration_planner_reads_every_maps_shape_from_the_header_as_bcc_creates_it(compiled: object) -> None:
+    """kpr.datapath.migrate compares pinned maps with the shapes it reads from bpf/kpr.h; a misread shape would move
+    every map aside on every restart (or none when one changed)."""
+    from kpr.datapath.loader import DEFAULT_MAP_SIZES
+    from kpr.datapath.migrate import Shape, declared_shapes
+
+    declared = declared_shapes(DEFAULT_MAP_SIZES)
+    assert set(declared) == set(abi.MAPS)
+    for name in abi.MAPS:
+        info = bpfsys.map_info(compiled[name.encode()].map_fd)  # type: ignore[index]
+        assert Shape(info.type, info.key_size, info.value_size, info.max_entries, info.flags) == declared[name], name

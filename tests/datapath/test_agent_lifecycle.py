@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import json
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -9,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kpr.datapath import abi
+from kpr.datapath import abi, bpfsys
 from kpr.datapath.inspect import read_services
 from kpr.datapath.loader import attached_programs, detach_all, unpin_all
 from kpr.lab import Lab
@@ -167,3 +170,90 @@ def test_a_restart_with_the_pins_gone_attaches_nothing_before_the_maps_are_full(
     assert result["ok"] == result["attempts"] > 300
     log = agent.log(this_run=True)
     assert log.index('"first full sync done"') < log.index('"programs attached"')
+
+
+def _max_entries(node_bpffs: Path, name: str) -> int:
+    fd = bpfsys.obj_get(str(node_bpffs / name))
+    try:
+        return bpfsys.map_info(fd).max_entries
+    finally:
+        os.close(fd)
+
+
+def test_a_restart_with_another_map_size_migrates_the_maps_without_a_failed_connect(
+    node_with_agent: tuple[Lab, LabAgent],
+) -> None:
+    """Reliability finding 8: a restart with a different --map-size used to keep the pinned maps' old sizes silently
+    (BCC adopts a pin whatever its size), so maps could never grow. Now they are migrated: moved aside, created anew,
+    entries copied, old pins removed once the new programs are attached."""
+    lab, agent = node_with_agent
+    node, manifests = agent.node, Path(agent.source_args[1])
+    maps_before = [r.as_dict() for r in read_services(node.bpffs_dir)]
+    client = start_client_loop(lab, lab.pods["client"], VIP, 80, seconds=8)
+    try:
+        time.sleep(1)
+        agent.stop(signal.SIGTERM)
+        grown = LabAgent(lab, node, manifests, extra_args=["--map-size", "backends=100000"]).start()
+        grown.wait_started()
+        result = finish_client_loop(client, timeout=60)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    assert result["errors"] == {}, result["errors"]
+    assert _max_entries(node.bpffs_dir, "backends4") == 100000
+    assert _max_entries(node.bpffs_dir, "affinity_match") == 100000  # sized by KPR_BACKENDS_MAX too
+    log = grown.log(this_run=True)
+    assert '"pinned maps of another shape replaced"' in log and '"service programmed"' not in log  # adopted as is
+    assert [r.as_dict() for r in read_services(node.bpffs_dir)] == maps_before
+    assert not list(node.bpffs_dir.glob("old_*"))
+
+    grown.stop(signal.SIGTERM)
+    shrunk = LabAgent(lab, node, manifests, extra_args=["--map-size", "backends=2"]).start()
+    assert shrunk.proc is not None and shrunk.proc.wait(timeout=60) == 1
+    assert "map backends4 holds 3 entries; a size of 2 cannot hold them" in shrunk.log(this_run=True)
+    assert lab.client(lab.pods["client"], "tcp", VIP, 80, count=20)["ok"] == 20  # the programs serve on meanwhile
+    assert _max_entries(node.bpffs_dir, "backends4") == 100000 and not list(node.bpffs_dir.glob("old_*"))
+
+
+OLD_CT = """
+struct old_ct_key { u32 words[4]; };
+struct old_ct_value { u64 words[3]; };  /* the ct value before fe_addr/fe_port were added */
+BPF_TABLE_PINNED("lru_hash", struct old_ct_key, struct old_ct_value, ct4, 128, "%s/ct4");
+int kpr_old_probe(void *ctx) { return 0; }
+"""
+
+
+def test_an_upgrade_that_changed_a_map_layout_rebuilds_the_maps_naming_each_other(
+    node_with_agent: tuple[Lab, LabAgent],
+) -> None:
+    """A kpr whose header changed a struct must not run against maps of the old layout (BCC would adopt them). The
+    conntrack value grew this way once: ct4 cannot be copied, so every map naming backend and frontend ids is rebuilt
+    from the sources (the old programs serve from the old maps until the new ones are attached over complete maps)."""
+    from bcc import BPF
+
+    lab, agent = node_with_agent
+    node, manifests = agent.node, Path(agent.source_args[1])
+    agent.stop(signal.SIGTERM)
+    (node.bpffs_dir / "ct4").unlink()
+    BPF(text=OLD_CT % node.bpffs_dir).cleanup()  # an old kpr's ct4, pinned in its place
+    client = start_client_loop(lab, lab.pods["client"], VIP, 80, seconds=6)
+    try:
+        time.sleep(0.5)
+        upgraded = LabAgent(lab, node, manifests).start()
+        upgraded.wait_started()
+        result = finish_client_loop(client, timeout=60)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    assert result["errors"] == {}, result["errors"]
+    log = upgraded.log(this_run=True)
+    assert '"pinned maps of another shape replaced"' in log
+    adopted = next(json.loads(line) for line in log.splitlines() if '"maps adopted"' in line)
+    assert adopted["frontends"] == 0  # nothing adopted: rebuilt from the manifests
+    assert not list(node.bpffs_dir.glob("old_*"))
+    fd = bpfsys.obj_get(str(node.bpffs_dir / "ct4"))
+    try:
+        assert bpfsys.map_info(fd).value_size == ctypes.sizeof(abi.CtValue4)
+    finally:
+        os.close(fd)
+    assert set(lab.client(lab.pods["client"], "tcp", VIP, 80, count=30)["served"]) == {"pod-a", "pod-b", "pod-c"}

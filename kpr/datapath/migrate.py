@@ -1,0 +1,176 @@
+"""Pinned maps whose shape changed (a new --map-size, or a new kpr with a different layout): migrated, not reused.
+
+BCC adopts a pinned map of the same name whatever its size or layout, so a restart with `--map-size ct=N` kept the
+old size silently, and a kpr whose header changed a struct would run against maps of the old layout. Before the
+loader compiles, every pinned map is compared with what bpf/kpr.h declares for it (type, key and value sizes,
+entries, flags). A map that differs is moved aside to `old_<name>` (the programs attached now keep using it through
+the references they hold), BCC creates the new one, and entries are copied across where the layouts allow:
+
+- once by the loader, before the new programs exist, and again by the agent just after it attached them (entries the
+  old programs wrote meanwhile: a flow that started in between), then `old_<name>` is unpinned;
+- a map cannot shrink below the entries it holds: the loader refuses with a message saying how many there are;
+- the maps that name each other by id (services, backends, rev_nat, svc_names, affinity_match, src_ranges, and the
+  ct and affinity entries that name backend ids) move as one: if any of them cannot be copied (its layout changed),
+  none is, and the agent rebuilds them from the Kubernetes API on its first sync (tracked tc flows and affinities
+  then start afresh). Everything else is copied when it can be and rebuilt or refilled when not (config, devices,
+  crc32c_powers, tc_tails, counters: per-CPU counters restart from zero).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from kpr.datapath import abi, bpfsys
+
+MAP_TYPES = {"hash": 1, "array": 2, "prog": 3, "percpu_array": 6, "lru_hash": 9, "lpm_trie": 11}
+BPF_F_NO_PREALLOC = 1
+OLD_PREFIX = "old_"
+# Maps whose entries name each other's ids: copied together or not at all.
+LINKED = frozenset(
+    {
+        *(f"{m}{fam}" for m in ("services", "backends", "rev_nat", "src_ranges", "ct") for fam in ("4", "6")),
+        "svc_names",
+        "affinity_match",
+        "affinity",
+    }
+)
+NEVER_COPIED = frozenset({"tc_tails", "counters", "config", "crc32c_powers", "devices"})  # refilled by the loader
+_DECLARATION = re.compile(
+    r'BPF_TABLE_PINNED\("(\w+)",\s*[^,]+,\s*[^,]+,\s*(\w+),\s*(\w+),\s*KPR_PIN\("\w+"\)(?:,\s*(\w+))?\s*\)'
+)
+_DEFINE = re.compile(r"^#define (KPR_\w+) (\d+)\b", re.M)
+
+
+@dataclass(frozen=True)
+class Shape:
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int
+
+    def describe(self) -> str:
+        kind = next((k for k, v in MAP_TYPES.items() if v == self.type), str(self.type))
+        return f"{kind}, {self.key_size}/{self.value_size}-byte keys/values, {self.max_entries} entries"
+
+
+def declared_shapes(sizes: Mapping[str, int], header: str | None = None) -> dict[str, Shape]:
+    """What bpf/kpr.h makes of each pinned map with these map sizes (DEFAULT_MAP_SIZES keys, e.g. KPR_CT_MAX)."""
+    text = abi.HEADER.read_text() if header is None else header
+    defines = {name: int(value) for name, value in _DEFINE.findall(text)} | dict(sizes)
+    shapes = {}
+    for kind, name, entries, flags in _DECLARATION.findall(text):
+        spec = abi.MAPS[name]
+        shapes[name] = Shape(
+            MAP_TYPES[kind],
+            ctypes.sizeof(spec.key),
+            ctypes.sizeof(spec.value),
+            int(entries) if entries.isdigit() else defines[entries],
+            BPF_F_NO_PREALLOC if flags == "BPF_F_NO_PREALLOC" else 0,
+        )
+    return shapes
+
+
+def _pinned_shape(path: Path) -> tuple[Shape, int]:
+    fd = bpfsys.obj_get(str(path))
+    try:
+        info = bpfsys.map_info(fd)
+    finally:
+        os.close(fd)
+    return Shape(info.type, info.key_size, info.value_size, info.max_entries, info.flags), info.id
+
+
+def _copyable(old: Shape, new: Shape) -> bool:
+    same_kind = old.type == new.type or {old.type, new.type} <= {MAP_TYPES["hash"], MAP_TYPES["lru_hash"]}
+    return same_kind and (old.key_size, old.value_size) == (new.key_size, new.value_size)
+
+
+@dataclass
+class Plan:
+    moved: dict[str, str]  # map -> why it moves aside ("max_entries 262144 -> 1024")
+    copied: set[str]  # the moved maps whose entries are copied to their successors
+
+
+def prepare(bpffs_dir: Path, sizes: Mapping[str, int]) -> Plan:
+    """Compare the pinned maps with the declared shapes and move the changed ones aside; raises ValueError when a
+    map would shrink below its entries (nothing has been moved then)."""
+    want = declared_shapes(sizes)
+    changed: dict[str, tuple[Shape, Shape]] = {}
+    for name, shape in want.items():
+        pin = bpffs_dir / name
+        if pin.exists():
+            have, _ = _pinned_shape(pin)
+            if have != shape:
+                changed[name] = (have, shape)
+    copied = {n for n, (old, new) in changed.items() if n not in NEVER_COPIED and _copyable(old, new)}
+    if any(n in LINKED and n not in copied for n in changed):
+        # a layout changed among maps that name each other's ids: none of them is kept
+        for name in LINKED & set(want):
+            if name not in changed and (bpffs_dir / name).exists():
+                shape = want[name]
+                changed[name] = (shape, shape)
+        copied -= LINKED
+    for name in sorted(copied):
+        spec = abi.MAPS[name]
+        entries = 0 if spec.percpu or spec.programs else _count(bpffs_dir / name, spec)
+        limit = changed[name][1].max_entries
+        if entries > limit:
+            raise ValueError(
+                f"map {name} holds {entries} entries; a size of {limit} cannot hold them "
+                f"(give --map-size at least {entries}, or run `kpr cleanup` first to start empty)"
+            )
+    for name in changed:
+        old = bpffs_dir / f"{OLD_PREFIX}{name}"
+        old.unlink(missing_ok=True)  # a previous migration that did not finish
+        (bpffs_dir / name).rename(old)
+    reasons = {name: _why(old, new) for name, (old, new) in changed.items()}
+    return Plan(reasons, copied)
+
+
+def _why(old: Shape, new: Shape) -> str:
+    if old == new:
+        return "names entries of a map whose layout changed"
+    return f"{old.describe()} -> {new.describe()}"
+
+
+def _count(path: Path, spec: abi.MapSpec) -> int:
+    with bpfsys.Map(str(path), spec.key, spec.value) as m:
+        return len(m.items())
+
+
+def copy_entries(bpffs_dir: Path, names: set[str] | None = None) -> dict[str, int]:
+    """Copy what the moved-aside maps hold into their successors, without overwriting an entry the new one already
+    has (the new programs' writes are newer). `names`: only these (default: every old_ pin whose layout matches)."""
+    copied: dict[str, int] = {}
+    for old in sorted(bpffs_dir.glob(f"{OLD_PREFIX}*")):
+        name = old.name.removeprefix(OLD_PREFIX)
+        new = bpffs_dir / name
+        spec = abi.MAPS.get(name)
+        if spec is None or not new.exists() or spec.percpu or spec.programs or name in NEVER_COPIED:
+            continue
+        if names is not None and name not in names:
+            continue
+        old_shape, _ = _pinned_shape(old)
+        new_shape, _ = _pinned_shape(new)
+        if not _copyable(old_shape, new_shape):
+            continue
+        with bpfsys.Map(str(old), spec.key, spec.value) as src, bpfsys.Map(str(new), spec.key, spec.value) as dst:
+            present = {bytes(k) for k, _ in dst.items()}
+            entries = [(k, v) for k, v in src.items() if bytes(k) not in present]
+            for key, value in entries:
+                dst.update(key, value)
+        copied[name] = len(entries)
+    return copied
+
+
+def finish(bpffs_dir: Path, copy: set[str] | None = None) -> dict[str, int]:
+    """After the new programs are attached: a last copy of what the old ones wrote meanwhile, then the old pins go."""
+    copied = copy_entries(bpffs_dir, copy)
+    for old in bpffs_dir.glob(f"{OLD_PREFIX}*"):
+        old.unlink()
+    return copied
