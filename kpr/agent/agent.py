@@ -664,6 +664,9 @@ class Agent:
         limit = 2 * self.config.sync_period
         if self.health_problem:
             return False, self.health_problem
+        source_problem = self.source_problem()
+        if source_problem:
+            return False, source_problem
         if not self.programming:
             return False, "waiting for the first list of every kind"
         if self.dirty and self.dirty_since is not None and now - self.dirty_since > limit:
@@ -672,6 +675,12 @@ class Agent:
         if failing:
             return False, f"{len(failing)} service(s) failing to program for more than {limit:.0f}s"
         return True, "ok"
+
+    def source_problem(self) -> str:
+        """Why the source may not be followed (a dead or stalled reader), or "": a component that can die is watched,
+        and /healthz and `kpr status` say so rather than report a healthy agent that no longer follows changes."""
+        problem = getattr(self.source, "problem", None)
+        return str(problem(stalled_after=max(60.0, 2 * self.config.sync_period))) if problem else ""
 
     def node_eligible(self) -> bool:
         return node_eligible(self.store.node)
@@ -688,6 +697,7 @@ class Agent:
         )
         if self.source is not None and hasattr(self.source, "state"):
             source["watches"] = self.source.state()
+        source["problem"] = self.source_problem()
         rec = self.reconciler
         return {
             "node": self.config.node_name,

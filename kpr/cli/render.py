@@ -124,6 +124,8 @@ def status_text(s: dict[str, Any], now: float, verbose: bool = False) -> str:
                 + (f" ({w['problem']})" if w.get("problem") else "")
                 for kind, w in watches.items()
             )
+        if source.get("problem"):
+            text += f"; PROBLEM: {source['problem']}"
         row("Source", text)
         if agent["last_sync"]:
             row(

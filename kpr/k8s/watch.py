@@ -330,6 +330,14 @@ class ApiSource:
     def close(self) -> None:
         self.stop.set()
 
+    def problem(self, stalled_after: float = 60.0) -> str:
+        """A reflector whose thread is gone (it retries every failure, so only a bug ends it), or "" when all run.
+        Watches that fail are not problems here: they back off, retry and show in state()."""
+        dead = [r.resource.kind for r in self.reflectors if r.thread.ident is not None and not r.thread.is_alive()]
+        if dead and not self.stop.is_set():
+            return f"the {', '.join(dead)} reflector(s) stopped"
+        return ""
+
     def state(self) -> dict[str, dict[str, Any]]:
         return {
             r.resource.kind: {

@@ -179,3 +179,26 @@ def test_exhaustion_is_an_episode_logged_once_a_minute_and_shown_until_it_ends(m
     clock[0] += 5
     agent.watch_exhaustion({"tc_drop_ct_full": 32, "tc_drop_snat_ports": 0})  # a new episode starts afresh
     assert agent.status()["exhaustion"]["conntrack"]["dropped"] == 1
+
+
+def test_a_source_that_stopped_following_makes_the_agent_unhealthy_and_says_why() -> None:
+    """Reliability finding 1: the manifest reader thread died on a bad file while /healthz, /livez and kpr status
+    said healthy. A source with a problem (a dead or stalled reader) now fails /healthz with its reason."""
+
+    class Stalled(NoSource):
+        trouble = ""
+
+        def problem(self, stalled_after: float) -> str:
+            return self.trouble
+
+    writer = MemoryMapWriter()
+    agent = Agent(AgentConfig(node_name="node1", cgroup_root=Path("/"), bpffs_dir=Path("/"), min_sync_period=0))
+    source = Stalled()
+    agent.start(writer=writer, source=source)
+    for kind in ("Service", "EndpointSlice", "Node"):
+        agent.events.put(Replace(kind, ()))  # type: ignore[arg-type]
+    agent.step()
+    assert agent.healthy() == (True, "ok")
+    source.trouble = "no poll of /etc/kpr/manifests finished for 75 s"
+    assert agent.healthy() == (False, source.trouble)
+    assert agent.status()["source"]["problem"] == source.trouble
