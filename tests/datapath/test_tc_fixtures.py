@@ -1443,6 +1443,35 @@ def test_without_a_devices_entry_masquerading_drops(tc: TcHarness) -> None:
     assert tc.flows() == {}
 
 
+def test_every_masquerade_port_in_use_drops_the_new_flow_and_says_so(tc: TcHarness) -> None:
+    """Reliability finding 14: with every port of 61000-65535 taken toward one backend, a new masqueraded flow
+    cannot be recorded; it is dropped and counted as such (not as a full conntrack table), and nothing is tracked."""
+    tc.flush_conntrack()
+    node, backend = abi.be32_of_ipv4(NODE4), abi.be32_of_ipv4(REMOTE4)
+    keys, values = [], []
+    for port in SNAT_PORTS:  # live reply entries of other clients' flows, one per masquerade port
+        keys.append(
+            abi.CtKey4(
+                src=backend,
+                dst=node,
+                sport=abi.be16_of_port(TARGET_TCP),
+                dport=abi.be16_of_port(port),
+                proto=P.TCP,
+                dir=abi.CT_REPLY,
+            )
+        )
+        values.append(abi.CtValue4(last_seen_ns=2**62, flags=abi.CT_F_SNAT))  # far in the future: never expired
+    tc.writer.update_many("ct4", keys, values)
+    before = tc.counters()
+    out = tc.run("kpr_tc_in4", syn(CLIENT4, 40102, NODE4, REMOTE_TCP))
+    after = tc.counters()
+    assert out.retval == SHOT
+    assert after["tc_drop_snat_ports"] == before["tc_drop_snat_ports"] + 1
+    assert after["tc_drop_ct_full"] == before["tc_drop_ct_full"]
+    assert len(tc.conntrack(4)) == len(SNAT_PORTS)  # nothing recorded for the dropped flow
+    tc.flush_conntrack()
+
+
 def _sum_by_modulo(data: bytes) -> int:
     """The ones' complement sum another way: the 16-bit words' sum modulo 0xffff (RFC 1071, section 2(B))."""
     data += b"\0" * (len(data) % 2)
