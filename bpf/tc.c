@@ -330,6 +330,36 @@ static __always_inline int rewrite6(struct __sk_buff *skb, struct flow6 *f, bool
 	return 0;
 }
 
+/* After a FIB lookup: out of the device it found (the next hop's MAC from the lookup, or resolved by the kernel),
+ * answered with "too big" as forwarding would (toobig_tail), or dropped and counted. */
+static __always_inline int redirect_by_fib(struct __sk_buff *skb, struct bpf_fib_lookup *fib, int rc,
+					   __u32 toobig_tail)
+{
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		if (bpf_skb_store_bytes(skb, 0, fib->dmac, ETH_ALEN, 0) ||
+		    bpf_skb_store_bytes(skb, ETH_ALEN, fib->smac, ETH_ALEN, 0))
+			return TC_ACT_SHOT;
+		return bpf_redirect(fib->ifindex, 0);
+	}
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		__u32 mtu = 0;
+
+		/* the lookup stops before its MTU check when the next hop's MAC is unknown: check here */
+		if (bpf_check_mtu(skb, fib->ifindex, &mtu, 0, 0) != BPF_MTU_CHK_RET_FRAG_NEEDED)
+			return redirect_neigh(fib->ifindex);
+		rc = BPF_FIB_LKUP_RET_FRAG_NEEDED;
+		fib->mtu_result = mtu;
+	}
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+		/* Too big for the device toward its destination: answered as forwarding would (a tail call, with the
+		 * device's MTU in cb[0]); the caller already translated it, and the answer is translated back. */
+		skb->cb[0] = fib->mtu_result;
+		tc_tails.call(skb, toobig_tail);
+	}
+	counter_inc(KPR_CNT_TC_DROP_FIB);
+	return TC_ACT_SHOT;
+}
+
 /* Send a rewritten packet straight out of the device that routes to its destination. */
 static __always_inline int redirect4(struct __sk_buff *skb, const struct flow4 *f)
 {
@@ -347,29 +377,7 @@ static __always_inline int redirect4(struct __sk_buff *skb, const struct flow4 *
 	p.ipv4_dst = f->daddr;
 	p.ifindex = skb->ingress_ifindex ? skb->ingress_ifindex : skb->ifindex;
 	rc = bpf_fib_lookup(skb, &p, sizeof(p), BPF_FIB_LOOKUP_OUTPUT);
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		if (bpf_skb_store_bytes(skb, 0, p.dmac, ETH_ALEN, 0) ||
-		    bpf_skb_store_bytes(skb, ETH_ALEN, p.smac, ETH_ALEN, 0))
-			return TC_ACT_SHOT;
-		return bpf_redirect(p.ifindex, 0);
-	}
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
-		__u32 mtu = 0;
-
-		/* the lookup stops before its MTU check when the next hop's MAC is unknown: check here */
-		if (bpf_check_mtu(skb, p.ifindex, &mtu, 0, 0) != BPF_MTU_CHK_RET_FRAG_NEEDED)
-			return redirect_neigh(p.ifindex);
-		rc = BPF_FIB_LKUP_RET_FRAG_NEEDED;
-		p.mtu_result = mtu;
-	}
-	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
-		/* Too big for the device toward its destination: answered as forwarding would (a tail call, with the
-		 * device's MTU in cb[0]); the caller already translated it, and the answer is translated back. */
-		skb->cb[0] = p.mtu_result;
-		tc_tails.call(skb, KPR_TAIL_TOOBIG4);
-	}
-	counter_inc(KPR_CNT_TC_DROP_FIB);
-	return TC_ACT_SHOT;
+	return redirect_by_fib(skb, &p, rc, KPR_TAIL_TOOBIG4);
 }
 
 static __always_inline int redirect6(struct __sk_buff *skb, const struct flow6 *f)
@@ -388,29 +396,7 @@ static __always_inline int redirect6(struct __sk_buff *skb, const struct flow6 *
 	__builtin_memcpy(p.ipv6_dst, f->daddr, 16);
 	p.ifindex = skb->ingress_ifindex ? skb->ingress_ifindex : skb->ifindex;
 	rc = bpf_fib_lookup(skb, &p, sizeof(p), BPF_FIB_LOOKUP_OUTPUT);
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		if (bpf_skb_store_bytes(skb, 0, p.dmac, ETH_ALEN, 0) ||
-		    bpf_skb_store_bytes(skb, ETH_ALEN, p.smac, ETH_ALEN, 0))
-			return TC_ACT_SHOT;
-		return bpf_redirect(p.ifindex, 0);
-	}
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
-		__u32 mtu = 0;
-
-		/* the lookup stops before its MTU check when the next hop's MAC is unknown: check here */
-		if (bpf_check_mtu(skb, p.ifindex, &mtu, 0, 0) != BPF_MTU_CHK_RET_FRAG_NEEDED)
-			return redirect_neigh(p.ifindex);
-		rc = BPF_FIB_LKUP_RET_FRAG_NEEDED;
-		p.mtu_result = mtu;
-	}
-	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
-		/* Too big for the device toward its destination: answered as forwarding would (a tail call, with the
-		 * device's MTU in cb[0]); the caller already translated it, and the answer is translated back. */
-		skb->cb[0] = p.mtu_result;
-		tc_tails.call(skb, KPR_TAIL_TOOBIG6);
-	}
-	counter_inc(KPR_CNT_TC_DROP_FIB);
-	return TC_ACT_SHOT;
+	return redirect_by_fib(skb, &p, rc, KPR_TAIL_TOOBIG6);
 }
 
 static __always_inline __u16 csum_fold(__s64 sum)

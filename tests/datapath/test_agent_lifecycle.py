@@ -7,8 +7,9 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,6 +32,18 @@ pytestmark = pytest.mark.datapath
 
 VIP = "10.96.2.10"
 FRONTEND = f"{VIP}:80/TCP"
+
+
+def under_client_loop(lab: Lab, seconds: float, action: Callable[[], None], warmup: float = 1.0) -> dict[str, Any]:
+    """A client pod connecting to the VIP every few ms while `action` runs (after `warmup` s): its result."""
+    client = start_client_loop(lab, lab.pods["client"], VIP, 80, seconds=seconds)
+    try:
+        time.sleep(warmup)
+        action()
+        return finish_client_loop(client, timeout=60)
+    finally:
+        if client.poll() is None:
+            client.kill()
 
 
 @pytest.fixture
@@ -62,19 +75,14 @@ def test_sigkill_and_restart_while_a_client_connects_in_a_loop_loses_no_connect(
 ) -> None:
     lab, agent = node_with_agent
     maps_before = [r.as_dict() for r in read_services(agent.node.bpffs_dir)]
-    client = start_client_loop(lab, lab.pods["client"], VIP, 80, seconds=12)
-    try:
-        time.sleep(1)  # let the loop run against the first agent
-        agent.stop(signal.SIGKILL)
-        agent.start()  # recompiles, replaces the attached programs in place, adopts the pinned maps
-        agent.wait_started()
-        agent.stop(signal.SIGKILL)
-        agent.start()
-        agent.wait_started()
-        result = finish_client_loop(client, timeout=60)
-    finally:
-        if client.poll() is None:
-            client.kill()
+
+    def restart_twice() -> None:
+        for _ in range(2):
+            agent.stop(signal.SIGKILL)
+            agent.start()  # recompiles, replaces the attached programs in place, adopts the pinned maps
+            agent.wait_started()
+
+    result = under_client_loop(lab, 12, restart_twice)
     assert result["errors"] == {}, result["errors"]
     assert result["ok"] == result["attempts"] > 500
     assert set(result["served"]) == {"pod-a", "pod-b", "pod-c"}
@@ -155,17 +163,14 @@ def test_a_restart_with_the_pins_gone_attaches_nothing_before_the_maps_are_full(
     before the first sync (5 failed connects). The old programs keep serving from the old maps (they hold them)
     until the new ones replace them, attached only after the new maps hold the first full sync."""
     lab, agent = node_with_agent
-    client = start_client_loop(lab, lab.pods["client"], VIP, 80, seconds=8)
-    try:
-        time.sleep(1)
+
+    def restart_without_pins() -> None:
         agent.stop(signal.SIGKILL)
         unpin_all(agent.node.bpffs_dir)  # what an operator wiping /sys/fs/bpf/kpr does; the programs stay attached
         agent.start()
         agent.wait_started()
-        result = finish_client_loop(client, timeout=60)
-    finally:
-        if client.poll() is None:
-            client.kill()
+
+    result = under_client_loop(lab, 8, restart_without_pins)
     assert result["errors"] == {}, result["errors"]
     assert result["ok"] == result["attempts"] > 300
     log = agent.log(this_run=True)
@@ -189,16 +194,13 @@ def test_a_restart_with_another_map_size_migrates_the_maps_without_a_failed_conn
     lab, agent = node_with_agent
     node, manifests = agent.node, Path(agent.source_args[1])
     maps_before = [r.as_dict() for r in read_services(node.bpffs_dir)]
-    client = start_client_loop(lab, lab.pods["client"], VIP, 80, seconds=8)
-    try:
-        time.sleep(1)
+    grown = LabAgent(lab, node, manifests, extra_args=["--map-size", "backends=100000"])
+
+    def restart_grown() -> None:
         agent.stop(signal.SIGTERM)
-        grown = LabAgent(lab, node, manifests, extra_args=["--map-size", "backends=100000"]).start()
-        grown.wait_started()
-        result = finish_client_loop(client, timeout=60)
-    finally:
-        if client.poll() is None:
-            client.kill()
+        grown.start().wait_started()
+
+    result = under_client_loop(lab, 8, restart_grown)
     assert result["errors"] == {}, result["errors"]
     assert _max_entries(node.bpffs_dir, "backends4") == 100000
     assert _max_entries(node.bpffs_dir, "affinity_match") == 100000  # sized by KPR_BACKENDS_MAX too
@@ -236,15 +238,8 @@ def test_an_upgrade_that_changed_a_map_layout_rebuilds_the_maps_naming_each_othe
     agent.stop(signal.SIGTERM)
     (node.bpffs_dir / "ct4").unlink()
     BPF(text=OLD_CT % node.bpffs_dir).cleanup()  # an old kpr's ct4, pinned in its place
-    client = start_client_loop(lab, lab.pods["client"], VIP, 80, seconds=6)
-    try:
-        time.sleep(0.5)
-        upgraded = LabAgent(lab, node, manifests).start()
-        upgraded.wait_started()
-        result = finish_client_loop(client, timeout=60)
-    finally:
-        if client.poll() is None:
-            client.kill()
+    upgraded = LabAgent(lab, node, manifests)
+    result = under_client_loop(lab, 6, lambda: upgraded.start().wait_started(), warmup=0.5)
     assert result["errors"] == {}, result["errors"]
     log = upgraded.log(this_run=True)
     assert '"pinned maps of another shape replaced"' in log
