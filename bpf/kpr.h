@@ -119,7 +119,15 @@
 					  * Fragmentation Needed / Packet Too Big, as forwarding would */
 #define KPR_CNT_TC_DROP_TOO_BIG 28       /* tc: the same without DF (IPv4): dropped, kpr does not fragment */
 #define KPR_CNT_TC_SCTP_CRC 29           /* tc: an SCTP packet's CRC32c updated for a rewritten port */
-#define KPR_CNT_MAX 32
+#define KPR_CNT_ERR_TAIL_CALL 30         /* tc: a tail call found no program in tc_tails (should never happen): a
+					  * reject or too-big answer dropped instead, an ICMP error left untranslated */
+#define KPR_CNT_TC_DROP_REWRITE 31       /* tc: a translation could not be written into the packet: dropped, never
+					  * sent on half-translated */
+#define KPR_CNT_TC_DROP_ANSWER 32        /* tc: a reject or too-big answer could not be built: dropped unanswered */
+#define KPR_CNT_TC_DROP_ICMP 33          /* tc: an ICMP error about a tracked flow could not be translated: dropped */
+#define KPR_CNT_TC_DROP_RESET 34         /* tc: a TCP reset to a frontend without a backend, or of no tracked flow:
+					  * dropped (a reset is never answered) */
+#define KPR_CNT_MAX 64 /* entries of the counters map: room to append without resizing it */
 
 /* services4/6 key: a frontend address:port/proto, its scope, and slot (0 = master, 1..count = backends). */
 struct svc_key4 {

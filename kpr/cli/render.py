@@ -205,7 +205,11 @@ def status_text(s: dict[str, Any], now: float, verbose: bool = False) -> str:
                 f"ICMP errors translated {c.get('tc_icmp_related', 0)} (too big: {c.get('tc_too_big', 0)} answered, "
                 f"{c.get('tc_drop_too_big', 0)} dropped), "
                 f"dropped: no local backend {c.get('tc_drop_no_local', 0)}, "
-                f"source range {c.get('tc_drop_source_range', 0)}, no route {c.get('tc_drop_fib', 0)}",
+                f"source range {c.get('tc_drop_source_range', 0)}, no route {c.get('tc_drop_fib', 0)}, "
+                f"conntrack full {c.get('tc_drop_ct_full', 0)}, no masquerade port {c.get('tc_drop_snat_ports', 0)}, "
+                f"resets (never answered) {c.get('tc_drop_reset', 0)}, rewrite failed {c.get('tc_drop_rewrite', 0)}, "
+                f"answer not built {c.get('tc_drop_answer', 0)}, ICMP error not translated {c.get('tc_drop_icmp', 0)}, "
+                f"failed tail calls {c.get('err_tail_call', 0)}",
             )
         if verbose:
             for name, value in c.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import socket
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -33,6 +34,7 @@ CT_F_SNAT = 0x01
 CT_F_CLOSING = 0x02
 SNAT_PORT_MIN = 61000
 SNAT_PORT_MAX = 65535
+SNAT_TRIES = 16
 CT_TCP_LIFETIME_S = 21600
 CT_CLOSING_LIFETIME_S = 10
 CT_UDP_LIFETIME_S = 60
@@ -85,8 +87,13 @@ COUNTERS = {
     "tc_too_big": 27,
     "tc_drop_too_big": 28,
     "tc_sctp_crc": 29,
+    "err_tail_call": 30,
+    "tc_drop_rewrite": 31,
+    "tc_drop_answer": 32,
+    "tc_drop_icmp": 33,
+    "tc_drop_reset": 34,
 }
-CNT_MAX = 32
+CNT_MAX = 64
 
 # svc_name.kind
 KIND_CODES = {"ClusterIP": 1, "NodePort": 2, "ExternalIP": 3, "LoadBalancer": 4}
@@ -381,14 +388,18 @@ MAPS: dict[str, MapSpec] = {
 # ---- conversions at the edge: text addresses and host-order ports <-> network-order fields ----
 
 
+# A u32 field holds network order when its in-memory (native order) bytes are the address's bytes: read and write
+# such fields with sys.byteorder (or htonl/htons), never a fixed "little", so the mirror is right on big-endian hosts.
+
+
 @lru_cache(maxsize=1 << 17)
 def be32_of_ipv4(addr: str) -> int:
     """The u32 whose in-memory bytes are the address in network order (what the kernel compares)."""
-    return int.from_bytes(socket.inet_aton(addr), "little")
+    return int.from_bytes(socket.inet_aton(addr), sys.byteorder)
 
 
 def ipv4_of_be32(value: int) -> str:
-    return socket.inet_ntoa(value.to_bytes(4, "little"))
+    return socket.inet_ntoa(value.to_bytes(4, sys.byteorder))
 
 
 def be32x4_of_ipv6(addr: str) -> CData:
@@ -398,11 +409,11 @@ def be32x4_of_ipv6(addr: str) -> CData:
 @lru_cache(maxsize=1 << 17)
 def _ipv6_words(addr: str) -> tuple[int, int, int, int]:
     packed = ipaddress.IPv6Address(addr).packed
-    return tuple(int.from_bytes(packed[i : i + 4], "little") for i in range(0, 16, 4))  # type: ignore[return-value]
+    return tuple(int.from_bytes(packed[i : i + 4], sys.byteorder) for i in range(0, 16, 4))  # type: ignore[return-value]
 
 
 def ipv6_of_be32x4(words: CData) -> str:
-    return str(ipaddress.IPv6Address(b"".join(int(w).to_bytes(4, "little") for w in words)))
+    return str(ipaddress.IPv6Address(b"".join(int(w).to_bytes(4, sys.byteorder) for w in words)))
 
 
 def be16_of_port(port: int) -> int:
@@ -411,3 +422,21 @@ def be16_of_port(port: int) -> int:
 
 def port_of_be16(value: int) -> int:
     return socket.ntohs(value)
+
+
+def be32_of_u32(value: int) -> int:
+    """A host-order number as a u32 field in network order (the LPM keys' rev_nat_id)."""
+    return socket.htonl(value)
+
+
+def u32_of_be32(value: int) -> int:
+    return socket.ntohl(value)
+
+
+# ---- IP protocol numbers (the proto fields) and the Kubernetes protocol names they stand for ----
+
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+IPPROTO_SCTP = 132  # socket.IPPROTO_SCTP exists only where Python was built with SCTP headers
+PROTOCOL_NUMBERS = {"TCP": IPPROTO_TCP, "UDP": IPPROTO_UDP, "SCTP": IPPROTO_SCTP}
+PROTOCOL_NAMES = {number: name for name, number in PROTOCOL_NUMBERS.items()}

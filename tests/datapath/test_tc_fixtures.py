@@ -655,7 +655,7 @@ def _cases() -> list[Case]:
             seg(c4, 40023, NODE4, NP_TCP, P.RST | P.ACK),
             SHOT,
             Unchanged(),
-            counters={"tc_reset_untracked": 1},
+            counters={"tc_reset_untracked": 1, "tc_drop_reset": 1},
         ),
         # ---- frontends without any endpoint: kube-proxy's REJECT ----
         Case(
@@ -697,6 +697,7 @@ def _cases() -> list[Case]:
             seg(c4, 40033, NODE4, EMPTY_TCP, P.RST),
             SHOT,
             Unchanged(),
+            counters={"tc_drop_reset": 1},
         ),
         Case(
             "tcp-rst-to-frontend-without-backends-gets-no-answer-v6",
@@ -704,6 +705,7 @@ def _cases() -> list[Case]:
             seg(c6, 40033, NODE6, EMPTY_TCP, P.RST | P.ACK),
             SHOT,
             Unchanged(),
+            counters={"tc_drop_reset": 1},
         ),
         Case(
             "udp-to-frontend-without-backends-is-port-unreachable",

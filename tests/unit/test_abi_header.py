@@ -1,4 +1,9 @@
-"""The header's constants and map declarations match the Python mirror (parsed, no compiler needed)."""
+"""The header's constants and map declarations match the Python mirror (parsed, no compiler needed).
+
+Every `#define KPR_<NAME> <number>` in bpf/kpr.h and bpf/lb.h is mirrored, by one rule with three exceptions: KPR_X is
+abi.X; the map sizes (the -D knobs) are loader.DEFAULT_MAP_SIZES; the counter indexes KPR_CNT_<NAME> are
+abi.COUNTERS["<name>"]; KPR_CRC32C_POWERS is crc32c.POWERS. A new define without a mirror fails here.
+"""
 
 from __future__ import annotations
 
@@ -10,60 +15,81 @@ from kpr.datapath import abi, bpfsys, crc32c, loader
 
 pytestmark = pytest.mark.unit
 
-HEADER = abi.HEADER.read_text()
-DEFINES = {m[1]: int(m[2], 0) for m in re.finditer(r"^#define (KPR_\w+) (0x[0-9a-fA-F]+|\d+)\b", HEADER, re.M)}
+HEADERS = {path.name: path.read_text() for path in (abi.HEADER, abi.BPF_DIR / "lb.h")}
+HEADER = HEADERS["kpr.h"]
+_DEFINE = re.compile(r"^#define (KPR_\w+)(.*)$", re.M)
+_NUMBER = re.compile(r"\s+(0x[0-9a-fA-F]+|\d+)\s*(/\*.*)?$")
+
+# KPR_ names that are no numbers: include guards and the pin path helper.
+NOT_NUMBERS = {"KPR_H", "KPR_LB_H", "KPR_PIN"}
+# Mirrored elsewhere than abi.<NAME>.
+ELSEWHERE = {"KPR_CRC32C_POWERS": crc32c.POWERS}
 
 
-def test_flag_scope_and_state_constants_match() -> None:
-    expected = {
-        "KPR_SCOPE_DEFAULT": abi.SCOPE_DEFAULT,
-        "KPR_SCOPE_INTERNAL": abi.SCOPE_INTERNAL,
-        "KPR_SVC_F_AFFINITY": abi.SVC_F_AFFINITY,
-        "KPR_SVC_F_TWO_SCOPES": abi.SVC_F_TWO_SCOPES,
-        "KPR_SVC_F_EMPTY_DROP": abi.SVC_F_EMPTY_DROP,
-        "KPR_BACKEND_ACTIVE": abi.BACKEND_ACTIVE,
-        "KPR_BACKEND_TERMINATING": abi.BACKEND_TERMINATING,
-        "KPR_BACKEND_NOT_SERVING": abi.BACKEND_NOT_SERVING,
-        "KPR_BACKEND_GONE": abi.BACKEND_GONE,
-        "KPR_BACKEND_F_NODE_LOCAL": abi.BACKEND_F_NODE_LOCAL,
-        "KPR_AFFINITY_NETNS": abi.AFFINITY_NETNS,
-        "KPR_AFFINITY_ADDR": abi.AFFINITY_ADDR,
-        "KPR_CNT_MAX": abi.CNT_MAX,
-        "KPR_SOCKET_LB_FULL": abi.SOCKET_LB_FULL,
-        "KPR_SOCKET_LB_HOSTNS_ONLY": abi.SOCKET_LB_HOSTNS_ONLY,
-        "KPR_CT_TCP_LIFETIME_S": abi.CT_TCP_LIFETIME_S,
-        "KPR_CT_CLOSING_LIFETIME_S": abi.CT_CLOSING_LIFETIME_S,
-        "KPR_CT_UDP_LIFETIME_S": abi.CT_UDP_LIFETIME_S,
-        "KPR_CT_SCTP_LIFETIME_S": abi.CT_SCTP_LIFETIME_S,
-        "KPR_CT_F_CLOSING": abi.CT_F_CLOSING,
-        "KPR_NODEPORT_F_LOOPBACK": abi.NODEPORT_F_LOOPBACK,
-        "KPR_CONFIG_F_EXTERNAL_CLUSTER_IP": abi.CONFIG_F_EXTERNAL_CLUSTER_IP,
-        "KPR_TAIL_REJECT4": abi.TAIL_REJECT4,
-        "KPR_TAIL_REJECT6": abi.TAIL_REJECT6,
-        "KPR_TAIL_ICMP4_IN": abi.TAIL_ICMP4_IN,
-        "KPR_TAIL_ICMP6_IN": abi.TAIL_ICMP6_IN,
-        "KPR_TAIL_ICMP4_OUT": abi.TAIL_ICMP4_OUT,
-        "KPR_TAIL_ICMP6_OUT": abi.TAIL_ICMP6_OUT,
-        "KPR_TAIL_TOOBIG4": abi.TAIL_TOOBIG4,
-        "KPR_TAIL_TOOBIG6": abi.TAIL_TOOBIG6,
-        "KPR_TAILS_MAX": abi.TAILS_MAX,
-        "KPR_CRC32C_POWERS": crc32c.POWERS,
-    }
-    assert {k: DEFINES[k] for k in expected} == expected
+def _defines() -> dict[str, str]:
+    """Every KPR_ define of the headers, name -> what follows the name."""
+    found: dict[str, str] = {}
+    for header, text in HEADERS.items():
+        for name, rest in _DEFINE.findall(text):
+            assert name not in found, f"{name} is defined twice (again in {header})"
+            found[name] = rest
+    return found
+
+
+DEFINES = {
+    name: int(m[1], 0) for name, rest in _defines().items() if name not in NOT_NUMBERS and (m := _NUMBER.match(rest))
+}
+
+
+def _counter_name(define: str) -> str:
+    return define.removeprefix("KPR_CNT_").lower()
+
+
+def _mirror(define: str) -> object:
+    """What a define's value must equal in Python, by the naming rule and its exceptions."""
+    if define in loader.DEFAULT_MAP_SIZES:
+        return loader.DEFAULT_MAP_SIZES[define]
+    if define.startswith("KPR_CNT_") and define != "KPR_CNT_MAX":
+        return abi.COUNTERS.get(_counter_name(define))
+    if define in ELSEWHERE:
+        return ELSEWHERE[define]
+    return getattr(abi, define.removeprefix("KPR_"), None)
+
+
+def test_every_define_is_a_plain_number() -> None:
+    """The mirror is checked by value, so a define it cannot read (1ULL, an expression) must not slip through."""
+    unreadable = sorted(set(_defines()) - set(DEFINES) - NOT_NUMBERS)
+    assert unreadable == [], f"defines that are no plain number (write them as one): {unreadable}"
+
+
+def test_every_define_is_mirrored() -> None:
+    mismatched = {name: (value, _mirror(name)) for name, value in DEFINES.items() if _mirror(name) != value}
+    assert mismatched == {}, "header value vs Python mirror (None: no mirror)"
+
+
+def test_the_rule_reads_every_kind_of_define() -> None:
+    """The parse found what it must (a broken regex would make the tests above pass vacuously)."""
+    assert {"KPR_SVC_F_AFFINITY", "KPR_CT_MAX", "KPR_CNT_XLATE_FWD", "KPR_CNT_MAX", "KPR_TAILS_MAX"} <= set(DEFINES)
+    assert len(DEFINES) > 80
 
 
 def test_every_counter_is_mirrored_with_its_index() -> None:
-    header = {
-        k.removeprefix("KPR_CNT_").lower(): v
-        for k, v in DEFINES.items()
-        if k.startswith("KPR_CNT_") and k != "KPR_CNT_MAX"
-    }
+    header = {_counter_name(k): v for k, v in DEFINES.items() if k.startswith("KPR_CNT_") and k != "KPR_CNT_MAX"}
     assert header == abi.COUNTERS
+    assert sorted(header.values()) == list(range(len(header))), "counter indexes are appended, never renumbered"
     assert max(header.values()) < abi.CNT_MAX
 
 
 def test_map_size_defaults_match_the_loader() -> None:
     assert {k: DEFINES[k] for k in loader.DEFAULT_MAP_SIZES} == loader.DEFAULT_MAP_SIZES
+    for name in loader.DEFAULT_MAP_SIZES:  # the agent overrides them with -D
+        assert re.search(rf"^#ifndef {name}\n#define {name} ", HEADER, re.M), name
+
+
+def test_programs_define_no_abi_constants() -> None:
+    """KPR_ names belong to the ABI headers: a program's own constants are not mirrored, so they go without it."""
+    for program in ("sock.c", "tc.c"):
+        assert not _DEFINE.findall((abi.BPF_DIR / program).read_text()), program
 
 
 def test_every_pinned_map_is_mirrored() -> None:
