@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import platform
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -18,7 +19,20 @@ from typing import Any
 CData = Any  # a ctypes instance (kpr.datapath.abi.CData; bpfsys stays free of kpr imports)
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_NR_BPF = 321  # x86_64
+
+# __NR_bpf per architecture (platform.machine()), as the kernel's syscall tables number it (musl's
+# arch/*/bits/syscall.h.in list them): arm64 and riscv64 use asm-generic/unistd.h's 280, the others their own.
+BPF_SYSCALLS = {
+    "x86_64": 321,
+    "i686": 357,
+    "aarch64": 280,
+    "riscv64": 280,
+    "ppc64le": 361,
+    "ppc64": 361,
+    "s390x": 351,
+    "armv7l": 386,  # ARM EABI
+}
+_NR_BPF = BPF_SYSCALLS.get(platform.machine())
 
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
@@ -143,6 +157,8 @@ class _MapInfo(ctypes.Structure):
 
 def _bpf(cmd: int, attr: ctypes.Structure, action: str, obj: str = "") -> int:
     """One bpf(2) call; the error message ("<action> <obj>: <strerror>") is only built when it fails."""
+    if _NR_BPF is None:
+        raise BpfError(errno.ENOSYS, f"{action} {obj}: no bpf(2) system call number known for {platform.machine()}")
     ret = _libc.syscall(_NR_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
     if ret < 0:
         err = ctypes.get_errno()

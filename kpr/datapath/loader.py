@@ -12,7 +12,6 @@ an exclusive flock on the directory (lock_bpffs).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import errno
 import fcntl
@@ -27,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kpr.datapath import abi, bpfsys, crc32c, migrate
+from kpr.datapath import abi, bpfsys, crc32c, migrate, netns, statfs
 
 BPF_FS_MAGIC = 0xCAFE4A11
 CGROUP2_SUPER_MAGIC = 0x63677270
@@ -64,12 +63,10 @@ class DatapathError(RuntimeError):
 
 
 def fs_magic(path: Path) -> int:
-    buf = ctypes.create_string_buffer(128)  # struct statfs; f_type is the first long
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.statfs(str(path).encode(), buf) != 0:
-        err = ctypes.get_errno()
-        raise DatapathError(f"{path}: {os.strerror(err)}")
-    return int.from_bytes(buf.raw[:8], "little")
+    try:
+        return statfs.fs_type(path)
+    except OSError as e:
+        raise DatapathError(f"{path}: {os.strerror(e.errno or 0)}") from None
 
 
 def check_bpffs(bpffs_dir: Path) -> None:
@@ -234,10 +231,8 @@ def read_config(bpffs_dir: Path) -> DatapathSettings:
 
 def write_config(bpffs_dir: Path, settings: DatapathSettings) -> None:
     """Tell the datapath its settings and which network namespace is the host's (this process's)."""
-    with socket.socket() as s:
-        cookie = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
     with bpfsys.Map(str(bpffs_dir / "config"), abi.U32, abi.KprConfig) as config:
-        config.update(abi.U32(0), settings.config(cookie))
+        config.update(abi.U32(0), settings.config(netns.cookie()))
 
 
 # tc filters: (hook, protocol) -> (program, priority). One filter per family keeps each program's stack its own.
@@ -271,7 +266,6 @@ SOCKET_LB_MODES = {"full": abi.SOCKET_LB_FULL, "hostns-only": abi.SOCKET_LB_HOST
 # Where the loader pins each program for attaching later: the socket hooks' and the node devices' tc programs.
 SOCKET_PINS = {hook: f"prog_{hook}" for hook in SOCKET_HOOKS}
 TC_PINS = {hook_proto: f"prog_{name.removeprefix(PROGRAM_PREFIX)}" for hook_proto, (name, _) in TC_FILTERS.items()}
-SO_NETNS_COOKIE = 71
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 CLONE_NEWNET = 0x40000000
-SO_NETNS_COOKIE = 71
+SO_NETNS_COOKIE = 71  # asm-generic/socket.h's number, which every architecture in bpfsys.BPF_SYSCALLS uses
 NETNS_DIRS = (Path("/run/netns"), Path("/var/run/netns"))  # where ip-netns, containerd and CRI-O bind-mount them
 T = TypeVar("T")
 
@@ -94,7 +95,7 @@ def node_namespaces(cgroup_root: Path) -> list[str]:
 def cookie() -> int:
     """The calling thread's network namespace cookie (what bpf_get_netns_cookie() returns for its sockets)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+        return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), sys.byteorder)  # a native u64
 
 
 @dataclass(frozen=True, slots=True)
