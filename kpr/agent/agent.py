@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import errno
 import os
 import queue
 import signal
@@ -48,8 +47,8 @@ from kpr.datapath.writers import MapWriteError, MapWriter, PinnedMapWriter
 from kpr.model.nodeports import nodeport_addresses
 from kpr.model.translate import local_ready_endpoints, needs_health_check, node_eligible, translate
 from kpr.model.types import EndpointSliceSpec, Frontend, NodeInfo, ServiceKey, ServiceSpec
+from kpr.objects.events import KINDS, Event, Replace, Source, SourceError, Upsert
 from kpr.reconcile.reconciler import FlowEnds, Reconciler, ServiceSyncError, SyncResult
-from kpr.sources.events import KINDS, Event, Replace, SourceError, Upsert
 
 RETRY_BACKOFF = (0.5, 1, 2, 5, 10, 30)  # seconds before a failed service is tried again
 NODE_GRACE_SECONDS = 10.0
@@ -122,7 +121,7 @@ class Agent:
         self.nodeport_written: dict[str, bool] = {}  # NodePort address -> loopback-only, as in nodeport_addrs4/6
         self.address_watch: AddressWatch | None = None
         self.reconciler: Reconciler | None = None
-        self.source: Any = None
+        self.source: Source | None = None
         self.devices: list[str] = []
         self.last_sync_wall = 0.0
         self.last_sync_seconds = 0.0
@@ -145,12 +144,12 @@ class Agent:
 
     # ---- lifecycle ----
 
-    def start(self, writer: MapWriter | None = None, source: Any = None) -> None:
+    def start(self, writer: MapWriter | None = None, source: Source | None = None) -> None:
         """Take the bpffs directory, load and pin the programs, adopt the maps, then start the source. The programs
         are attached once the first full sync is in the maps (attach_programs).
 
         Tests without BPF pass a `writer` (the maps are then not attached to anything) and may pass a `source`
-        (anything with start(); events are put on `self.events` directly).
+        (a fake one; events are put on `self.events` directly).
         """
         if writer is None:
             self.take_bpffs()
@@ -203,7 +202,7 @@ class Agent:
         """The agent's queue as the sources see it: they put only their events on it."""
         return cast("queue.Queue[Event]", self.events)
 
-    def _make_source(self) -> Any:
+    def _make_source(self) -> Source:
         if self.config.manifests is not None:
             from kpr.sources.manifests import ManifestPoller, ManifestSource
 
@@ -239,7 +238,7 @@ class Agent:
         self.health_checks.close()
         if self.address_watch is not None:
             self.address_watch.close()
-        if self.source is not None and hasattr(self.source, "close"):
+        if self.source is not None:
             self.source.close()
 
     # ---- one turn of the loop ----
@@ -466,7 +465,7 @@ class Agent:
             try:
                 result = self.reconciler.sync_service(key, frontends)
             except ServiceSyncError as e:
-                if e.cause.errno != errno.E2BIG:
+                if not e.full:
                     raise
                 result = self._make_room_and_sync(key, frontends, e, slog)
         except ServiceSyncError as e:
@@ -474,7 +473,7 @@ class Agent:
             delay = RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)]
             self.retry_at[key] = (time.monotonic() + delay, attempt + 1)
             self.failing_since.setdefault(key, time.monotonic())
-            self.metrics.sync_errors.labels(reason=e.cause.map_name).inc()
+            self.metrics.sync_errors.labels(reason=e.reason).inc()
             self._remember_error(str(e))
             slog.error("service not programmed; previous state kept", error=str(e), retry_in=delay)
             return
@@ -679,8 +678,9 @@ class Agent:
     def source_problem(self) -> str:
         """Why the source may not be followed (a dead or stalled reader), or "": a component that can die is watched,
         and /healthz and `kpr status` say so rather than report a healthy agent that no longer follows changes."""
-        problem = getattr(self.source, "problem", None)
-        return str(problem(stalled_after=max(60.0, 2 * self.config.sync_period))) if problem else ""
+        if self.source is None:
+            return ""
+        return self.source.problem(stalled_after=max(60.0, 2 * self.config.sync_period))
 
     def node_eligible(self) -> bool:
         return node_eligible(self.store.node)
@@ -695,8 +695,9 @@ class Agent:
             if self.config.manifests is not None
             else {"kind": "kubernetes-api", "kubeconfig": self.config.kubeconfig or "in-cluster"}
         )
-        if self.source is not None and hasattr(self.source, "state"):
-            source["watches"] = self.source.state()
+        watches = self.source.state() if self.source is not None else {}
+        if watches:  # the API source's reflectors; the manifest poller has none
+            source["watches"] = watches
         source["problem"] = self.source_problem()
         rec = self.reconciler
         return {

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kpr.model.types import EndpointSliceSpec, NodeInfo, ServiceKey, ServiceSpec
-from kpr.sources.events import Delete, Replace, Upsert
+from kpr.objects.events import Delete, Replace, Upsert
 
 SliceKey = tuple[str, str]  # (namespace, name)
 

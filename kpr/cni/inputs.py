@@ -5,7 +5,6 @@ blocking, before anything enters it).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import json
@@ -166,11 +165,12 @@ def _file_kind(mode: int) -> str | None:
 
 def _fs_magic(fd: int) -> int | None:
     """statfs f_type of the file system `fd` is on (None when fstatfs fails)."""
-    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux; f_type comes first
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.fstatfs(fd, buf) != 0:
+    from kpr.datapath.statfs import fs_type
+
+    try:
+        return fs_type(fd)
+    except OSError:
         return None
-    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
 def _opening_error(path: str, e: OSError) -> NetnsError:

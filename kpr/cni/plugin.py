@@ -33,7 +33,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, NoReturn, TypeVar
+from typing import IO, Any, NoReturn
 
 from kpr.cni.errors import (
     ERR_DECODE,
@@ -61,8 +61,6 @@ __all__ = [
     "main",
     "run",
 ]
-
-T = TypeVar("T")
 
 CNI_VERSION = "1.0.0"
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0")
@@ -239,71 +237,25 @@ def parse_environment(env: Mapping[str, str], command: str) -> Invocation:
 # finding the pod's host-side veth
 
 
-@dataclass(frozen=True)
-class _ContainerSide:
-    index: int
-    kind: str | None
-    peer_index: int | None  # IFLA_LINK: the peer's ifindex, in the peer's namespace
-    peer_nsid: int | None  # IFLA_LINK_NETNSID: the peer's namespace, as the pod's namespace numbers it
-    our_nsid: int | None  # the plugin's namespace, as the pod's namespace numbers it
-
-
-def _in_netns(ns_fd: int, fn: Callable[[], T]) -> T:
-    """Run fn() in a short-lived thread that has joined the network namespace `ns_fd` (setns is per thread)."""
-    from kpr.datapath import netns
-
-    return netns.run_in(ns_fd, fn, name="kpr-cni-netns")
-
-
-def _kind(link: Any) -> str | None:
-    info = link.get_attr("IFLA_LINKINFO")
-    return info.get_attr("IFLA_INFO_KIND") if info else None
-
-
-def _nsid(ipr: Any, fd: int) -> int | None:
-    """The id this namespace gives the namespace `fd` (None when it has none)."""
-    found = ipr.get_netnsid(fd=fd)
-    nsid = found.get("nsid") if found else None
-    return nsid if isinstance(nsid, int) and nsid >= 0 else None
-
-
 def find_host_veth(netns: str, ifname: str) -> str:
     """The name, in this (the node's) namespace, of the veth whose peer is `ifname` in the pod namespace `netns`.
 
     Raises NetnsError when `netns` is not a network namespace (a FIFO, a file, a directory, nothing: checked before
     anything enters it, without blocking), _Gone when the interface does not exist, CNIError when the interface is
-    not a veth to this namespace.
+    not a veth to this namespace. The netlink reading is kpr.datapath.veth's (pod_end, host_end); the rules are here.
     """
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
+    from kpr.datapath import veth
 
     ns_fd = open_netns(netns)
-    host_fd = -1
     try:
-        host_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-
-        def container_side() -> _ContainerSide:
-            with IPRoute() as ipr:
-                try:
-                    link = ipr.link("get", ifname=ifname)[0]
-                except NetlinkError as e:
-                    if e.code == errno.ENODEV:
-                        raise _Gone(f"{ifname} does not exist in {netns}") from None
-                    raise
-                return _ContainerSide(
-                    index=link["index"],
-                    kind=_kind(link),
-                    peer_index=link.get_attr("IFLA_LINK"),
-                    peer_nsid=link.get_attr("IFLA_LINK_NETNSID"),
-                    our_nsid=_nsid(ipr, host_fd),
-                )
-
         try:
-            pod = _in_netns(ns_fd, container_side)
+            pod = veth.pod_end(ns_fd, ifname)
         except OSError as e:
             if e.errno == errno.EINVAL:  # the path exists but is no longer a namespace (unmounted)
                 raise _Gone(f"{netns} is not a network namespace (any more)") from None
             raise
+        if pod is None:
+            raise _Gone(f"{ifname} does not exist in {netns}")
         where = f"{ifname} in {netns}"
         if pod.kind != "veth":
             raise CNIError(
@@ -318,30 +270,18 @@ def find_host_veth(netns: str, ifname: str) -> str:
                 f"IFLA_LINK={pod.peer_index} IFLA_LINK_NETNSID={pod.peer_nsid}, this namespace's id there: "
                 f"{pod.our_nsid}; run kpr-cni in the node's namespace, as the container runtime does",
             )
-        with IPRoute() as ipr:
-            try:
-                host = ipr.link("get", index=pod.peer_index)[0]
-            except NetlinkError as e:
-                if e.code == errno.ENODEV:
-                    raise _Gone(f"the peer (ifindex {pod.peer_index}) of {where} is gone") from None
-                raise
-            pod_nsid = _nsid(ipr, ns_fd)
-        name = host.get_attr("IFLA_IFNAME")
-        if (
-            _kind(host) != "veth"
-            or host.get_attr("IFLA_LINK") != pod.index
-            or host.get_attr("IFLA_LINK_NETNSID") != pod_nsid
-        ):
+        host = veth.host_end(pod.peer_index, ns_fd)
+        if host is None:
+            raise _Gone(f"the peer (ifindex {pod.peer_index}) of {where} is gone")
+        if host.kind != "veth" or host.peer_index != pod.index or host.peer_nsid != host.pod_nsid:
             raise CNIError(
                 ERR_KPR,
-                f"the host link with ifindex {pod.peer_index} ({name}) is not the peer of {where}",
-                f"its kind {_kind(host)}, IFLA_LINK {host.get_attr('IFLA_LINK')}, IFLA_LINK_NETNSID "
-                f"{host.get_attr('IFLA_LINK_NETNSID')}; expected veth, {pod.index}, {pod_nsid}",
+                f"the host link with ifindex {pod.peer_index} ({host.name}) is not the peer of {where}",
+                f"its kind {host.kind}, IFLA_LINK {host.peer_index}, IFLA_LINK_NETNSID "
+                f"{host.peer_nsid}; expected veth, {pod.index}, {host.pod_nsid}",
             )
-        return str(name)
+        return host.name
     finally:
-        if host_fd >= 0:
-            os.close(host_fd)
         os.close(ns_fd)
 
 

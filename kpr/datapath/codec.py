@@ -1,15 +1,18 @@
-"""Encode model values into the map structs of abi.py and decode them back (for restore and the CLI)."""
+"""Encode values into the map structs of abi.py and decode them back (for restore and the CLI).
+
+Values come as text addresses, host-order ports and protocol names ("TCP"); no domain model is needed here.
+decode_services() is the one place that turns the services maps' entries into frontends, scopes and slots.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from kpr.datapath import abi
-from kpr.datapath.abi import CData
-from kpr.model.types import PROTOCOL_NAMES, PROTOCOL_NUMBERS, BackendState
+from kpr.datapath.abi import PROTOCOL_NAMES, PROTOCOL_NUMBERS, CData
 
 # A frontend or backend address as the maps know it: (addr text, host-order port, protocol name).
 Address = tuple[str, int, str]
@@ -42,16 +45,8 @@ def svc_slot(backend_id: int) -> abi.SvcValue:
     return abi.SvcValue(backend_id=backend_id)
 
 
-# The model's endpoint states as backend.state; BACKEND_GONE has no model state (the reconciler sets it).
-BACKEND_STATES = {
-    BackendState.ACTIVE: abi.BACKEND_ACTIVE,
-    BackendState.TERMINATING: abi.BACKEND_TERMINATING,
-    BackendState.NOT_SERVING: abi.BACKEND_NOT_SERVING,
-}
-
-
 def backend_value(addr: str, port: int, protocol: str, *, state: int, node_local: bool) -> ctypes.Structure:
-    """A backends4/6 value; `state` is one of abi.BACKEND_* (BACKEND_STATES maps the model's states)."""
+    """A backends4/6 value; `state` is one of abi.BACKEND_*."""
     flags = abi.BACKEND_F_NODE_LOCAL if node_local else 0
     proto = PROTOCOL_NUMBERS[protocol]
     if family_of(addr) == 4:
@@ -81,7 +76,7 @@ def svc_name_value(kind: str, namespace: str, name: str, port_name: str) -> abi.
 def src_range_entry(rev_nat_id: int, cidr: str) -> tuple[str, abi.SrcRangeKey4 | abi.SrcRangeKey6]:
     """The (map, LPM key) allowing `cidr` as a source of frontend `rev_nat_id` (32 bits of id, then the prefix)."""
     network = ipaddress.ip_network(cidr, strict=False)
-    be_id = int.from_bytes(rev_nat_id.to_bytes(4, "big"), "little")  # network order in memory
+    be_id = abi.be32_of_u32(rev_nat_id)
     if network.version == 4:
         addr = abi.be32_of_ipv4(str(network.network_address))
         return "src_ranges4", abi.SrcRangeKey4(prefixlen=32 + network.prefixlen, rev_nat_id=be_id, addr=addr)
@@ -90,7 +85,7 @@ def src_range_entry(rev_nat_id: int, cidr: str) -> tuple[str, abi.SrcRangeKey4 |
 
 
 def decode_src_range(key: abi.SrcRangeKey4 | abi.SrcRangeKey6) -> tuple[int, str]:
-    rev_nat_id = int.from_bytes(int(key.rev_nat_id).to_bytes(4, "little"), "big")
+    rev_nat_id = abi.u32_of_be32(int(key.rev_nat_id))
     return rev_nat_id, f"{addr_of(key.addr)}/{key.prefixlen - 32}"
 
 
@@ -131,6 +126,55 @@ def decode_svc_key(key: abi.SvcKey4 | abi.SvcKey6) -> DecodedSvcKey:
         key.scope,
         key.slot,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedScope:
+    """One scope of a frontend as the maps hold it: its master entry (slot 0) and the backend id of each slot."""
+
+    count: int
+    rev_nat_id: int
+    flags: int  # abi.SVC_F_*
+    affinity_timeout: int
+    slots: tuple[int | None, ...]  # slots 1..count: slot n is slots[n - 1]; None where that slot's entry is missing
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedFrontend:
+    addr: str
+    port: int
+    protocol: str
+    scopes: dict[int, DecodedScope]  # by scope (abi.SCOPE_*), each with its master entry
+
+    @property
+    def address(self) -> Address:
+        return (self.addr, self.port, self.protocol)
+
+
+def decode_services(entries: Iterable[tuple[CData, CData]]) -> list[DecodedFrontend]:
+    """The frontends in the entries of services4 or services6, by address: each scope that has a master entry, with
+    the backend ids of its slots 1..count. The single decoder of the services maps (restore, `kpr services`, tests).
+
+    Nothing is judged here: a frontend may lack its default scope, a slot may be missing (None); slot entries beyond
+    the master's count, or of a scope without a master, are left out (no lookup reaches them).
+    """
+    masters: dict[Address, dict[int, CData]] = {}
+    slots: dict[tuple[Address, int], dict[int, int]] = {}
+    for key, value in entries:
+        d = decode_svc_key(key)
+        if d.slot == 0:
+            masters.setdefault(d.address, {})[d.scope] = value
+        else:
+            slots.setdefault((d.address, d.scope), {})[d.slot] = value.backend_id
+    frontends = []
+    for address in sorted(masters):
+        scopes = {}
+        for scope, m in sorted(masters[address].items()):
+            held = slots.get((address, scope), {})
+            ids = tuple(held.get(slot) for slot in range(1, m.count + 1))
+            scopes[scope] = DecodedScope(m.count, m.rev_nat_id, m.flags, m.affinity_timeout, ids)
+        frontends.append(DecodedFrontend(*address, scopes))
+    return frontends
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,6 @@ window left is the few microseconds between that read and the delete).
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -20,13 +19,12 @@ from kpr.datapath.abi import CData
 from kpr.datapath.writers import MapWriteError, MapWriter
 
 _NSEC = 1_000_000_000
-IPPROTO_SCTP = 132  # socket.IPPROTO_SCTP exists only where Python was built with SCTP headers
 
 
 def ct_lifetime_ns(value: CData, proto: int) -> int:
     if value.flags & abi.CT_F_CLOSING:
         return abi.CT_CLOSING_LIFETIME_S * _NSEC
-    lifetime = {socket.IPPROTO_TCP: abi.CT_TCP_LIFETIME_S, IPPROTO_SCTP: abi.CT_SCTP_LIFETIME_S}
+    lifetime = {abi.IPPROTO_TCP: abi.CT_TCP_LIFETIME_S, abi.IPPROTO_SCTP: abi.CT_SCTP_LIFETIME_S}
     return lifetime.get(proto, abi.CT_UDP_LIFETIME_S) * _NSEC
 
 
@@ -58,7 +56,7 @@ def scan_flows(
     scan = FlowScan()
     for name in ("ct4", "ct6"):
         for key, value in writer.items(name):
-            if key.proto == socket.IPPROTO_UDP and (
+            if key.proto == abi.IPPROTO_UDP and (
                 value.backend_id in end_udp_backends or value.rev_nat_id in end_udp_frontends
             ):
                 try:

@@ -11,7 +11,6 @@ from kpr.datapath import abi, codec
 from kpr.datapath.bpfsys import BpfError, Map
 from kpr.datapath.flows import ct_expired
 from kpr.datapath.writers import MapWriter, PinnedMapWriter
-from kpr.model.types import PROTOCOL_NAMES
 
 
 @dataclass
@@ -74,37 +73,27 @@ def services_from(writer: MapWriter) -> list[FrontendRow]:
     rows = []
     for fam in ("4", "6"):
         backends = {int(k.value): codec.decode_backend(v) for k, v in writer.items(f"backends{fam}")}
-        entries = {codec.decode_svc_key(k): v for k, v in writer.items(f"services{fam}")}
-        masters = sorted(
-            (k for k in entries if k.slot == 0 and k.scope == abi.SCOPE_DEFAULT),
-            key=lambda k: (k.addr, k.port, k.protocol),
-        )
-        for key in masters:
-            master = entries[key]
+        for fe in codec.decode_services(writer.items(f"services{fam}")):
+            master = fe.scopes.get(abi.SCOPE_DEFAULT)
+            if master is None:
+                continue
             name = names.get(master.rev_nat_id)
             scopes = []
             for scope in (abi.SCOPE_DEFAULT, abi.SCOPE_INTERNAL):
-                skey = codec.DecodedSvcKey(key.addr, key.port, key.protocol, scope, 0)
-                m = entries.get(skey)
+                m = fe.scopes.get(scope)
                 if m is None:
                     continue
                 row = ScopeRow("default" if scope == abi.SCOPE_DEFAULT else "internal", _flags(m.flags), [])
-                for slot in range(1, m.count + 1):
-                    s = entries.get(codec.DecodedSvcKey(key.addr, key.port, key.protocol, scope, slot))
-                    if s is None:
+                for slot, backend_id in enumerate(m.slots, 1):
+                    if backend_id is None:
                         row.problems.append(f"slot {slot} missing")
                         continue
-                    b = backends.get(s.backend_id)
+                    b = backends.get(backend_id)
                     if b is None:
-                        row.problems.append(f"slot {slot}: backend {s.backend_id} missing")
+                        row.problems.append(f"slot {slot}: backend {backend_id} missing")
                         continue
                     row.backends.append(
-                        BackendRow(
-                            s.backend_id,
-                            fmt_address(b.addr, b.port, b.protocol),
-                            b.state_name,
-                            b.node_local,
-                        )
+                        BackendRow(backend_id, fmt_address(b.addr, b.port, b.protocol), b.state_name, b.node_local)
                     )
                 scopes.append(row)
             rows.append(
@@ -112,7 +101,7 @@ def services_from(writer: MapWriter) -> list[FrontendRow]:
                     service=f"{name.namespace}/{name.name}" if name else "(unknown)",
                     port_name=name.port_name if name else "",
                     kind=name.kind if name else "?",
-                    frontend=fmt_address(key.addr, key.port, key.protocol),
+                    frontend=fmt_address(fe.addr, fe.port, fe.protocol),
                     rev_nat_id=master.rev_nat_id,
                     affinity_timeout=master.affinity_timeout,
                     scopes=scopes,
@@ -247,7 +236,7 @@ def read_conntrack(bpffs_dir: Path) -> list[FlowRow]:
         for fam in ("4", "6"):
             backends = {int(k.value): codec.decode_backend(v) for k, v in writer.items(f"backends{fam}")}
             for key, value in writer.items(f"ct{fam}"):
-                protocol = PROTOCOL_NAMES.get(key.proto, str(key.proto))
+                protocol = abi.PROTOCOL_NAMES.get(key.proto, str(key.proto))
                 src = fmt_address(codec.addr_of(key.src), abi.port_of_be16(key.sport), protocol)
                 dst = fmt_address(codec.addr_of(key.dst), abi.port_of_be16(key.dport), protocol)
                 fe = (codec.addr_of(value.fe_addr), abi.port_of_be16(value.fe_port))  # what the client dialled
@@ -318,7 +307,7 @@ def draining_flows(writer: MapWriter, now_ns: int | None = None) -> dict[str, li
                 flow = (value.rev_nat_id, value.backend_id, key.proto)
                 counts[flow] = counts.get(flow, 0) + 1
         for (rev_nat_id, backend_id, proto), n in sorted(counts.items()):
-            protocol = PROTOCOL_NAMES.get(proto, str(proto))
+            protocol = abi.PROTOCOL_NAMES.get(proto, str(proto))
             fe = frontends.get(rev_nat_id)
             be = backends.get(backend_id)
             if fe is None:

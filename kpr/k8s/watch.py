@@ -24,8 +24,8 @@ from typing import Any
 import orjson
 
 from kpr import log
-from kpr.k8s.convert import InvalidObject, endpoint_slice_from_dict, node_from_dict, service_from_dict
-from kpr.sources.events import Delete, Event, Kind, Object, Replace, SourceError, Upsert
+from kpr.objects.convert import InvalidObject, endpoint_slice_from_dict, node_from_dict, service_from_dict
+from kpr.objects.events import Delete, Event, Kind, Object, Replace, SourceError, Upsert
 
 # kube-proxy ignores objects owned by another proxy and the endpoints of headless Services.
 PROXYABLE_SELECTOR = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"

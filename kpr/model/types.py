@@ -1,6 +1,6 @@
 """Plain data that flows between the sources, the model and the reconciler.
 
-Kubernetes objects are turned into these frozen dataclasses at the edge (kpr/k8s/convert.py); nothing past that edge
+Kubernetes objects are turned into these frozen dataclasses at the edge (kpr/objects/convert.py); nothing past that edge
 sees a kubernetes client model or a raw dict. Addresses are canonical strings (ipaddress' compressed form), ports
 are host-order ints, protocols are the Kubernetes names ("TCP", "UDP", "SCTP").
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-PROTOCOL_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132}
-PROTOCOL_NAMES = {number: name for name, number in PROTOCOL_NUMBERS.items()}
+# The Service protocols Kubernetes knows (their IP protocol numbers are the datapath's: kpr.datapath.abi).
+PROTOCOLS = ("TCP", "UDP", "SCTP")
 
 # The label by which a Service says that another proxy implementation owns it (kube-proxy ignores such services).
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import errno
 
-from kpr.datapath.writers import MapWriteError
+class IdsExhausted(Exception):
+    """Every id of an allocator is in use: what needs a new one (a backend, a frontend) cannot be programmed now."""
+
+    def __init__(self, what: str, limit: int) -> None:
+        self.what = what  # "backend ids", "rev_nat ids"
+        self.limit = limit
+        super().__init__(f"{what}: all {limit} ids are in use")
 
 
 class IdAllocator:
@@ -32,7 +37,7 @@ class IdAllocator:
 
     def allocate(self) -> int:
         if len(self.used) >= self.limit:
-            raise MapWriteError(self.what, errno.E2BIG, f"all {self.limit} ids are in use")
+            raise IdsExhausted(self.what, self.limit)
         while self.next in self.used:
             self.next = self.next % self.limit + 1
         ident = self.next

@@ -20,6 +20,7 @@ leaves, and a UDP frontend that goes, are reported in `flow_ends` so the agent e
 from __future__ import annotations
 
 import contextlib
+import errno
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -27,11 +28,18 @@ from typing import NamedTuple
 from kpr.datapath import abi, codec
 from kpr.datapath.abi import U32, CData
 from kpr.datapath.writers import MapWriteError, MapWriter
-from kpr.model.types import Backend, Frontend, FrontendKind, ServiceKey
-from kpr.reconcile.ids import IdAllocator
+from kpr.model.types import Backend, BackendState, Frontend, FrontendKind, ServiceKey
+from kpr.reconcile.ids import IdAllocator, IdsExhausted
 from kpr.reconcile.slots import assign_slots
 
 Address = tuple[str, int, str]  # (addr, port, protocol)
+
+# The model's endpoint states as backend.state; BACKEND_GONE has no model state (the reconciler sets it).
+BACKEND_STATES = {
+    BackendState.ACTIVE: abi.BACKEND_ACTIVE,
+    BackendState.TERMINATING: abi.BACKEND_TERMINATING,
+    BackendState.NOT_SERVING: abi.BACKEND_NOT_SERVING,
+}
 
 
 class MapOp(NamedTuple):  # a tuple: a full sync builds hundreds of thousands of these
@@ -97,10 +105,23 @@ class FlowEnds:
 
 
 class ServiceSyncError(Exception):
-    def __init__(self, service: ServiceKey, cause: MapWriteError) -> None:
+    """A service could not be programmed: a map write failed (and was undone) or its ids ran out while planning."""
+
+    def __init__(self, service: ServiceKey, cause: MapWriteError | IdsExhausted) -> None:
         self.service = service
         self.cause = cause
         super().__init__(f"{service}: {cause}; the service keeps its previous programming")
+
+    @property
+    def full(self) -> bool:
+        """Whether room ran out (a full map, or every id in use): freeing the service's departing backends first may
+        let it through."""
+        return isinstance(self.cause, IdsExhausted) or self.cause.errno == errno.E2BIG
+
+    @property
+    def reason(self) -> str:
+        """A short label for metrics: the map that failed, or the kind of id that ran out."""
+        return self.cause.what if isinstance(self.cause, IdsExhausted) else self.cause.map_name
 
 
 @dataclass(slots=True)
@@ -149,7 +170,7 @@ class Reconciler:
                 plan.upsert(service, f)
             for address in sorted(self.by_service.get(service, set()) - desired.keys()):
                 plan.remove(address)
-        except MapWriteError as e:  # ids exhausted while planning
+        except IdsExhausted as e:
             plan.abort()
             raise ServiceSyncError(service, e) from e
         result.ops = self._apply(service, plan)
@@ -206,40 +227,28 @@ class Reconciler:
                 self.backends[b.address] = BackendEntry(int(k.value), b.state, b.node_local)
                 self._backend_by_id[int(k.value)] = b.address
                 self.backend_ids.reserve(int(k.value))
-            masters: dict[Address, dict[int, abi.SvcValue]] = {}
-            slots: dict[tuple[Address, int], dict[int, int]] = {}
-            for k, v in contents[f"services{fam}"]:
-                d = codec.decode_svc_key(k)
-                if d.slot == 0:
-                    masters.setdefault(d.address, {})[d.scope] = v
-                else:
-                    slots.setdefault((d.address, d.scope), {})[d.slot] = v.backend_id
-            for address, by_scope in masters.items():
-                default = by_scope.get(abi.SCOPE_DEFAULT)
+            for decoded in codec.decode_services(contents[f"services{fam}"]):
+                default = decoded.scopes.get(abi.SCOPE_DEFAULT)
                 if default is None:
                     continue  # an internal scope without its default entry: garbage for repair()
                 name = names.get(default.rev_nat_id)
                 scopes = {
-                    scope: ScopeState(
-                        [slots.get((address, scope), {}).get(i, 0) for i in range(1, m.count + 1)],
-                        m.flags,
-                        m.affinity_timeout,
-                    )
-                    for scope, m in by_scope.items()
+                    scope: ScopeState([0 if b is None else b for b in m.slots], m.flags, m.affinity_timeout)
+                    for scope, m in decoded.scopes.items()
                 }
                 owner = ServiceKey(name.namespace, name.name) if name else None
                 fe = AppliedFrontend(
-                    address,
+                    decoded.address,
                     owner,
                     name.port_name if name else "",
                     name.kind if name else "?",
                     default.rev_nat_id,
                     scopes,
                 )
-                self.frontends[address] = fe
+                self.frontends[decoded.address] = fe
                 self.rev_nat_ids.reserve(default.rev_nat_id)
                 if owner is not None:
-                    self.by_service.setdefault(owner, set()).add(address)
+                    self.by_service.setdefault(owner, set()).add(decoded.address)
                 else:
                     report.orphans += 1
         in_use = {fe.rev_nat_id for fe in self.frontends.values()}
@@ -521,7 +530,7 @@ class _Plan:
         staged = self.new_backends.get(identity)
         if staged is not None:
             return staged.id
-        state = codec.BACKEND_STATES[b.state]
+        state = BACKEND_STATES[b.state]
         current = self.rec.backends.get(identity)
         if current is not None and current.state == state and current.node_local == b.node_local:
             return current.id

@@ -68,15 +68,15 @@ import orjson
 import yaml
 
 from kpr import log
-from kpr.k8s.convert import (
+from kpr.model.types import EndpointSliceSpec, NodeInfo, ServiceSpec
+from kpr.objects.convert import (
     InvalidObject,
     endpoint_slice_from_dict,
     node_from_dict,
     object_kind,
     service_from_dict,
 )
-from kpr.model.types import EndpointSliceSpec, NodeInfo, ServiceSpec
-from kpr.sources.events import Event, Replace, SourceError
+from kpr.objects.events import Event, Replace, SourceError
 
 SUFFIXES = (".yaml", ".yml", ".json")
 MAX_FILE_BYTES = 32 * 1024 * 1024  # a bigger file is refused unread (libyaml takes ~0.6 s per MiB of YAML)
@@ -746,6 +746,14 @@ class ManifestPoller:
             raise FileNotFoundError(f"manifest directory {self.source.directory} does not exist")
         self.poll_once()
         self.thread.start()
+
+    def close(self) -> None:
+        """Stop polling (the thread ends at its next wake-up and closes the ManifestSource itself)."""
+        self.stop.set()
+
+    def state(self) -> dict[str, dict[str, Any]]:
+        """Nothing per kind to show: the directory is read whole (`problem()` says when that fails)."""
+        return {}
 
     def _run(self) -> None:
         try:

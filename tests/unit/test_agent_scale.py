@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kpr.agent.agent import Agent, AgentConfig
 from kpr.datapath.writers import MemoryMapWriter
 from kpr.model.types import Endpoint, EndpointPort, EndpointSliceSpec, ServiceKey, ServicePort, ServiceSpec
-from kpr.sources.events import Delete, Replace, Upsert
+from kpr.objects.events import Delete, Event, Replace, Source, Upsert
 
 pytestmark = pytest.mark.unit
 
 
 class NoSource:
+    """A Source (kpr.objects.events) that delivers nothing: the tests put events on the agent's queue themselves."""
+
     def start(self) -> None:
         pass
+
+    def close(self) -> None:
+        pass
+
+    def state(self) -> dict[str, dict[str, Any]]:
+        return {}
+
+    def problem(self, stalled_after: float) -> str:
+        return ""
 
 
 def make_service(i: int) -> ServiceSpec:
@@ -154,6 +168,48 @@ def test_a_full_backends_map_frees_the_departing_backends_before_adding_new_ones
     backends = {addr for (addr, _, _) in agent.reconciler.backends}
     assert backends == {ep.addresses[0] for s in (make_slice(0, 3, first=8), make_slice(1, 4)) for ep in s.endpoints}
     assert len(writer.tables["backends4"]) == 7
+
+
+def test_running_out_of_backend_ids_fails_that_service_alone_and_it_is_retried() -> None:
+    """Ids are not a map: running out of them is its own error (IdsExhausted), reported per service as a full map is
+    (log, kpr_sync_errors_total{reason="backend ids"}, failing_services in /status) and retried with backoff."""
+    agent, _ = started_agent(2, 2)
+    assert agent.reconciler is not None
+    ids = agent.reconciler.backend_ids
+    ids.limit = len(ids.used)  # every id in use
+    agent.events.put(Upsert("EndpointSlice", make_slice(1, 3)))  # svc1 gains a third endpoint
+    agent.step()
+    key = ServiceKey("bulk", "svc1")
+    assert set(agent.retry_at) == {key} and agent.status()["failing_services"] == ["bulk/svc1"]
+    assert agent.metrics.registry.get_sample_value("kpr_sync_errors_total", {"reason": "backend ids"}) == 1
+    assert "bulk/svc1: backend ids: all 4 ids are in use" in agent.recent_errors[-1]["error"]
+    ids.limit += 1
+    agent.retry_at[key] = (0.0, 1)  # due now
+    agent.step()
+    assert agent.retry_at == {} and len(agent.reconciler.backends) == 5
+
+
+def test_the_sources_and_the_fakes_are_sources(tmp_path: Path) -> None:
+    from kubernetes import client
+
+    from kpr.k8s.watch import ApiSource
+    from kpr.sources.manifests import ManifestPoller, ManifestSource
+
+    out: queue.Queue[Event] = queue.Queue()
+    api_client = client.ApiClient()
+    api = ApiSource(api_client, "node1", out)
+    poller = ManifestPoller(ManifestSource(tmp_path, "node1"), out, threading.Event())
+    try:
+        for source in (api, poller, NoSource()):
+            assert isinstance(source, Source)
+        assert set(api.state()) == {"Service", "EndpointSlice", "Node"} and poller.state() == {}
+        assert api.problem(60.0) == poller.problem(60.0) == ""
+        api.close()
+        poller.close()
+        assert api.stop.is_set() and poller.stop.is_set()
+    finally:
+        poller.source.close()
+        api_client.close()
 
 
 def test_exhaustion_is_an_episode_logged_once_a_minute_and_shown_until_it_ends(monkeypatch: pytest.MonkeyPatch) -> None:

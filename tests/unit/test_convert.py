@@ -1,4 +1,4 @@
-"""kpr.k8s.convert: raw Kubernetes objects → kpr.model dataclasses."""
+"""kpr.objects.convert: raw Kubernetes objects → kpr.model dataclasses."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 import yaml
 
 from kpr.agent.store import Store
-from kpr.k8s.convert import (
+from kpr.datapath import abi
+from kpr.model.types import PROTOCOLS, Endpoint, EndpointPort, NodeInfo, ServiceKey, ServicePort, ServiceSpec
+from kpr.objects.convert import (
     InvalidObject,
     endpoint_slice_from_dict,
     node_from_dict,
@@ -17,7 +19,6 @@ from kpr.k8s.convert import (
     parse_trigger_time,
     service_from_dict,
 )
-from kpr.model.types import Endpoint, EndpointPort, NodeInfo, ServiceKey, ServicePort, ServiceSpec
 
 pytestmark = pytest.mark.unit
 
@@ -432,3 +433,8 @@ def test_object_kind() -> None:
         assert object_kind(item) == kind
     assert object_kind({"metadata": {"name": "x"}}) == ""
     assert object_kind({"kind": "ConfigMap", "data": {}}) == "ConfigMap"
+
+
+def test_every_protocol_a_service_may_name_has_a_number_in_the_datapath() -> None:
+    assert tuple(abi.PROTOCOL_NUMBERS) == PROTOCOLS
+    assert {abi.PROTOCOL_NAMES[abi.PROTOCOL_NUMBERS[p]] for p in PROTOCOLS} == set(PROTOCOLS)

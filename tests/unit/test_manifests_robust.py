@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from kpr.lab.cluster import endpoint, endpoint_slice, service, write_manifest
+from kpr.objects.events import Event, Replace, SourceError
 from kpr.sources import manifests
-from kpr.sources.events import Event, Replace, SourceError
 from kpr.sources.manifests import ManifestPoller, ManifestSource, Snapshot
 
 pytestmark = pytest.mark.unit

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from kpr.datapath import abi, codec
 from kpr.datapath.writers import FaultyMapWriter, MemoryMapWriter
 from kpr.model.types import Backend, BackendState, Frontend, FrontendKind, ServiceKey
+from kpr.reconcile.ids import IdsExhausted
 from kpr.reconcile.reconciler import Reconciler, ServiceSyncError
 from kpr.reconcile.slots import assign_slots
 
@@ -45,34 +46,21 @@ def datapath_view(w: MemoryMapWriter) -> dict[tuple[str, int, str, int], frozens
     """What a new flow to each frontend (per scope the socket hooks use) can reach, or why it is rejected."""
     view: dict[tuple[str, int, str, int], frozenset[tuple[str, int, str]] | str] = {}
     for fam in ("4", "6"):
-        entries = {codec.decode_svc_key(k): v for k, v in w.items(f"services{fam}")}
         be = {int(k.value): codec.decode_backend(v).address for k, v in w.items(f"backends{fam}")}
-        for key, master in entries.items():
-            if key.slot != 0:
-                continue
-            if key.scope == abi.SCOPE_DEFAULT and master.flags & abi.SVC_F_TWO_SCOPES:
-                internal = next(
-                    (v for k, v in entries.items() if k.address == key.address and k.scope == 1 and k.slot == 0),
-                    None,
-                )
-                assert internal is not None, f"{key}: TWO_SCOPES without an internal entry"
-            if master.count == 0:
-                view[(*key.address, key.scope)] = "drop" if master.flags & abi.SVC_F_EMPTY_DROP else "reject"
-                continue
-            reach = set()
-            for slot in range(1, master.count + 1):
-                s = next(
-                    (
-                        v
-                        for k, v in entries.items()
-                        if k.address == key.address and k.scope == key.scope and k.slot == slot
-                    ),
-                    None,
-                )
-                assert s is not None, f"{key}: slot {slot} of {master.count} missing"
-                assert s.backend_id in be, f"{key}: slot {slot} names unknown backend {s.backend_id}"
-                reach.add(be[s.backend_id])
-            view[(*key.address, key.scope)] = frozenset(reach)
+        for fe in codec.decode_services(w.items(f"services{fam}")):
+            for scope, master in fe.scopes.items():
+                key = (*fe.address, scope)
+                if scope == abi.SCOPE_DEFAULT and master.flags & abi.SVC_F_TWO_SCOPES:
+                    assert abi.SCOPE_INTERNAL in fe.scopes, f"{key}: TWO_SCOPES without an internal entry"
+                if master.count == 0:
+                    view[key] = "drop" if master.flags & abi.SVC_F_EMPTY_DROP else "reject"
+                    continue
+                reach = set()
+                for slot, backend_id in enumerate(master.slots, 1):
+                    assert backend_id is not None, f"{key}: slot {slot} of {master.count} missing"
+                    assert backend_id in be, f"{key}: slot {slot} names unknown backend {backend_id}"
+                    reach.add(be[backend_id])
+                view[key] = frozenset(reach)
     return view
 
 
@@ -289,6 +277,45 @@ def test_full_backend_map_is_an_error_not_a_partial_service() -> None:
         rec.sync_service(SVC, [frontend(backends(1, 2, 3, 4))])
     assert all(not t for name, t in w.tables.items())
     assert not rec.frontends and not rec.backends
+
+
+def test_running_out_of_ids_is_its_own_error_and_leaves_the_service_as_it_was() -> None:
+    w = MemoryMapWriter()
+    rec = Reconciler(w)
+    rec.sync_service(SVC, [frontend(backends(1, 2))])
+    tables = {name: dict(t) for name, t in w.tables.items()}
+    rec.backend_ids.limit = 2  # both in use: a third backend needs an id that is not there
+    with pytest.raises(ServiceSyncError) as failed:
+        rec.sync_service(SVC, [frontend(backends(1, 2, 3))])
+    assert isinstance(failed.value.cause, IdsExhausted)
+    assert (failed.value.full, failed.value.reason) == (True, "backend ids")
+    assert "backend ids: all 2 ids are in use; the service keeps its previous programming" in str(failed.value)
+    assert w.tables == tables and rec.backend_ids.used == {1, 2}
+    rec.backend_ids.limit = 3
+    assert rec.sync_service(SVC, [frontend(backends(1, 2, 3))]).ops > 0
+
+
+def test_one_decoder_turns_the_services_map_into_frontends_scopes_and_slots() -> None:
+    w = MemoryMapWriter()
+    rec = Reconciler(w)
+    rec.sync_service(SVC, [frontend(backends(1, 2, 3), internal_backends=backends(1, 2))])
+    rec.sync_service(SVC, [frontend(backends(1, 2, 3), internal_backends=backends(1, 2)), frontend((), port=81)])
+    ids = {addr: entry.id for (addr, _, _), entry in rec.backends.items()}
+    w.delete("services4", codec.svc_key("10.96.0.10", 80, "TCP", abi.SCOPE_DEFAULT, 2))  # a slot goes missing
+    w.update("services4", codec.svc_key("10.96.0.10", 80, "TCP", abi.SCOPE_DEFAULT, 9), codec.svc_slot(7))  # surplus
+    w.update("services4", codec.svc_key("10.96.0.11", 80, "TCP", abi.SCOPE_INTERNAL, 0), codec.svc_master(0, 9, 0, 0))
+    decoded = {fe.address: fe for fe in codec.decode_services(w.items("services4"))}
+    assert list(decoded) == sorted(decoded)
+    web = decoded[("10.96.0.10", 80, "TCP")]
+    assert sorted(web.scopes) == [abi.SCOPE_DEFAULT, abi.SCOPE_INTERNAL]
+    default, internal = web.scopes[abi.SCOPE_DEFAULT], web.scopes[abi.SCOPE_INTERNAL]
+    assert default.count == 3 and default.flags & abi.SVC_F_TWO_SCOPES
+    assert default.rev_nat_id == internal.rev_nat_id == rec.frontends[web.address].rev_nat_id
+    assert default.slots[0] in (ids["10.244.1.1"], ids["10.244.1.2"], ids["10.244.1.3"]) and default.slots[1] is None
+    assert set(internal.slots) == {ids["10.244.1.1"], ids["10.244.1.2"]}
+    empty = decoded[("10.96.0.10", 81, "TCP")].scopes
+    assert list(empty) == [abi.SCOPE_DEFAULT] and empty[abi.SCOPE_DEFAULT].slots == ()
+    assert list(decoded[("10.96.0.11", 80, "TCP")].scopes) == [abi.SCOPE_INTERNAL]  # no default scope: reported as is
 
 
 def test_restore_adopts_the_maps_and_the_next_sync_writes_nothing() -> None:

@@ -1,7 +1,7 @@
 """Table tests for kpr.model.translate, driven by tests/unit/cases/translate/*.yaml.
 
 Each case file holds `node:` (name, zone, primaryIPs), `objects:` (raw Service / EndpointSlice manifests,
-converted through kpr.k8s.convert as the agent would) and `expect:` (every frontend of every service, compactly):
+converted through kpr.objects.convert as the agent would) and `expect:` (every frontend of every service, compactly):
 
     - frontend: 10.96.0.10:80/TCP        # addr:port/protocol, IPv6 as [addr]:port/protocol
       kind: ClusterIP
@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 import yaml
 
-from kpr.k8s.convert import endpoint_slice_from_dict, object_kind, service_from_dict
 from kpr.model.translate import (
     frontends_by_address,
     local_ready_endpoints,
@@ -44,6 +43,7 @@ from kpr.model.types import (
     ServicePort,
     ServiceSpec,
 )
+from kpr.objects.convert import endpoint_slice_from_dict, object_kind, service_from_dict
 
 pytestmark = pytest.mark.unit
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from kpr.model.types import (
     DEFAULT_AFFINITY_TIMEOUT,
-    PROTOCOL_NUMBERS,
+    PROTOCOLS,
     SERVICE_NAME_LABEL,
     SERVICE_PROXY_NAME_LABEL,
     ZONE_LABEL,
@@ -99,7 +99,7 @@ def _optional_port(obj: str, path: str, value: Any) -> int:
 def _protocol(obj: str, path: str, value: Any) -> str:
     if value is None or value == "":
         return "TCP"
-    if value not in PROTOCOL_NUMBERS:
+    if value not in PROTOCOLS:
         raise InvalidObject(f"{obj}: {path} {value!r} is not one of TCP, UDP, SCTP")
     return str(value)
 

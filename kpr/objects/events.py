@@ -1,9 +1,10 @@
-"""What sources tell the agent: an object changed, an object went, or "this is now the whole set" (a (re)list)."""
+"""What sources tell the agent: an object changed, an object went, or "this is now the whole set" (a (re)list);
+and what the agent asks of a source (`Source`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from kpr.model.types import EndpointSliceSpec, NodeInfo, ServiceSpec
 
@@ -44,3 +45,21 @@ class SourceError:
 
 
 Event = Upsert | Delete | Replace | SourceError
+
+
+@runtime_checkable
+class Source(Protocol):
+    """A source of events (kpr.k8s.watch.ApiSource, kpr.sources.manifests.ManifestPoller, the tests' fakes): it puts
+    Events on the queue it was given, from its own threads."""
+
+    def start(self) -> None:
+        """Begin delivering events; may deliver the first ones before it returns."""
+
+    def close(self) -> None:
+        """Stop delivering events (the threads end on their own; nothing is joined)."""
+
+    def state(self) -> dict[str, dict[str, Any]]:
+        """Per kind, what `kpr status` shows of the source (the API watches); {} when there is nothing to show."""
+
+    def problem(self, stalled_after: float) -> str:
+        """Why the source may not be followed any more (a dead or stalled reader), or "" when it is well."""
