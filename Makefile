@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup k8s demo test unit lint bench clean
+.PHONY: help setup k8s demo test unit lint soak bench clean
 
 help:
 	@echo "make demo   - set up, then load balance a Service in the lab namespaces and show kpr services"
@@ -13,6 +13,8 @@ help:
 	@echo "make k8s    - build the pinned Kubernetes release's binaries into .cache/k8s/bin (once; then cached)"
 	@echo "make unit   - the tests that need no root"
 	@echo "make lint   - ruff and mypy"
+	@echo "make soak   - the chaos soak for 30 minutes: steady traffic under random faults, then the table of faults"
+	@echo "              survived (SOAK_SECONDS=1800, SOAK_SEED=N replays a run)"
 	@echo "make bench  - kpr vs kube-proxy iptables/nftables vs the pod IP, and the UDP socket sweep at 10k sockets;"
 	@echo "              writes docs/benchmarks/ (BENCH_ARGS=--quick)"
 	@echo "make clean  - remove the venv and any lab left behind by a killed run"
@@ -36,6 +38,10 @@ unit: setup
 lint: setup
 	$(PY) -m ruff check kpr tests bench
 	$(PY) -m mypy kpr
+
+SOAK_SECONDS ?= 1800
+soak: setup
+	$(PY) -m pytest $(PYTEST_ARGS) tests/e2e/test_soak.py -m soak --soak-seconds $(SOAK_SECONDS) $(if $(SOAK_SEED),--soak-seed $(SOAK_SEED)) -s
 
 bench: setup
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
