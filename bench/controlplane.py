@@ -127,7 +127,7 @@ def run(services: int, per: int, changes: int) -> dict[str, Any]:
             rss_cold = rss_mib(agent.proc.pid)
             spec = abi.MAPS["services4"]
             latencies = []
-            with Map(str(node.bpffs_dir / "services4"), spec.key, spec.value) as services_map:
+            with Map(str(abi.map_pin(node.bpffs_dir, "services4")), spec.key, spec.value) as services_map:
                 for n in range(changes):
                     i = (n * 7919) % services  # spread over the whole set
                     key = codec.svc_key(vip(i), 80, "TCP", abi.SCOPE_DEFAULT, 0)

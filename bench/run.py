@@ -280,7 +280,7 @@ class KprMaps:
 
     def __init__(self, bpffs_dir: Path) -> None:
         spec = abi.MAPS["services4"]
-        self.map = Map(str(bpffs_dir / "services4"), spec.key, spec.value)
+        self.map = Map(str(abi.map_pin(bpffs_dir, "services4")), spec.key, spec.value)
 
     def count(self, ip: str, port: int, protocol: str = "TCP") -> int | None:
         master = self.map.lookup(codec.svc_key(ip, port, protocol, abi.SCOPE_DEFAULT, 0))

@@ -328,38 +328,43 @@ struct device_info {
 	__be32 addr6[4];
 };
 
-#define KPR_PIN(name) KPR_PIN_DIR "/" name
+/* A map's pin: its name and its layout version, "services4_v1". The version goes up whenever the key or value
+ * layout changes, even at the same size, so that a new kpr never adopts (or copies entries from) a map of an older
+ * layout: kpr/datapath/migrate.py moves those aside and tests/unit/test_abi_layouts.py fails on a layout change
+ * without a new version. */
+#define KPR_PIN(name, layout) KPR_PIN_DIR "/" name "_v" #layout
 
 /* Control-plane-written maps are allocated on demand; the datapath-written ones (LRUs, conntrack) are preallocated,
  * so a packet never waits for memory. */
-BPF_TABLE_PINNED("hash", struct svc_key4, struct svc_value, services4, KPR_SERVICES_MAX, KPR_PIN("services4"),
+BPF_TABLE_PINNED("hash", struct svc_key4, struct svc_value, services4, KPR_SERVICES_MAX, KPR_PIN("services4", 1),
 		 BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("hash", struct svc_key6, struct svc_value, services6, KPR_SERVICES_MAX, KPR_PIN("services6"),
+BPF_TABLE_PINNED("hash", struct svc_key6, struct svc_value, services6, KPR_SERVICES_MAX, KPR_PIN("services6", 1),
 		 BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("hash", __u32, struct backend4, backends4, KPR_BACKENDS_MAX, KPR_PIN("backends4"),
+BPF_TABLE_PINNED("hash", __u32, struct backend4, backends4, KPR_BACKENDS_MAX, KPR_PIN("backends4", 1),
 		 BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("hash", __u32, struct backend6, backends6, KPR_BACKENDS_MAX, KPR_PIN("backends6"),
+BPF_TABLE_PINNED("hash", __u32, struct backend6, backends6, KPR_BACKENDS_MAX, KPR_PIN("backends6", 1),
 		 BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("hash", __u32, struct rev_nat4, rev_nat4, KPR_REV_NAT_MAX, KPR_PIN("rev_nat4"), BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("hash", __u32, struct rev_nat6, rev_nat6, KPR_REV_NAT_MAX, KPR_PIN("rev_nat6"), BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("hash", __u32, struct svc_name, svc_names, KPR_REV_NAT_MAX, KPR_PIN("svc_names"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", __u32, struct rev_nat4, rev_nat4, KPR_REV_NAT_MAX, KPR_PIN("rev_nat4", 1), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", __u32, struct rev_nat6, rev_nat6, KPR_REV_NAT_MAX, KPR_PIN("rev_nat6", 1), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", __u32, struct svc_name, svc_names, KPR_REV_NAT_MAX, KPR_PIN("svc_names", 1),
+		 BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct sock_rev_nat_key4, struct sock_rev_nat4, sock_rev_nat4, KPR_SOCK_REV_NAT_MAX,
-		 KPR_PIN("sock_rev_nat4"));
+		 KPR_PIN("sock_rev_nat4", 1));
 BPF_TABLE_PINNED("lru_hash", struct sock_rev_nat_key6, struct sock_rev_nat6, sock_rev_nat6, KPR_SOCK_REV_NAT_MAX,
-		 KPR_PIN("sock_rev_nat6"));
+		 KPR_PIN("sock_rev_nat6", 1));
 BPF_TABLE_PINNED("lru_hash", struct affinity_key, struct affinity_value, affinity, KPR_AFFINITY_MAX,
-		 KPR_PIN("affinity"));
-BPF_TABLE_PINNED("hash", struct affinity_match_key, __u8, affinity_match, KPR_BACKENDS_MAX, KPR_PIN("affinity_match"),
+		 KPR_PIN("affinity", 1));
+BPF_TABLE_PINNED("hash", struct affinity_match_key, __u8, affinity_match, KPR_BACKENDS_MAX,
+		 KPR_PIN("affinity_match", 1), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, counters, KPR_CNT_MAX, KPR_PIN("counters", 1));
+BPF_TABLE_PINNED("hash", struct ct_key4, struct ct_value4, ct4, KPR_CT_MAX, KPR_PIN("ct4", 1));
+BPF_TABLE_PINNED("hash", struct ct_key6, struct ct_value6, ct6, KPR_CT_MAX, KPR_PIN("ct6", 1));
+BPF_TABLE_PINNED("lpm_trie", struct src_range_key4, __u8, src_ranges4, KPR_SRC_RANGES_MAX, KPR_PIN("src_ranges4", 1),
 		 BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("percpu_array", __u32, __u64, counters, KPR_CNT_MAX, KPR_PIN("counters"));
-BPF_TABLE_PINNED("hash", struct ct_key4, struct ct_value4, ct4, KPR_CT_MAX, KPR_PIN("ct4"));
-BPF_TABLE_PINNED("hash", struct ct_key6, struct ct_value6, ct6, KPR_CT_MAX, KPR_PIN("ct6"));
-BPF_TABLE_PINNED("lpm_trie", struct src_range_key4, __u8, src_ranges4, KPR_SRC_RANGES_MAX, KPR_PIN("src_ranges4"),
+BPF_TABLE_PINNED("lpm_trie", struct src_range_key6, __u8, src_ranges6, KPR_SRC_RANGES_MAX, KPR_PIN("src_ranges6", 1),
 		 BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("lpm_trie", struct src_range_key6, __u8, src_ranges6, KPR_SRC_RANGES_MAX, KPR_PIN("src_ranges6"),
-		 BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("hash", __u32, struct device_info, devices, 64, KPR_PIN("devices"));
-BPF_TABLE_PINNED("hash", __u64, struct device_info, netns_addrs, KPR_NETNS_ADDRS_MAX, KPR_PIN("netns_addrs"),
+BPF_TABLE_PINNED("hash", __u32, struct device_info, devices, 64, KPR_PIN("devices", 1));
+BPF_TABLE_PINNED("hash", __u64, struct device_info, netns_addrs, KPR_NETNS_ADDRS_MAX, KPR_PIN("netns_addrs", 1),
 		 BPF_F_NO_PREALLOC);
 
 /* nodeport_addrs4/6: the node's addresses NodePorts answer on (--nodeport-addresses; by default every local
@@ -370,10 +375,10 @@ BPF_TABLE_PINNED("hash", __u64, struct device_info, netns_addrs, KPR_NETNS_ADDRS
 struct nodeport_addr6 {
 	__be32 addr[4];
 };
-BPF_TABLE_PINNED("hash", __be32, __u8, nodeport_addrs4, KPR_NODEPORT_ADDRS_MAX, KPR_PIN("nodeport_addrs4"),
+BPF_TABLE_PINNED("hash", __be32, __u8, nodeport_addrs4, KPR_NODEPORT_ADDRS_MAX, KPR_PIN("nodeport_addrs4", 1),
 		 BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", struct nodeport_addr6, __u8, nodeport_addrs6, KPR_NODEPORT_ADDRS_MAX,
-		 KPR_PIN("nodeport_addrs6"), BPF_F_NO_PREALLOC);
+		 KPR_PIN("nodeport_addrs6", 1), BPF_F_NO_PREALLOC);
 
 /* config (one entry): what the agent tells the datapath. With socket_lb HOSTNS_ONLY the socket hooks translate only
  * sockets of the host's network namespace; pods are then served per packet at their veth (CNI chaining).
@@ -392,13 +397,13 @@ struct kpr_config {
 	__u8 cluster_prefix6;
 	__u8 pad[2];
 };
-BPF_TABLE_PINNED("array", __u32, struct kpr_config, config, 1, KPR_PIN("config"));
+BPF_TABLE_PINNED("array", __u32, struct kpr_config, config, 1, KPR_PIN("config", 1));
 
 /* crc32c_powers: x^(8 i) and x^(8 * 256 i) modulo the CRC32c polynomial (i < 256, bit-reflected), filled by the loader
  * (kpr/datapath/crc32c.py) before any program runs: tc.c folds an SCTP port rewrite into the packet's CRC32c with
  * them, without reading the packet. */
 #define KPR_CRC32C_POWERS 512
-BPF_TABLE_PINNED("array", __u32, __u32, crc32c_powers, KPR_CRC32C_POWERS, KPR_PIN("crc32c_powers"));
+BPF_TABLE_PINNED("array", __u32, __u32, crc32c_powers, KPR_CRC32C_POWERS, KPR_PIN("crc32c_powers", 1));
 
 /* tc_tails: the tc path's tail calls. Building a reject reply, or translating an ICMP error, needs more stack than
  * fits beside the forwarding path, so each runs as a program of its own. Pinned because the kernel empties a program
@@ -413,6 +418,6 @@ BPF_TABLE_PINNED("array", __u32, __u32, crc32c_powers, KPR_CRC32C_POWERS, KPR_PI
 #define KPR_TAIL_TOOBIG4 6
 #define KPR_TAIL_TOOBIG6 7
 #define KPR_TAILS_MAX 8
-BPF_TABLE_PINNED("prog", __u32, __u32, tc_tails, KPR_TAILS_MAX, KPR_PIN("tc_tails"));
+BPF_TABLE_PINNED("prog", __u32, __u32, tc_tails, KPR_TAILS_MAX, KPR_PIN("tc_tails", 1));
 
 #endif /* KPR_H */

@@ -370,7 +370,7 @@ class Agent:
         more), so that a restart sets everything up afresh instead of a healthy-looking agent serving nothing."""
         self.next_datapath_check = time.monotonic() + DATAPATH_CHECK_PERIOD
         bpffs = self.config.bpffs_dir
-        unpinned = [name for name in ("services4", "services6", "config") if not (bpffs / name).exists()]
+        unpinned = [name for name in ("services4", "services6", "config") if not abi.map_pin(bpffs, name).exists()]
         if unpinned:
             self.fatal(f"maps unpinned from {bpffs} behind the agent's back ({', '.join(unpinned)}): exiting")
             return

@@ -81,9 +81,9 @@ def fetch_agent_status(address: str, timeout: float = 2.0) -> tuple[dict[str, An
 def map_fill(bpffs_dir: Path) -> list[MapFill]:
     fills = []
     for name, spec in abi.MAPS.items():
-        if spec.percpu or spec.programs or spec.array or not (bpffs_dir / name).exists():
+        if spec.percpu or spec.programs or spec.array or not abi.map_pin(bpffs_dir, name).exists():
             continue
-        with bpfsys.Map(str(bpffs_dir / name), spec.key, spec.value) as m:
+        with bpfsys.Map(str(abi.map_pin(bpffs_dir, name)), spec.key, spec.value) as m:
             fills.append(MapFill(name, len(m.items()), m.info.max_entries))
     return fills
 

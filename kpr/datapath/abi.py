@@ -352,9 +352,15 @@ class MapSpec:
     percpu: bool = False
     programs: bool = False  # a program array: values are program fds, not data
     array: bool = False  # an array: every slot always exists, so "entries" means nothing
+    layout: int = 1  # KPR_PIN(name, layout) in kpr.h: goes up with any change of the key or value layout
+
+    @property
+    def pin(self) -> str:
+        """The map's file in the bpffs directory: its name and layout version ("services4_v1")."""
+        return f"{self.name}_v{self.layout}"
 
 
-# Every map in kpr.h, by its pinned name; the key and value types are what the header declares.
+# Every map in kpr.h, by its name; the key and value types and the layout versions are what the header declares.
 MAPS: dict[str, MapSpec] = {
     spec.name: spec
     for spec in (
@@ -383,6 +389,11 @@ MAPS: dict[str, MapSpec] = {
         MapSpec("crc32c_powers", U32, U32, array=True),
     )
 }
+
+
+def map_pin(bpffs_dir: Path, name: str) -> Path:
+    """Where map `name` (a key of MAPS) of this kpr's layout is pinned in `bpffs_dir`."""
+    return bpffs_dir / MAPS[name].pin
 
 
 # ---- conversions at the edge: text addresses and host-order ports <-> network-order fields ----

@@ -115,7 +115,7 @@ def read_counters(bpffs_dir: Path) -> dict[str, int]:
     """The datapath's per-CPU counters, summed over CPUs."""
     spec = abi.MAPS["counters"]
     try:
-        m = Map(str(bpffs_dir / "counters"), spec.key, spec.value, percpu=True)
+        m = Map(str(abi.map_pin(bpffs_dir, "counters")), spec.key, spec.value, percpu=True)
     except BpfError:
         return {}
     with m:

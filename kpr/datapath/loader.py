@@ -224,14 +224,14 @@ class DatapathSettings:
 
 def read_config(bpffs_dir: Path) -> DatapathSettings:
     """The settings the agent last wrote into the pinned config map."""
-    with bpfsys.Map(str(bpffs_dir / "config"), abi.U32, abi.KprConfig) as config:
+    with bpfsys.Map(str(abi.map_pin(bpffs_dir, "config")), abi.U32, abi.KprConfig) as config:
         entry = config.lookup(abi.U32(0))
     return DatapathSettings.from_config(entry) if entry is not None else DatapathSettings()
 
 
 def write_config(bpffs_dir: Path, settings: DatapathSettings) -> None:
     """Tell the datapath its settings and which network namespace is the host's (this process's)."""
-    with bpfsys.Map(str(bpffs_dir / "config"), abi.U32, abi.KprConfig) as config:
+    with bpfsys.Map(str(abi.map_pin(bpffs_dir, "config")), abi.U32, abi.KprConfig) as config:
         config.update(abi.U32(0), settings.config(netns.cookie()))
 
 
@@ -291,7 +291,8 @@ class TcLB:
             bpf = BPF(src_file=str(abi.BPF_DIR / "tc.c"), cflags=cflags)
         except Exception as e:  # BCC raises a bare Exception on compile or pin errors
             raise DatapathError(f"compiling bpf/tc.c failed: {e}") from e
-        with bpfsys.Map(str(self.bpffs_dir / "crc32c_powers"), abi.U32, abi.U32) as table:  # before any program runs
+        powers = abi.map_pin(self.bpffs_dir, "crc32c_powers")
+        with bpfsys.Map(str(powers), abi.U32, abi.U32) as table:  # before any program runs
             for index, value in enumerate(crc32c.powers()):
                 table.update(abi.U32(index), abi.U32(value))
         names = {name for name, _ in TC_FILTERS.values()} | set(TC_TAILS.values())
@@ -445,11 +446,10 @@ def unpin_all(bpffs_dir: Path) -> list[str]:
         return []
     removed = []
     program_pins = [*SOCKET_PINS.values(), *TC_PINS.values(), *(pin for pin, _, _ in POD_PROGRAMS.values())]
-    for name in [*abi.MAPS, *program_pins]:
-        pin = bpffs_dir / name
+    for pin in [*migrate.kpr_map_pins(bpffs_dir), *(bpffs_dir / name for name in program_pins)]:
         if pin.exists():
             pin.unlink()
-            removed.append(name)
+            removed.append(pin.name)
     try:
         bpffs_dir.rmdir()
     except OSError as e:
@@ -458,7 +458,8 @@ def unpin_all(bpffs_dir: Path) -> list[str]:
 
 
 def pinned_maps(bpffs_dir: Path) -> list[str]:
-    return sorted(n for n in abi.MAPS if (bpffs_dir / n).exists())
+    """The maps of this kpr's layouts pinned in the directory, by name."""
+    return sorted(n for n in abi.MAPS if abi.map_pin(bpffs_dir, n).exists())
 
 
 def default_cgroup_root() -> Path:
@@ -538,7 +539,10 @@ def attach_tc_programs(bpffs_dir: Path, devices: list[str]) -> list[dict[str, ob
     attached: list[dict[str, object]] = []
     fds = {hook_proto: bpfsys.obj_get(str(bpffs_dir / pin)) for hook_proto, pin in TC_PINS.items()}
     try:
-        with IPRoute() as ipr, bpfsys.Map(str(bpffs_dir / "devices"), abi.U32, abi.DeviceInfo) as devices_map:
+        with (
+            IPRoute() as ipr,
+            bpfsys.Map(str(abi.map_pin(bpffs_dir, "devices")), abi.U32, abi.DeviceInfo) as devices_map,
+        ):
             for device in devices:
                 found = ipr.link_lookup(ifname=device)
                 if not found:

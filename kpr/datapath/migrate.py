@@ -1,10 +1,16 @@
 """Pinned maps whose shape changed (a new --map-size, or a new kpr with a different layout): migrated, not reused.
 
 BCC adopts a pinned map of the same name whatever its size or layout, so a restart with `--map-size ct=N` kept the
-old size silently, and a kpr whose header changed a struct would run against maps of the old layout. Before the
-loader compiles, every pinned map is compared with what bpf/kpr.h declares for it (type, key and value sizes,
-entries, flags). A map that differs is moved aside to `old_<name>` (the programs attached now keep using it through
-the references they hold), BCC creates the new one, and entries are copied across where the layouts allow:
+old size silently, and a kpr whose header changed a struct would run against maps of the old layout. Two guards:
+
+- the pin carries the layout version (KPR_PIN(name, layout) in bpf/kpr.h: "services4_v1"), so a changed layout is
+  a new pin even where the sizes happen to match; a map pinned under another version is moved aside and never copied
+  (maps pinned before pins were versioned, under the bare name, are layout 1);
+- every pinned map of the current version is compared with what bpf/kpr.h declares for it (type, key and value
+  sizes, entries, flags).
+
+A map that differs is moved aside to `old_<pin>` (the programs attached now keep using it through the references they
+hold), BCC creates the new one, and entries are copied across where the layouts allow:
 
 - once by the loader, before the new programs exist, and again by the agent just after it attached them (entries the
   old programs wrote meanwhile: a flow that started in between), then `old_<name>` is unpinned;
@@ -40,8 +46,10 @@ LINKED = frozenset(
     }
 )
 NEVER_COPIED = frozenset({"tc_tails", "counters", "config", "crc32c_powers", "devices"})  # refilled by the loader
+UNVERSIONED_LAYOUT = 1  # the layout of a map pinned under its bare name, before pins carried a version
+_VERSIONED = re.compile(r"^(\w+?)_v(\d+)$")
 _DECLARATION = re.compile(
-    r'BPF_TABLE_PINNED\("(\w+)",\s*[^,]+,\s*[^,]+,\s*(\w+),\s*(\w+),\s*KPR_PIN\("\w+"\)(?:,\s*(\w+))?\s*\)'
+    r'BPF_TABLE_PINNED\("(\w+)",\s*[^,]+,\s*[^,]+,\s*(\w+),\s*(\w+),\s*KPR_PIN\("\w+",\s*(\d+)\)(?:,\s*(\w+))?\s*\)'
 )
 _DEFINE = re.compile(r"^#define (KPR_\w+) (\d+)\b", re.M)
 
@@ -64,8 +72,10 @@ def declared_shapes(sizes: Mapping[str, int], header: str | None = None) -> dict
     text = abi.HEADER.read_text() if header is None else header
     defines = {name: int(value) for name, value in _DEFINE.findall(text)} | dict(sizes)
     shapes = {}
-    for kind, name, entries, flags in _DECLARATION.findall(text):
+    for kind, name, entries, layout, flags in _DECLARATION.findall(text):
         spec = abi.MAPS[name]
+        if int(layout) != spec.layout:  # tests/unit/test_abi_header.py catches this first
+            raise ValueError(f"bpf/kpr.h pins {name} with layout {layout}, kpr.datapath.abi with {spec.layout}")
         shapes[name] = Shape(
             MAP_TYPES[kind],
             ctypes.sizeof(spec.key),
@@ -101,23 +111,31 @@ def prepare(bpffs_dir: Path, sizes: Mapping[str, int]) -> Plan:
     map would shrink below its entries (nothing has been moved then)."""
     want = declared_shapes(sizes)
     changed: dict[str, tuple[Shape, Shape]] = {}
+    other_layouts: dict[str, list[Path]] = {}  # pins of another layout version, by map
     for name, shape in want.items():
-        pin = bpffs_dir / name
-        if pin.exists():
-            have, _ = _pinned_shape(pin)
+        current = abi.map_pin(bpffs_dir, name)
+        versions = pinned_versions(bpffs_dir, name)
+        bare = bpffs_dir / name
+        if not current.exists() and versions.get(abi.MAPS[name].layout) == bare:
+            bare.rename(current)  # pinned before versions, and of the layout that had then
+        others = [path for version, path in versions.items() if version != abi.MAPS[name].layout]
+        if others:
+            other_layouts[name] = others
+        if current.exists():
+            have, _ = _pinned_shape(current)
             if have != shape:
                 changed[name] = (have, shape)
     copied = {n for n, (old, new) in changed.items() if n not in NEVER_COPIED and _copyable(old, new)}
-    if any(n in LINKED and n not in copied for n in changed):
+    if any(n in LINKED and n not in copied for n in [*changed, *other_layouts]):
         # a layout changed among maps that name each other's ids: none of them is kept
         for name in LINKED & set(want):
-            if name not in changed and (bpffs_dir / name).exists():
+            if name not in changed and abi.map_pin(bpffs_dir, name).exists():
                 shape = want[name]
                 changed[name] = (shape, shape)
         copied -= LINKED
     for name in sorted(copied):
         spec = abi.MAPS[name]
-        entries = 0 if spec.percpu or spec.programs else _count(bpffs_dir / name, spec)
+        entries = 0 if spec.percpu or spec.programs else _count(abi.map_pin(bpffs_dir, name), spec)
         limit = changed[name][1].max_entries
         if entries > limit:
             raise ValueError(
@@ -125,11 +143,47 @@ def prepare(bpffs_dir: Path, sizes: Mapping[str, int]) -> Plan:
                 f"(give --map-size at least {entries}, or run `kpr cleanup` first to start empty)"
             )
     for name in changed:
-        old = bpffs_dir / f"{OLD_PREFIX}{name}"
-        old.unlink(missing_ok=True)  # a previous migration that did not finish
-        (bpffs_dir / name).rename(old)
+        _move_aside(abi.map_pin(bpffs_dir, name))
     reasons = {name: _why(old, new) for name, (old, new) in changed.items()}
+    for name, paths in other_layouts.items():
+        for path in paths:
+            _move_aside(path)
+        reasons.setdefault(name, f"pinned with layout {', '.join(p.name for p in paths)}, now {abi.MAPS[name].pin}")
     return Plan(reasons, copied)
+
+
+def pinned_versions(bpffs_dir: Path, name: str) -> dict[int, Path]:
+    """The pins of map `name` in the directory, by layout version (the bare name counts as UNVERSIONED_LAYOUT)."""
+    found = {}
+    bare = bpffs_dir / name
+    if bare.exists():
+        found[UNVERSIONED_LAYOUT] = bare
+    for path in bpffs_dir.glob(f"{name}_v*"):
+        match = _VERSIONED.match(path.name)
+        if match and match[1] == name:
+            found[int(match[2])] = path
+    return found
+
+
+def kpr_map_pins(bpffs_dir: Path) -> list[Path]:
+    """Every map pin of kpr's in the directory, of any layout version, moved aside or not (what cleanup removes)."""
+    pins = {path for name in abi.MAPS for path in pinned_versions(bpffs_dir, name).values()}
+    pins.update(path for path in bpffs_dir.glob(f"{OLD_PREFIX}*") if _moved_aside(path.name) is not None)
+    return sorted(pins)
+
+
+def _move_aside(pin: Path) -> None:
+    old = pin.with_name(f"{OLD_PREFIX}{pin.name}")
+    old.unlink(missing_ok=True)  # a previous migration that did not finish
+    pin.rename(old)
+
+
+def _moved_aside(pin_name: str) -> tuple[str, int] | None:
+    """(map, layout version) of an old_ pin; None when it is no map of kpr's."""
+    name = pin_name.removeprefix(OLD_PREFIX)
+    match = _VERSIONED.match(name)
+    name, version = (match[1], int(match[2])) if match else (name, UNVERSIONED_LAYOUT)
+    return (name, version) if name in abi.MAPS else None
 
 
 def _why(old: Shape, new: Shape) -> str:
@@ -148,11 +202,14 @@ def copy_entries(bpffs_dir: Path, names: set[str] | None = None) -> dict[str, in
     has (the new programs' writes are newer). `names`: only these (default: every old_ pin whose layout matches)."""
     copied: dict[str, int] = {}
     for old in sorted(bpffs_dir.glob(f"{OLD_PREFIX}*")):
-        name = old.name.removeprefix(OLD_PREFIX)
-        new = bpffs_dir / name
-        spec = abi.MAPS.get(name)
-        if spec is None or not new.exists() or spec.percpu or spec.programs or name in NEVER_COPIED:
+        moved = _moved_aside(old.name)
+        if moved is None:
             continue
+        name, version = moved
+        spec = abi.MAPS[name]
+        new = abi.map_pin(bpffs_dir, name)
+        if version != spec.layout or not new.exists() or spec.percpu or spec.programs or name in NEVER_COPIED:
+            continue  # another layout's entries mean other things, whatever their sizes
         if names is not None and name not in names:
             continue
         old_shape, _ = _pinned_shape(old)
@@ -172,5 +229,6 @@ def finish(bpffs_dir: Path, copy: set[str] | None = None) -> dict[str, int]:
     """After the new programs are attached: a last copy of what the old ones wrote meanwhile, then the old pins go."""
     copied = copy_entries(bpffs_dir, copy)
     for old in bpffs_dir.glob(f"{OLD_PREFIX}*"):
-        old.unlink()
+        if _moved_aside(old.name) is not None:
+            old.unlink()
     return copied

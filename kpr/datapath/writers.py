@@ -63,7 +63,7 @@ class PinnedMapWriter:
         try:
             for name in names or [n for n, spec in abi.MAPS.items() if not (spec.percpu or spec.programs)]:
                 spec = abi.MAPS[name]
-                self.maps[name] = Map(str(self.bpffs_dir / name), spec.key, spec.value, percpu=spec.percpu)
+                self.maps[name] = Map(str(abi.map_pin(self.bpffs_dir, name)), spec.key, spec.value, percpu=spec.percpu)
         except BaseException:
             self.close()
             raise

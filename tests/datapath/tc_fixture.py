@@ -135,7 +135,7 @@ def tc_harness() -> Iterator[TcHarness]:
         pool = netns.executor(f"/run/netns/{node.netns}", name="kpr-tc-fixture")
         cleanup.callback(pool.shutdown)
         ifindex, device = pool.submit(_eth0).result()
-        with bpfsys.Map(str(bpffs_dir / "devices"), abi.U32, abi.DeviceInfo) as devices:
+        with bpfsys.Map(str(abi.map_pin(bpffs_dir, "devices")), abi.U32, abi.DeviceInfo) as devices:
             devices.update(abi.U32(ifindex), device)
         writer = PinnedMapWriter(bpffs_dir)
         cleanup.callback(writer.close)

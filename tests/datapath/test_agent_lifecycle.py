@@ -178,7 +178,7 @@ def test_a_restart_with_the_pins_gone_attaches_nothing_before_the_maps_are_full(
 
 
 def _max_entries(node_bpffs: Path, name: str) -> int:
-    fd = bpfsys.obj_get(str(node_bpffs / name))
+    fd = bpfsys.obj_get(str(abi.map_pin(node_bpffs, name)))
     try:
         return bpfsys.map_info(fd).max_entries
     finally:
@@ -236,7 +236,7 @@ def test_an_upgrade_that_changed_a_map_layout_rebuilds_the_maps_naming_each_othe
     lab, agent = node_with_agent
     node, manifests = agent.node, Path(agent.source_args[1])
     agent.stop(signal.SIGTERM)
-    (node.bpffs_dir / "ct4").unlink()
+    abi.map_pin(node.bpffs_dir, "ct4").unlink()
     BPF(text=OLD_CT % node.bpffs_dir).cleanup()  # an old kpr's ct4, pinned in its place
     upgraded = LabAgent(lab, node, manifests)
     result = under_client_loop(lab, 6, lambda: upgraded.start().wait_started(), warmup=0.5)
@@ -246,9 +246,58 @@ def test_an_upgrade_that_changed_a_map_layout_rebuilds_the_maps_naming_each_othe
     adopted = next(json.loads(line) for line in log.splitlines() if '"maps adopted"' in line)
     assert adopted["frontends"] == 0  # nothing adopted: rebuilt from the manifests
     assert not list(node.bpffs_dir.glob("old_*"))
-    fd = bpfsys.obj_get(str(node.bpffs_dir / "ct4"))
+    fd = bpfsys.obj_get(str(abi.map_pin(node.bpffs_dir, "ct4")))
     try:
         assert bpfsys.map_info(fd).value_size == ctypes.sizeof(abi.CtValue4)
     finally:
         os.close(fd)
+    assert set(lab.client(lab.pods["client"], "tcp", VIP, 80, count=30)["served"]) == {"pod-a", "pod-b", "pod-c"}
+
+
+def _rename_map_pins(bpffs_dir: Path, names: list[str], to: Callable[[abi.MapSpec], str]) -> None:
+    for name in names:
+        abi.map_pin(bpffs_dir, name).rename(bpffs_dir / to(abi.MAPS[name]))
+
+
+def test_maps_pinned_before_pins_carried_a_layout_version_are_adopted(
+    node_with_agent: tuple[Lab, LabAgent],
+) -> None:
+    """An agent from before versioned pins pinned "services4", not "services4_v1"; its layouts are version 1, so the
+    upgrade adopts those maps as they are (renamed), flows and all, instead of rebuilding them."""
+    lab, agent = node_with_agent
+    node, manifests = agent.node, Path(agent.source_args[1])
+    maps_before = [r.as_dict() for r in read_services(node.bpffs_dir)]
+    agent.stop(signal.SIGTERM)
+    pinned = [name for name in abi.MAPS if abi.map_pin(node.bpffs_dir, name).exists()]
+    _rename_map_pins(node.bpffs_dir, pinned, lambda spec: spec.name)
+    upgraded = LabAgent(lab, node, manifests)
+    result = under_client_loop(lab, 6, lambda: upgraded.start().wait_started(), warmup=0.5)
+    assert result["errors"] == {}, result["errors"]
+    log = upgraded.log(this_run=True)
+    assert '"pinned maps of another shape replaced"' not in log
+    adopted = next(json.loads(line) for line in log.splitlines() if '"maps adopted"' in line)
+    assert adopted["frontends"] == len(maps_before) > 0
+    assert all(abi.map_pin(node.bpffs_dir, name).exists() for name in pinned)
+    assert not [p.name for p in node.bpffs_dir.iterdir() if p.name in abi.MAPS or p.name.startswith("old_")]
+    assert [r.as_dict() for r in read_services(node.bpffs_dir)] == maps_before
+
+
+def test_maps_of_another_layout_version_are_never_adopted_even_at_the_same_size(
+    node_with_agent: tuple[Lab, LabAgent],
+) -> None:
+    """A layout change can keep a struct's size (fields reordered, a flag's meaning changed): the version in the pin
+    name is what tells. Maps pinned under another version (here: a kpr with layout 7 of conntrack and backends, the
+    same sizes as ours) are moved aside and never copied, and the maps naming their ids are rebuilt from the sources."""
+    lab, agent = node_with_agent
+    node, manifests = agent.node, Path(agent.source_args[1])
+    agent.stop(signal.SIGTERM)
+    _rename_map_pins(node.bpffs_dir, ["ct4", "backends4"], lambda spec: f"{spec.name}_v7")
+    other = LabAgent(lab, node, manifests)
+    result = under_client_loop(lab, 6, lambda: other.start().wait_started(), warmup=0.5)
+    assert result["errors"] == {}, result["errors"]
+    log = other.log(this_run=True)
+    assert '"pinned maps of another shape replaced"' in log and "ct4_v7" in log
+    adopted = next(json.loads(line) for line in log.splitlines() if '"maps adopted"' in line)
+    assert adopted["frontends"] == 0  # nothing adopted: rebuilt from the manifests
+    assert not list(node.bpffs_dir.glob("old_*")) and not list(node.bpffs_dir.glob("*_v7"))
     assert set(lab.client(lab.pods["client"], "tcp", VIP, 80, count=30)["served"]) == {"pod-a", "pod-b", "pod-c"}
