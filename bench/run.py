@@ -53,9 +53,8 @@ from bench.controlplane import endpoint_ip, log_times, rss_mib, service_obj, sli
 from kpr.datapath import abi, codec  # noqa: E402
 from kpr.datapath.bpfsys import Map  # noqa: E402
 from kpr.datapath.inspect import read_counters  # noqa: E402
-from kpr.lab import Lab  # noqa: E402
+from kpr.lab import Lab, Node, Pod  # noqa: E402
 from kpr.lab.cluster import LabAgent, endpoint, endpoint_slice, listen_in, service, wait_until  # noqa: E402
-from kpr.lab.topology import Node, Pod  # noqa: E402
 from tests.e2e.fake_apiserver import FakeApiServer  # noqa: E402
 
 OUT_DIR = ROOT / "docs" / "benchmarks"

@@ -21,7 +21,9 @@ from typing import Any, TypeVar
 import yaml
 
 from kpr.datapath import netns
-from kpr.lab.topology import CLIENT_PATH, Lab, Node, Pod, Where
+from kpr.lab.lab import Lab
+from kpr.lab.layout import Node, Pod, Where
+from kpr.lab.processes import CLIENT_PATH
 
 HOLDER_PATH = Path(__file__).with_name("holder.py")
 

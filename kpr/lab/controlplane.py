@@ -29,7 +29,10 @@ from typing import Any
 import yaml
 
 from kpr.datapath import netns
-from kpr.lab.topology import NETNS_DIR, External, Lab, LabError
+from kpr.lab.errors import LabError
+from kpr.lab.lab import Lab
+from kpr.lab.layout import External
+from kpr.lab.plumbing import NETNS_DIR
 
 K8S_BIN_DIR = Path(__file__).resolve().parents[2] / ".cache" / "k8s" / "bin"
 

@@ -23,7 +23,8 @@ from kpr.lab.cluster import (
     wait_until,
     write_manifest,
 )
-from kpr.lab.topology import External, Lab, Node, Pod
+from kpr.lab.lab import Lab
+from kpr.lab.layout import External, Node, Pod
 
 V4, V6 = "10.96.0.10", "fd00:96::10"
 

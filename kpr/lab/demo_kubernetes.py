@@ -15,7 +15,8 @@ from kpr.datapath.inspect import read_services
 from kpr.lab.cluster import finish_client_loop, finish_holder, start_client_loop, start_holder, wait_until
 from kpr.lab.demo import bar, say
 from kpr.lab.kubernetes import KubernetesLab, deployment, selector_service
-from kpr.lab.topology import Lab, Node
+from kpr.lab.lab import Lab
+from kpr.lab.layout import Node
 
 
 def programmed(node: Node, frontend: str) -> int:

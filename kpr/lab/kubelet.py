@@ -34,7 +34,9 @@ from kubernetes.client.rest import ApiException
 
 from kpr.datapath import netns
 from kpr.lab.controlplane import ControlPlane
-from kpr.lab.topology import Lab, LabError, Node, Pod
+from kpr.lab.errors import LabError
+from kpr.lab.lab import Lab
+from kpr.lab.layout import Node, Pod
 
 READY_ANNOTATION = "lab.kpr.io/ready"
 ZONE_LABEL = "topology.kubernetes.io/zone"

@@ -19,7 +19,8 @@ import yaml
 from kpr.lab.cluster import LabAgent
 from kpr.lab.controlplane import ControlPlane
 from kpr.lab.kubelet import LabKubelet
-from kpr.lab.topology import External, Lab, Node, Pod
+from kpr.lab.lab import Lab
+from kpr.lab.layout import External, Node, Pod
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 ZONES = {"node1": "zone-a", "node2": "zone-b"}

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 import pytest
 
 from kpr.datapath.inspect import read_counters, read_services
-from kpr.lab import Lab
+from kpr.lab import External, Lab, Node, Pod
 from kpr.lab.cluster import LabAgent, endpoint_slice, pod_endpoints, service, wait_until, write_manifest
-from kpr.lab.topology import External, Node, Pod
 
 pytestmark = [pytest.mark.datapath, pytest.mark.slow]
 

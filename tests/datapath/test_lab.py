@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from kpr.lab import HostSnapshot, Lab, LabError, Pod, host_violations, sweep_stale
-from kpr.lab.topology import NETNS_DIR, RUN_ROOT
+from kpr.lab.plumbing import NETNS_DIR
+from kpr.lab.teardown import RUN_ROOT
 
 pytestmark = pytest.mark.datapath
 

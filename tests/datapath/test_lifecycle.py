@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from kpr.datapath.inspect import read_backends, read_services
-from kpr.lab import Lab
+from kpr.lab import External, Lab, Node, Pod
 from kpr.lab.cluster import (
     LabAgent,
     endpoint_slice,
@@ -41,7 +41,6 @@ from kpr.lab.cluster import (
     wait_until,
     write_manifest,
 )
-from kpr.lab.topology import External, Node, Pod
 
 pytestmark = [pytest.mark.datapath, pytest.mark.slow]
 

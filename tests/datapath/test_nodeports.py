@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 
 from kpr.datapath.inspect import read_nodeport_addresses
-from kpr.lab import Lab
+from kpr.lab import External, Lab, Node, Pod
 from kpr.lab.cluster import LabAgent, endpoint_slice, pod_endpoints, service, wait_until, write_manifest
-from kpr.lab.topology import External, Node, Pod
 
 pytestmark = [pytest.mark.datapath, pytest.mark.slow]
 

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 
 from kpr.datapath.inspect import read_backends, read_conntrack, read_counters, read_services
-from kpr.lab import Lab
+from kpr.lab import External, Lab, Node, Pod
 from kpr.lab.cluster import LabAgent, endpoint_slice, pod_endpoints, service, wait_until, write_manifest
-from kpr.lab.topology import CLUSTER_CIDRS, External, Node, Pod
+from kpr.lab.layout import CLUSTER_CIDRS
 
 pytestmark = [pytest.mark.datapath, pytest.mark.slow]
 

@@ -16,9 +16,8 @@ from prometheus_client import CollectorRegistry
 from kpr.agent import http
 from kpr.datapath import netns
 from kpr.datapath.loader import attached_programs
-from kpr.lab import Lab
+from kpr.lab import Lab, Node
 from kpr.lab.cluster import LabAgent, endpoint_slice, pod_endpoints, service, wait_until, write_manifest
-from kpr.lab.topology import Node
 
 pytestmark = pytest.mark.datapath
 

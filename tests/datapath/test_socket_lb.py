@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from kpr.datapath.inspect import read_counters, read_services
-from kpr.lab import Lab
+from kpr.lab import Lab, Pod
 from kpr.lab.cluster import (
     LabAgent,
     endpoint,
@@ -24,7 +24,6 @@ from kpr.lab.cluster import (
     wait_until,
     write_manifest,
 )
-from kpr.lab.topology import Pod
 
 pytestmark = pytest.mark.datapath
 

@@ -12,8 +12,7 @@ import pytest
 
 from kpr.datapath import abi, netns, sockets
 from kpr.datapath.writers import MemoryMapWriter
-from kpr.lab import Lab
-from kpr.lab.topology import Pod
+from kpr.lab import Lab, Pod
 
 pytestmark = pytest.mark.datapath
 

@@ -34,7 +34,7 @@ from kpr.datapath.testrun import (
     prog_test_run,
     skb_context,
 )
-from kpr.lab import topology
+from kpr.lab import layout
 from kpr.model.types import Backend, Frontend, FrontendKind, ServiceKey
 from tests.datapath import packets as P
 from tests.datapath.tc_fixture import FlowKey, TcHarness, tc_harness
@@ -55,7 +55,7 @@ CIP4, CIP6 = "10.96.0.10", "fd00:96::a"  # a ClusterIP
 CIP_REMOTE4, CIP_REMOTE6 = "10.96.0.11", "fd00:96::b"  # a ClusterIP whose endpoint is on node2
 CIP_LOCAL4 = "10.96.0.12"  # a ClusterIP with internalTrafficPolicy=Local, its endpoint on node2
 OTHER_POD4, OTHER_POD6 = "10.244.2.20", "fd00:244:2::14"  # a pod on node2, a client routed to node1
-CLUSTER_CIDRS = DatapathSettings(cluster_cidrs=topology.CLUSTER_CIDRS)  # --cluster-cidr
+CLUSTER_CIDRS = DatapathSettings(cluster_cidrs=layout.CLUSTER_CIDRS)  # --cluster-cidr
 EXTERNAL_CLUSTER_IP = DatapathSettings(external_cluster_ip=True)  # --external-cluster-ip
 OTHER4, OTHER6 = "192.0.2.55", "2001:db8::55"  # an address kpr knows nothing about
 ROUTER4, ROUTER6 = "10.244.2.1", "fd00:244:2::1"  # node2's bridge: where a packet toward its pods may be too big

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from kpr.datapath.inspect import read_services
-from kpr.lab import Lab
+from kpr.lab import Lab, Pod
 from kpr.lab.cluster import (
     LabAgent,
     endpoint_slice,
@@ -27,7 +27,6 @@ from kpr.lab.cluster import (
     start_client_loop,
     wait_until,
 )
-from kpr.lab.topology import Pod
 from tests.e2e.fake_apiserver import FakeApiServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.datapath]

@@ -13,10 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from kpr.lab import Lab
+from kpr.lab import Lab, Node, Pod
 from kpr.lab.cluster import wait_until
 from kpr.lab.kubernetes import KubernetesLab, deployment
-from kpr.lab.topology import Node, Pod
 
 
 class Cluster(KubernetesLab):

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from kpr.datapath.inspect import read_services
+from kpr.lab import Node, Pod
 from kpr.lab.cluster import (
     LabAgent,
     finish_client_loop,
@@ -20,7 +21,6 @@ from kpr.lab.cluster import (
     wait_until,
 )
 from kpr.lab.kubernetes import deployment, selector_service
-from kpr.lab.topology import Node, Pod
 from tests.k8s.conftest import Cluster, wait_programmed
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
