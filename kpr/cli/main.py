@@ -468,7 +468,17 @@ def cleanup(cgroup_root: Path | None, bpffs_dir: Path, kube_proxy: bool, keep_kp
         for line in report.removed:
             click.echo(f"  {line}")
         if report.errors:
-            raise click.ClickException("could not remove:\n  " + "\n  ".join(report.errors))
+            denied = any("Permission denied" in e or "Operation not permitted" in e for e in report.errors)
+            raise click.ClickException(
+                "could not remove (or could not read) kube-proxy's state:\n  "
+                + "\n  ".join(report.errors)
+                + (
+                    "\nthis needs CAP_NET_ADMIN, and CAP_NET_RAW for legacy iptables: run it as root on the node, or "
+                    "in the kpr pod's container (kubectl exec), which has both"
+                    if denied
+                    else ""
+                )
+            )
 
 
 if __name__ == "__main__":
