@@ -17,7 +17,7 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any
@@ -139,9 +139,7 @@ class Lab:
         """A node namespace on the underlay with a pod bridge, forwarding and routes to the other nodes' pods."""
         with self._lock:
             self._check_name(name)
-            number = max((node.number for node in self._nodes.values()), default=0) + 1
-            if number > MAX_NODES:
-                raise LabError(f"at most {MAX_NODES} nodes per lab")
+            number = _next_number(self._nodes.values(), MAX_NODES, "nodes")
             node = node_at(self.prefix, self.cgroup, name, number)
             add_netns(node.netns, NODE_SYSCTLS)
             node.cgroup.mkdir(exist_ok=True)
@@ -186,9 +184,7 @@ class Lab:
         """A client namespace on the underlay bridge (outside every node), like a machine in the same L2 segment."""
         with self._lock:
             self._check_name(name)
-            number = max((ext.number for ext in self._externals.values()), default=0) + 1
-            if number > MAX_EXTERNALS:
-                raise LabError(f"at most {MAX_EXTERNALS} externals per lab")
+            number = _next_number(self._externals.values(), MAX_EXTERNALS, "externals")
             ext = external_at(self.prefix, self.cgroup, name, number)
             add_netns(ext.netns, {})
             self._externals[name] = ext
@@ -411,6 +407,14 @@ class Lab:
         terminate(tracked)
         done = {id(t.proc) for t in tracked if t.proc.poll() is not None}
         self._tracked = [t for t in self._tracked if id(t.proc) not in done]
+
+
+def _next_number(things: Iterable[Node | External], limit: int, what: str) -> int:
+    """The number for a new node or external: one more than the highest so far, at most `limit`."""
+    number = max((thing.number for thing in things), default=0) + 1
+    if number > limit:
+        raise LabError(f"at most {limit} {what} per lab")
+    return number
 
 
 def assert_host_isolated(lab: Lab) -> None:
