@@ -13,6 +13,7 @@ from typing import TypeVar
 import click
 
 from kpr import log
+from kpr.cli.node import node
 
 DEFAULT_BPFFS_DIR = Path("/sys/fs/bpf/kpr")
 T = TypeVar("T")
@@ -480,6 +481,8 @@ def cleanup(cgroup_root: Path | None, bpffs_dir: Path, kube_proxy: bool, keep_kp
                 )
             )
 
+
+main.add_command(node)  # kpr node mount-bpffs | mount-cgroup | install-cni: the DaemonSet's init containers
 
 if __name__ == "__main__":
     main()
