@@ -16,7 +16,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+from kpr.datapath.toolchain import bpf_sources
+
+BPF_DIR = bpf_sources()  # the package data kpr/bpf/ of an install, the repository's bpf/ in a checkout (toolchain)
 HEADER = BPF_DIR / "kpr.h"
 
 SCOPE_DEFAULT = 0
