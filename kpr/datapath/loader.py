@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kpr.datapath import abi, bpfsys, crc32c, migrate, netns, statfs
+from kpr import log
+from kpr.datapath import abi, bpfsys, crc32c, migrate, netns, statfs, toolchain
 
 BPF_FS_MAGIC = 0xCAFE4A11
 CGROUP2_SUPER_MAGIC = 0x63677270
@@ -81,15 +82,6 @@ def check_bpffs(bpffs_dir: Path) -> None:
 def check_cgroup2(cgroup: Path) -> None:
     if fs_magic(cgroup) != CGROUP2_SUPER_MAGIC:
         raise DatapathError(f"{cgroup} is not a cgroup v2 directory; pass the cgroup2 mount (or a directory in it)")
-
-
-def check_kernel_headers() -> None:
-    build = Path("/lib/modules") / os.uname().release / "build"
-    if not build.exists():
-        raise DatapathError(
-            f"{build} is missing: BCC needs kernel headers. Install linux-headers for this kernel, or link {build} "
-            "to a Debian linux-headers-*-amd64 tree (see README, 'Kernel headers')"
-        )
 
 
 def map_size_flags(sizes: dict[str, int]) -> list[str]:
@@ -150,9 +142,9 @@ class SocketLB:
     map_sizes: dict[str, int] = field(default_factory=dict)
     settings: DatapathSettings = field(default_factory=lambda: DatapathSettings())
     compile_seconds: float = 0.0
+    kernel_headers: str = ""  # the tree BCC compiled in (toolchain.compile_bpf), e.g. "node (/lib/modules/...)"
 
     def load(self) -> None:
-        check_kernel_headers()
         check_bpffs(self.bpffs_dir)
         self.bpffs_dir.mkdir(mode=0o700, exist_ok=True)
         from bcc import BPF, BPFAttachType  # only the loader child imports bcc
@@ -170,7 +162,9 @@ class SocketLB:
         cflags = [f'-DKPR_PIN_DIR="{self.bpffs_dir}"', f"-I{abi.BPF_DIR}", *map_size_flags(self.map_sizes)]
         started = time.monotonic()
         try:
-            bpf = BPF(src_file=str(abi.BPF_DIR / "sock.c"), cflags=cflags)
+            bpf, self.kernel_headers = toolchain.compile_bpf(
+                lambda: BPF(src_file=str(abi.BPF_DIR / "sock.c"), cflags=cflags), "bpf/sock.c"
+            )
         except Exception as e:  # BCC raises a bare Exception on compile or pin errors
             raise DatapathError(f"compiling bpf/sock.c failed: {e}") from e
         self.compile_seconds = time.monotonic() - started
@@ -288,7 +282,7 @@ class TcLB:
 
         cflags = [f'-DKPR_PIN_DIR="{self.bpffs_dir}"', f"-I{abi.BPF_DIR}", *map_size_flags(self.map_sizes)]
         try:
-            bpf = BPF(src_file=str(abi.BPF_DIR / "tc.c"), cflags=cflags)
+            bpf, _ = toolchain.compile_bpf(lambda: BPF(src_file=str(abi.BPF_DIR / "tc.c"), cflags=cflags), "bpf/tc.c")
         except Exception as e:  # BCC raises a bare Exception on compile or pin errors
             raise DatapathError(f"compiling bpf/tc.c failed: {e}") from e
         powers = abi.map_pin(self.bpffs_dir, "crc32c_powers")
@@ -483,6 +477,7 @@ class Loaded:
     compile_seconds: float
     migrated: dict[str, str]  # maps moved aside because their shape changed, and why (kpr.datapath.migrate)
     copied: list[str]  # those of them whose entries were copied (and are copied again after attaching)
+    kernel_headers: str = ""  # the kernel headers tree BCC compiled in (kpr.datapath.toolchain)
 
 
 def load_isolated(bpffs_dir: Path, map_sizes: dict[str, int], settings: DatapathSettings, tc: bool) -> Loaded:
@@ -508,7 +503,9 @@ def load_isolated(bpffs_dir: Path, map_sizes: dict[str, int], settings: Datapath
         result = {}
     if proc.returncode != 0 or "compile_seconds" not in result:
         raise DatapathError(result.get("error") or f"loading the BPF programs failed: {proc.stderr.strip()[-2000:]}")
-    return Loaded(float(result["compile_seconds"]), result["migrated"], result["copied"])
+    loaded = Loaded(float(result["compile_seconds"]), result["migrated"], result["copied"], result["kernel_headers"])
+    log.get("kpr.loader").info("BPF programs compiled", kernel_headers=loaded.kernel_headers)
+    return loaded
 
 
 def attach_socket_programs(bpffs_dir: Path, cgroup: Path, socket_lb: str) -> list[bpfsys.AttachedProgram]:
@@ -565,6 +562,7 @@ def _child_main() -> int:
     parser.add_argument("--settings", default=DatapathSettings().to_json())
     parser.add_argument("--tc", action="store_true", help="also tc.c")
     args = parser.parse_args()
+    log.configure("json")  # stdout carries the result, the last line; logs go to stderr
     sizes = json.loads(args.map_sizes)
     lb = SocketLB(args.bpffs_dir, sizes, DatapathSettings.from_json(args.settings))
     try:
@@ -584,7 +582,10 @@ def _child_main() -> int:
         print(json.dumps({"error": str(e)}))
         return 1
     moved, copied = (plan.moved, sorted(plan.copied)) if plan else ({}, [])
-    print(json.dumps({"compile_seconds": compile_seconds, "migrated": moved, "copied": copied}))
+    headers = lb.kernel_headers
+    print(
+        json.dumps({"compile_seconds": compile_seconds, "migrated": moved, "copied": copied, "kernel_headers": headers})
+    )
     return 0
 
 
