@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup k8s demo test unit lint soak bench clean
+.PHONY: help setup k8s demo test unit lint soak bench image clean
 
 help:
 	@echo "make demo   - set up, then load balance a Service in the lab namespaces and show kpr services"
@@ -17,6 +17,8 @@ help:
 	@echo "              survived (SOAK_SECONDS=1800, SOAK_SEED=N replays a run)"
 	@echo "make bench  - kpr vs kube-proxy iptables/nftables vs the pod IP, and the UDP socket sweep at 10k sockets;"
 	@echo "              writes docs/benchmarks/ (BENCH_ARGS=--quick)"
+	@echo "make image  - build the container image (deploy/Containerfile) with buildah, no registry needed: a"
+	@echo "              debootstrapped Debian base (.cache/image/), then a check that it loads the programs"
 	@echo "make clean  - remove the venv and any lab left behind by a killed run"
 
 setup:
@@ -47,6 +49,10 @@ bench: setup
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
 	$(PY) bench/run.py $(BENCH_ARGS)
 	$(PY) bench/socket_sweep.py
+
+# Not part of `make test`: it fetches Debian packages and PyPI wheels (about 1.5 minutes the first time).
+image:
+	@bash scripts/image.sh
 
 clean:
 	-[ -x $(PY) ] && $(PY) -c 'from kpr.lab import sweep_stale; sweep_stale()'

@@ -306,6 +306,8 @@ def test_rbac_is_exactly_what_the_agent_uses(objects: dict[str, dict[str, Any]])
 
 
 def test_containerfile() -> None:
+    """Two stages: the build one makes the wheel and the kernel headers tree; the image installs the wheel (never
+    editable, no source tree kept) and ships the headers where the DaemonSet's host mounts do not hide them."""
     text = (DEPLOY / "Containerfile").read_text()
     instructions = [
         line for line in re.sub(r"\\\n", " ", text).splitlines() if line.strip() and not line.startswith("#")
@@ -313,16 +315,35 @@ def test_containerfile() -> None:
     keywords = [line.split()[0] for line in instructions]
     known = {"FROM", "RUN", "COPY", "ADD", "ENV", "ARG", "WORKDIR", "USER", "LABEL", "ENTRYPOINT", "CMD", "EXPOSE"}
     assert set(keywords) <= known, keywords
-    assert instructions[0] == "FROM debian:bookworm-slim"
-    run = " ".join(i for i in instructions if i.startswith("RUN "))
-    for package in ("python3-bpfcc", "libbpfcc", "python3-venv"):
+    assert instructions[0] == "ARG BASE=debian:bookworm-slim"
+    assert [i for i in instructions if i.startswith("FROM ")] == ["FROM ${BASE} AS build", "FROM ${BASE}"]
+    final_from = instructions.index("FROM ${BASE}")
+    build, image = instructions[:final_from], instructions[final_from:]
+
+    for source in ("kpr", "bpf"):
+        assert any(i.startswith(f"COPY {source} ") for i in build), source
+    assert any(i.startswith("COPY pyproject.toml setup.py ") for i in build)
+    assert re.search(r"pip wheel [^&]*/opt/kpr/src", " ".join(build))
+    assert any("kernel-headers-tree.sh debian /opt/kpr/kernel-headers" in i for i in build)
+
+    run = " ".join(i for i in image if i.startswith("RUN "))
+    for package in ("python3-bpfcc", "libbpfcc", "python3-venv", "iproute2", "iptables", "nftables"):
         assert re.search(rf"apt-get install [^&]*\b{package}\b", run), package
     assert "ln -sfn /usr/lib/python3/dist-packages/bcc" in run
-    assert re.search(r"pip install [^&]*/opt/kpr/src", run)
+    assert re.search(r"pip install [^&]*/tmp/kpr-dist/kpr-\*\.whl", run)
+    assert not re.search(r"pip install [^&]*(\s-e\s|--editable)", text), "the image installs the wheel, not a checkout"
     assert not re.search(r"pip install [^&]*\bbcc\b", run), "bcc comes from Debian, never PyPI"
+    assert [i.split()[1] for i in image if i.startswith("COPY ")] == ["--from=build", "--from=build"]
     assert 'ENTRYPOINT ["kpr"]' in instructions
-    for source in ("kpr", "bpf", "pyproject.toml"):
-        assert any(i.startswith(f"COPY {source} ") for i in instructions), source
+
+    # The shipped headers tree (kpr.datapath.toolchain's last fallback) is not under a host path the DaemonSet mounts.
+    env = " ".join(i for i in image if i.startswith("ENV "))
+    headers = re.search(r"KPR_KERNEL_HEADERS=(\S+)", env)
+    assert headers and f"COPY --from=build {headers[1]} {headers[1]}" in image
+    [daemonset] = [d for d in load_docs(DEPLOY / "daemonset.yaml") if d["kind"] == "DaemonSet"]
+    [kpr] = [c for c in daemonset["spec"]["template"]["spec"]["containers"] if c["name"] == "kpr"]
+    for mount in kpr.get("volumeMounts", []):
+        assert not Path(headers[1]).is_relative_to(mount["mountPath"]), mount
 
 
 # ---- the Vagrant lab ----

@@ -265,10 +265,10 @@ def test_every_tree_failing_names_each_failure(tmp_path: Path, node: dict[str, P
         toolchain.compile_bpf(build, "bpf/sock.c", [kheaders, image])
 
 
-# ---- the script that makes the shipped tree ----
+# ---- the scripts that make and use the shipped tree ----
 
 
-@pytest.mark.parametrize("script", ["kernel-headers-tree.sh"])
+@pytest.mark.parametrize("script", ["kernel-headers-tree.sh", "image.sh"])
 def test_scripts_pass_shellcheck(script: str) -> None:
     assert shutil.which("shellcheck"), "shellcheck is missing (make setup installs it)"
     path = REPO / "scripts" / script
