@@ -351,6 +351,9 @@ class Agent:
         self.attach_due = False
         self.attached = True
         self.next_datapath_check = time.monotonic() + DATAPATH_CHECK_PERIOD
+        # Exhaustion episodes count from here: a drop in the first second is this agent's to report, not its baseline.
+        counters = read_counters(self.config.bpffs_dir)
+        self.counters_seen = {counter: counters.get(counter, 0) for counter in EXHAUSTION}
         if self.migrating is not None:
             copied = migrate.finish(self.config.bpffs_dir, self.migrating)  # what the old programs wrote meanwhile
             self.migrating = None

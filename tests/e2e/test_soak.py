@@ -40,7 +40,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from kpr.datapath import abi
 from kpr.datapath.inspect import read_backends, read_conntrack, read_counters, read_services
 from kpr.datapath.writers import PinnedMapWriter
 from kpr.lab import CLIENT_PATH, External, Lab, Node, Pod
@@ -52,10 +54,12 @@ from kpr.lab.cluster import (
     listen_in,
     pod_endpoints,
     pods_in_states,
+    remove_manifest,
     service,
     start_client_loop,
     start_holder,
     wait_until,
+    write_manifest,
 )
 from tests.e2e.fake_apiserver import FakeApiServer
 
@@ -64,7 +68,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.datapath, pytest.mark.slow, pytest.ma
 Obj = dict[str, Any]
 
 DEFAULT_SECONDS = 60.0
-CT_ENTRIES = 4096  # --map-size ct=: 2048 flows (a flow takes an original and a reply entry)
+CT_ENTRIES = 8192  # --map-size ct=: 4096 flows (a flow takes an original and a reply entry); room for every
+# masquerade port (SNAT_PORTS) taken at once
 CONVERGENCE_BOUND = 30.0  # seconds after a fault for the maps to hold what the API holds
 HELD_CONNECTIONS = 6
 RSS_LIMIT_MIB, RSS_GROWTH_MIB, THREADS_LIMIT, FDS_LIMIT = 400, 64, 64, 256
@@ -74,8 +79,11 @@ BURST_EXCESS = 40  # flows a conntrack burst tries beyond the table's free room
 BURST_TIMEOUT = 0.05  # a dropped SYN costs its client this long; a lab connection takes a millisecond
 BURST_CLIENTS = 2  # parallel client processes of a burst
 BULK = 60  # Services a kill's batch creates, re-points or deletes at once
+EXHAUSTED_EVENTS = ("conntrack", "masquerade ports")  # the agent's "<resource> exhausted" warnings
 EPISODE_QUIET = 60.0  # the agent logs an exhaustion episode at most once a minute (kpr/agent/agent.py)
 
+SNAT_PORTS = abi.SNAT_PORT_MAX - abi.SNAT_PORT_MIN + 1
+SNAT_BURST = 60  # flows a masquerade-port burst tries: about half of them to the remote backend
 STEADY_VIP, STEADY_NP_VIP, BURST_VIP = "10.96.0.10", "10.96.0.11", "10.96.0.12"
 NP_STREAM, NP_DNS, NP_BURST = 30900, 30953, 30800
 SLICE_PORTS = [("http", 8080, "TCP"), ("dns", 8080, "UDP")]
@@ -87,7 +95,11 @@ FAULTS = {  # kind -> how the table names it
     "compact": "API restored with a new history (410 Gone, relist)",
     "churn": "20-50 rapid endpoint changes on the churn Services",
     "ct-full": "conntrack filled by a north-south burst",
+    "snat-full": "every masquerade port toward a remote backend taken",
+    "manifests": "node2's manifests rewritten: in place and slowly, broken then fixed, removed and re-added",
 }
+MANIFEST_VIP, MANIFEST_CHURN_VIP = "10.97.0.10", "10.97.0.11"
+MANIFEST_WRITES = ("slow in place", "broken then fixed", "removed and re-added", "atomic rename")
 
 
 # ---- records and the report -----------------------------------------------------------------------------------
@@ -134,6 +146,10 @@ def fault_table(rounds: Sequence[Round]) -> str:
         details = ", ".join(f"{what}: {n}" for what, n in sorted(Counter(r.detail for r in mine if r.detail).items()))
         if kind == "ct-full" and mine:
             details = f"{sum(r.dropped for r in mine)} new flows dropped in {sum(r.bursts for r in mine)} bursts"
+        elif kind == "manifests" and mine:
+            details = ", ".join(f"{how}: {n}" for how, n in sorted(Counter(r.detail for r in mine).items()))
+        elif kind == "snat-full" and mine:
+            details = f"{sum(r.dropped for r in mine)} new flows dropped, all served again once the ports expired"
         elif kind in ("churn", "api-cut") and mine:
             details = f"{sum(r.writes for r in mine)} API writes in all"
         lines.append(f"| {title} | {len(mine)} | {sum(r.survived for r in mine)} | {worst} | {details} |")
@@ -155,14 +171,14 @@ def resource_summary(samples: Sequence[Sample]) -> str:
 
 def traffic_summary(east_west: dict[str, Segments], held: dict[str, Any]) -> str:
     lines = []
-    for proto, segments in east_west.items():
+    for what, segments in east_west.items():
         attempts = sum(s.result["attempts"] for s in segments)
         ok = sum(s.result["ok"] for s in segments)
         errors: Counter[str] = Counter()
         for s in segments:
             errors.update(s.result["errors"])
         lines.append(
-            f"east-west {proto.upper()} to the ClusterIP: {attempts} attempts in {len(segments)} loops, "
+            f"east-west {what}: {attempts} attempts in {len(segments)} loops, "
             f"{attempts - ok} failed {dict(errors) or ''}".rstrip()
         )
     conns = held.get("tcp", [])
@@ -363,18 +379,57 @@ class Soak:
     ext: External
     churn_pods: dict[str, Pod]
     churn: list[ChurnService]
+    burst_remote: Pod  # the burst NodePort's backend on node2: its flows are masqueraded
+    node2: Node  # its agent follows a directory of manifests
+    manifests: Path
+    client2: Pod  # on node2
     seed: int
     rng: random.Random = field(init=False)
     rounds: list[Round] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
     changes: int = 0  # API writes made by churn steps
-    exhausted_log: tuple[float, float] | None = None  # (earliest, latest) wall time of the last "exhausted" line
-    restarted_since_log: bool = False
+    # resource ("conntrack", "masquerade ports") -> (earliest, latest) wall time of its last "exhausted" line
+    exhausted_log: dict[str, tuple[float, float]] = field(default_factory=dict)
+    restarted_since_log: set[str] = field(default_factory=set)  # resources whose episode a restart forgot
     round: Round | None = None  # the one running
     bulk_present: bool = False  # whether the BULK Services exist
 
+    manifest_churn: ChurnService = field(init=False)  # the Service of node2's churn file
+
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
+        self.manifest_churn = ChurnService("churn-m", MANIFEST_CHURN_VIP, None, split=False)
+        self.manifest_churn.states = {name: "ready" for name in sorted(self.churn_pods)[:3]}
+
+    def manifest_objects(self) -> tuple[list[Obj], list[Obj]]:
+        """(steady file, churn file): what node2's agent must follow."""
+        steady = [
+            service("steady-m", [MANIFEST_VIP], [("http", 80, 8080, "TCP")]),
+            endpoint_slice("steady-m", pod_endpoints(self.steady_pods), [("http", 8080, "TCP")]),
+        ]
+        churn = [self.manifest_churn.service_object(), *self.manifest_churn.slice_objects(self.churn_pods)]
+        return steady, churn
+
+    @property
+    def steady_pods(self) -> list[Pod]:
+        return [self.lab.pods[name] for name in ("st-1", "st-2", "st-3")]
+
+    def manifest_expected(self) -> Programmed:
+        steady, churn = self.manifest_objects()
+        objects = steady + churn
+        return expected_frontends(
+            [o for o in objects if o["kind"] == "Service"], [o for o in objects if o["kind"] == "EndpointSlice"]
+        )
+
+    def manifest_converge(self, since: float, want: Programmed | None = None) -> float:
+        want = self.manifest_expected() if want is None else want
+        try:
+            wait_until(lambda: programmed(self.node2) == want, CONVERGENCE_BOUND, "node2's maps to converge", 0.1)
+        except TimeoutError:
+            raise AssertionError(
+                f"node2's maps not converged after {CONVERGENCE_BOUND}s:\n{difference(programmed(self.node2), want)}"
+            ) from None
+        return time.time() - since
 
     # ---- state
 
@@ -518,7 +573,7 @@ class Soak:
             landed = "before its sync" if have == before else "after its sync" if have == after else "mid-sync"
         self.agent.start()
         restarted = time.time()
-        self.restarted_since_log = True
+        self.restarted_since_log = set(EXHAUSTED_EVENTS)
         self.agent.wait_started(60)
         return restarted, f"landed {landed}", None
 
@@ -559,6 +614,56 @@ class Soak:
 
         return time.time(), "HTTP 410" if as_http else "410 in the stream", listed_again
 
+    def fault_manifests(self) -> Injected:
+        """node2's churn manifest written as people and tools write files: slowly in place (the agent must not use
+        the half it may see), broken (the last good version stays in effect) then fixed, removed (its Service goes)
+        and written again, or replaced atomically; each time with new endpoint states. The steady file is never
+        touched and its ClusterIP serves throughout."""
+        svc, pods = self.manifest_churn, self.churn_pods
+        for name in sorted(pods):
+            state = self.rng.choice(CHURN_STATES)
+            if state == "gone":
+                svc.states.pop(name, None)
+            else:
+                svc.states[name] = state
+        _, churn = self.manifest_objects()
+        path = self.manifests / "churn.yaml"
+        how = self.rng.choice(MANIFEST_WRITES)
+        if how == "slow in place":
+            text = yaml.safe_dump_all(churn, sort_keys=False)
+            with open(path, "w") as f:  # truncated, half written, a pause, the rest
+                f.write(text[: len(text) // 2])
+                f.flush()
+                time.sleep(self.rng.uniform(0.2, 1.5))
+                f.write(text[len(text) // 2 :])
+        elif how == "broken then fixed":
+            kept = programmed(self.node2)
+            path.write_text("kind: Service\nmetadata: [not, a, mapping\n")
+            time.sleep(2.0)  # two polls at least: the agent has seen it
+            assert programmed(self.node2) == kept, "a broken manifest changed the maps"
+            write_manifest(self.manifests, "churn.yaml", churn)
+        elif how == "removed and re-added":
+            remove_manifest(self.manifests, "churn.yaml")
+            steady, _ = self.manifest_objects()
+            steady_only = expected_frontends([steady[0]], [steady[1]])
+            self.manifest_converge(time.time(), steady_only)  # its Service is gone from node2's maps
+            write_manifest(self.manifests, "churn.yaml", churn)
+        else:
+            write_manifest(self.manifests, "churn.yaml", churn)
+        injected = time.time()
+
+        def node2_converged() -> None:
+            self.manifest_converge(injected)
+            _, backends = self.manifest_expected()[f"{MANIFEST_CHURN_VIP}:80/TCP"]
+            names = {p.name for p in pods.values() if f"{p.ipv4}:8080/TCP" in backends}
+            got = self.lab.client(self.client2, "tcp", MANIFEST_CHURN_VIP, 80, count=6, timeout=3)
+            if names:
+                assert got["errors"] == {} and set(got["served"]) <= names, f"churn-m: {got} (usable: {names})"
+            else:
+                assert got["errors"] == {"ECONNREFUSED": 6}, f"churn-m has no usable endpoint: {got}"
+
+        return injected, how, node2_converged
+
     def fault_churn(self) -> Injected:
         for _ in range(self.rng.randint(20, 50)):
             self.churn_step()
@@ -587,38 +692,115 @@ class Soak:
         self.round.dropped = dropped
         self.round.bursts = bursts
 
-        # One warning per episode, and at most one a minute while drops go on (EPISODE_QUIET).
-        last = self.exhausted_log
-        fresh = last is None or self.restarted_since_log or began - last[1] >= EPISODE_QUIET + 1
+        return ended, "", self.logged_once_per_episode("conntrack", began, ended, lines_before)
+
+    def logged_once_per_episode(
+        self, resource: str, began: float, ended: float, lines_before: int
+    ) -> Callable[[], None]:
+        """The check that the agent said "<resource> exhausted" once for an episode of drops from `began` to `ended`,
+        and at most once a minute while drops go on (EPISODE_QUIET); `lines_before`: the lines before it began."""
+        event = f'"{resource} exhausted"'
+        last = self.exhausted_log.get(resource)
+        fresh = last is None or resource in self.restarted_since_log or began - last[1] >= EPISODE_QUIET + 1
         quiet = not fresh and last is not None and ended + 3 - last[0] < EPISODE_QUIET - 1
 
         def logged_once() -> None:
             def lines() -> int:
-                return self.agent.log().count('"conntrack exhausted"') - lines_before
+                return self.agent.log().count(event) - lines_before
 
             if fresh:
-                wait_until(lambda: lines() >= 1, 10, "the agent to log the conntrack exhaustion")
+                try:
+                    wait_until(lambda: lines() >= 1, 10, f"the agent to log {event}")
+                except TimeoutError:
+                    told = [
+                        json.loads(x).get("event") for x in self.agent.log().splitlines()[-25:] if x.startswith("{")
+                    ]
+                    raise AssertionError(f"{event} not logged; the agent's last such lines: {told}") from None
             time.sleep(max(0.0, ended + 2.5 - time.time()))  # the agent reads the counters every second
             new = lines()
             if fresh:
-                assert new == 1, f"{new} 'conntrack exhausted' lines for one episode"
+                assert new == 1, f"{new} {event} lines for one episode"
             elif quiet:
-                assert new == 0, f"'conntrack exhausted' logged again within {EPISODE_QUIET:.0f}s"
+                assert new == 0, f"{event} logged again within {EPISODE_QUIET:.0f}s"
             else:
-                assert new <= 1, f"{new} 'conntrack exhausted' lines for one burst"
+                assert new <= 1, f"{new} {event} lines for one burst"
             if new:
-                self.exhausted_log, self.restarted_since_log = (began, time.time()), False
+                self.exhausted_log[resource] = (began, time.time())
+                self.restarted_since_log.discard(resource)
 
-        return ended, "", logged_once
+        return logged_once
 
-    def burst(self, flows: int) -> list[dict[str, Any]]:
+    def fault_snat_full(self) -> Injected:
+        """Every masquerade port toward the burst NodePort's remote backend taken: reply entries for all SNAT_PORTS
+        written into ct4 as masqueraded flows in their closing state would hold them (4,536 real flows within their
+        10 s closing lifetime is more than the lab's clients make beside the steady traffic). New flows that pick
+        that backend are dropped and counted as tc_drop_snat_ports, never reset, and told once per episode; flows
+        to the local backend and the held flows carry on; once the entries expire the ports are free again (the
+        datapath takes an expired one over before the agent collects it) and every new flow is served."""
+        # room for every port: a conntrack burst just before leaves the table full until its flows expire
+        room = lambda: self.ct_entries() + SNAT_PORTS + 64 <= CT_ENTRIES  # noqa: E731
+        wait_until(room, abi.CT_CLOSING_LIFETIME_S + 2 * CONVERGENCE_BOUND, "conntrack to have room", 0.5)
+        counters = read_counters(self.node1.bpffs_dir)
+        lines_before = self.agent.log().count('"masquerade ports exhausted"')
+        remote = next(
+            b for b in read_backends(self.node1.bpffs_dir) if b.address == f"{self.burst_remote.ipv4}:8080/TCP"
+        )
+        key = abi.CtKey4(
+            src=abi.be32_of_ipv4(self.burst_remote.ipv4),
+            dst=abi.be32_of_ipv4(self.node1.ipv4),
+            sport=abi.be16_of_port(8080),
+            proto=6,
+            dir=abi.CT_REPLY,
+        )
+        value = abi.CtValue4(
+            backend_id=remote.id,
+            addr=abi.be32_of_ipv4(self.ext.ipv4),
+            flags=abi.CT_F_SNAT | abi.CT_F_CLOSING,
+            fe_addr=abi.be32_of_ipv4(self.node1.ipv4),
+            fe_port=abi.be16_of_port(NP_BURST),
+        )
+        writer = PinnedMapWriter(self.node1.bpffs_dir, ["ct4"])
+        began = time.time()
+        try:
+            filled, value.last_seen_ns = time.time(), time.monotonic_ns()  # bpf_ktime_get_ns's clock
+            for port in range(abi.SNAT_PORT_MIN, abi.SNAT_PORT_MAX + 1):
+                key.dport = abi.be16_of_port(port)
+                value.port = abi.be16_of_port(port)  # a client port, any will do
+                writer.update("ct4", key, value)
+        finally:
+            writer.close()
+        results = self.burst(SNAT_BURST, timeout=BURST_TIMEOUT)
+        ended = time.time()
+        after = read_counters(self.node1.bpffs_dir)
+        dropped = after["tc_drop_snat_ports"] - counters["tc_drop_snat_ports"]
+        errors = Counter[str]()
+        for result in results:
+            errors.update(result["errors"])
+        assert dropped > 0, f"no flow dropped for want of a masquerade port ({dict(errors)})"
+        assert after["tc_drop_ct_full"] == counters["tc_drop_ct_full"], "counted as a full conntrack table"
+        assert set(errors) <= {"timeout"}, f"new flows must be dropped (their SYNs retried), never reset: {errors}"
+        assert sum(r["ok"] for r in results) > 0, "flows to the local backend need no masquerade port"
+        assert self.round is not None
+        self.round.dropped = dropped
+        logged_once = self.logged_once_per_episode("masquerade ports", began, ended, lines_before)
+
+        def served_again() -> None:
+            logged_once()
+            # Expired entries free their ports at once (the datapath takes an expired one over), collected or not.
+            time.sleep(max(0.0, filled + abi.CT_CLOSING_LIFETIME_S + 0.5 - time.time()))
+            again = self.burst(20, timeout=1.0)
+            assert all(r["errors"] == {} for r in again), f"new flows after the ports expired: {again}"
+
+        return ended, "", served_again
+
+    def burst(self, flows: int, timeout: float = BURST_TIMEOUT) -> list[dict[str, Any]]:
         """`flows` short TCP connections from the external client to the burst NodePort, BURST_CLIENTS at once."""
         share = -(-flows // BURST_CLIENTS)
         argv = [sys.executable, "-I", "-S", str(CLIENT_PATH), "tcp", self.node1.ipv4, str(NP_BURST)]
-        argv += ["--count", str(share), "--timeout", str(BURST_TIMEOUT)]
+        argv += ["--count", str(share), "--timeout", str(timeout)]
         procs = [self.lab.spawn(self.ext, argv, stdout=subprocess.PIPE, text=True) for _ in range(BURST_CLIENTS)]
         try:
-            return [json.loads(p.communicate(timeout=share * BURST_TIMEOUT * 2 + 60)[0]) for p in procs]
+            return [json.loads(p.communicate(timeout=share * timeout * 2 + 60)[0]) for p in procs]
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -699,8 +881,15 @@ def soak(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Soak]:
 
         extra = ["--devices", "eth0", "--watch-idle-timeout", "3", "--map-size", f"ct={CT_ENTRIES}"]
         agent = LabAgent(lab, node1, kubeconfig=api.kubeconfig(tmp_path / "kubeconfig"), extra_args=extra).start()
+        client2 = lab.add_pod(node2, "client2", echo=False)
+        manifests = tmp_path / "manifests-node2"
+        soak = Soak(lab, api, agent, node1, client, ext, churn_pods, churn, burst[1], node2, manifests, client2, seed)
+        steady_file, churn_file = soak.manifest_objects()
+        write_manifest(manifests, "steady.yaml", steady_file)
+        write_manifest(manifests, "churn.yaml", churn_file)
+        LabAgent(lab, node2, manifests).start().wait_started()
         agent.wait_started()
-        yield Soak(lab, api, agent, node1, client, ext, churn_pods, churn, seed)
+        yield soak
         lab.assert_host_isolated()
     finally:
         if api is not None:
@@ -725,10 +914,10 @@ def date_failures(
 ) -> list[str]:
     """Put each steady traffic failure into the rounds it overlaps; return those that fall between rounds."""
     failures: list[tuple[float, float, str]] = []  # (from, to, what), wall clock
-    for proto, segments in east_west.items():
+    for what, segments in east_west.items():
         for seg in segments:
             if seg.result["errors"] or seg.result["ok"] != seg.result["attempts"]:
-                failures.append((seg.started, seg.ended, f"east-west {proto.upper()} {seg.result['errors']}"))
+                failures.append((seg.started, seg.ended, f"east-west {what} {seg.result['errors']}"))
     for conn in held.get("tcp", []):
         if conn["pod"] is None or conn["end"] is not None:
             when = conn["ended"] or conn["opened"]
@@ -756,6 +945,7 @@ def test_steady_traffic_survives_random_faults(soak: Soak, request: pytest.Fixtu
 
     say(f"\nsoak: seed {s.seed} (--soak-seed {s.seed} replays it), {seconds:.0f}s of faults, lab {s.lab.prefix}")
     s.converge(time.time())
+    s.manifest_converge(time.time())
     holder = start_holder(
         s.lab,
         s.ext,
@@ -766,8 +956,9 @@ def test_steady_traffic_survives_random_faults(soak: Soak, request: pytest.Fixtu
         timeout=3.0,
     )
     loops = {
-        proto: SteadyLoops(s.lab, s.client, STEADY_VIP, port, proto).start()
-        for proto, port in (("tcp", 80), ("udp", 53))
+        "TCP to a ClusterIP": SteadyLoops(s.lab, s.client, STEADY_VIP, 80, "tcp").start(),
+        "UDP to a ClusterIP": SteadyLoops(s.lab, s.client, STEADY_VIP, 53, "udp").start(),
+        "TCP to a ClusterIP of node2's manifests": SteadyLoops(s.lab, s.client2, MANIFEST_VIP, 80, "tcp").start(),
     }
     t0 = time.time()
     try:
@@ -794,7 +985,7 @@ def test_steady_traffic_survives_random_faults(soak: Soak, request: pytest.Fixtu
             time.sleep(s.rng.uniform(0.5, 2.0))
         injecting = time.monotonic() - began
     finally:
-        east_west = {proto: loop.finish() for proto, loop in loops.items()}
+        east_west = {what: loop.finish() for what, loop in loops.items()}
         held = finish_holder(holder)
     ended = time.time()
 
@@ -824,9 +1015,9 @@ def test_steady_traffic_survives_random_faults(soak: Soak, request: pytest.Fixtu
         if not r.survived
     ]
     assert not failed and not problems, f"seed {s.seed}:\n" + "\n".join(failed + problems)
-    for proto, segments in east_west.items():
-        assert segments and all(seg.result["errors"] == {} for seg in segments), proto
-        assert sum(seg.result["ok"] for seg in segments) > seconds * 10, f"east-west {proto}: too few attempts"
+    for what, segments in east_west.items():
+        assert segments and all(seg.result["errors"] == {} for seg in segments), what
+        assert sum(seg.result["ok"] for seg in segments) > seconds * 10, f"east-west {what}: too few attempts"
     conns = held["tcp"]
     assert len(conns) == HELD_CONNECTIONS and all(c["pod"] and c["end"] is None for c in conns), conns
     assert held["udp"]["failures"] == [] and len(held["udp"]["answers"]) > seconds * 5, held["udp"]["failures"]
