@@ -218,6 +218,14 @@ def _backends(candidates: Iterable[Candidate], protocol: str) -> tuple[Backend, 
     return tuple(backends)
 
 
+def _subset(known: tuple[Backend, ...], chosen: Sequence[Candidate], candidates: int) -> tuple[Backend, ...]:
+    """The backends of the `chosen` candidates, taken from `known` (the backends of every candidate, in order)."""
+    if len(chosen) == candidates:  # every candidate (the categories never repeat one): the very same tuple
+        return known
+    wanted = {(c.addr, c.port) for c in chosen}
+    return tuple(b for b in known if (b.addr, b.port) in wanted)
+
+
 def _addr_order(addr: str) -> tuple[int, bytes]:
     """Numeric address order, IPv4 before IPv6 (inet_pton: many times faster than ipaddress)."""
     return (6, inet_pton(AF_INET6, addr)) if ":" in addr else (4, inet_pton(AF_INET, addr))
@@ -239,9 +247,10 @@ def _family_frontends(
     node: NodeInfo,
 ) -> list[Frontend]:
     """The frontends of one service port in one IP family (kube-proxy's per-family proxier's syncProxyRules)."""
-    cluster = _backends(cats.cluster, port.protocol)
-    local = _backends(cats.local, port.protocol)
+    # One Backend per endpoint, in backend order; the categories are subsets of it (often all of it: one object).
     known = _backends(candidates, port.protocol)
+    cluster = _subset(known, cats.cluster, len(candidates))
+    local = _subset(known, cats.local, len(candidates))
 
     # ClusterIP: the internal traffic policy picks the set (kube-proxy's internalPolicyChain).
     internal = local if internal_policy_local(service) else cluster
@@ -261,7 +270,11 @@ def _family_frontends(
         source_ranges: tuple[str, ...] = (),
     ) -> Frontend:
         # Every other endpoint of the port stays known, so the flows it already carries keep it.
-        in_slots = {b.identity for b in backends} | {b.identity for b in internal_backends or ()}
+        if backends is known or internal_backends is known:
+            standby: tuple[Backend, ...] = ()
+        else:
+            in_slots = {b.identity for b in backends} | {b.identity for b in internal_backends or ()}
+            standby = tuple(b for b in known if b.identity not in in_slots)
         return Frontend(
             service=service.key,
             port_name=port.name,
@@ -275,7 +288,7 @@ def _family_frontends(
             empty_drop=not backends and cats.has_any,
             affinity_timeout=service.affinity_timeout,
             source_ranges=source_ranges,
-            standby=tuple(b for b in known if b.identity not in in_slots),
+            standby=standby,
         )
 
     out = [
