@@ -18,7 +18,7 @@ if ! mountpoint -q /sys/fs/bpf; then
   mount -t bpf bpf /sys/fs/bpf
 fi
 
-# A copy of the checkout: the agent compiles bpf/sock.c from next to the kpr package (hence the editable install).
+# A copy of the checkout, installed as a package (the BPF sources are package data, found with importlib.resources).
 mkdir -p /opt/kpr/src
 rsync -a --delete --exclude .git/ --exclude .venv/ --exclude .vagrant/ --exclude '*.egg-info/' \
   --exclude __pycache__/ "$REPO/" /opt/kpr/src/
@@ -27,7 +27,7 @@ if [ ! -x /opt/kpr/venv/bin/python ]; then
 fi
 site=$(/opt/kpr/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
-/opt/kpr/venv/bin/pip install -q --disable-pip-version-check -e /opt/kpr/src
+/opt/kpr/venv/bin/pip install -q --disable-pip-version-check /opt/kpr/src
 /opt/kpr/venv/bin/python -c 'import bcc, kpr'
 ln -sfn /opt/kpr/venv/bin/kpr /usr/local/bin/kpr
 

@@ -172,7 +172,7 @@ def status_text(s: dict[str, Any], now: float, verbose: bool = False) -> str:
         "Kernel",
         f"{k['release']}; BTF {_yes(k['btf'])}, bpffs {_yes(k['bpffs'])}, cgroup2 {_yes(k['cgroup2'])}, "
         f"bpf_set_retval {_yes(k['bpf_set_retval'])}, batch map ops {_yes(k['batch_map_ops'])}, "
-        f"headers for BCC {_yes(k['kernel_headers_for_bcc'])}",
+        f"headers for BCC: {k['kernel_headers_for_bcc'] or 'NONE (see README, Kernel headers)'}",
     )
     states = s.get("backends") or {}
     if states:

@@ -24,6 +24,7 @@ from kpr.datapath.loader import (
     attached_programs,
     fs_magic,
 )
+from kpr.datapath.toolchain import find_kernel_headers
 from kpr.datapath.writers import PinnedMapWriter
 
 FULL_WARNING = 0.9  # a map this full is flagged
@@ -115,13 +116,19 @@ def kernel_facts(bpffs_dir: Path, cgroup: Path) -> dict[str, Any]:
     return {
         "release": release,
         "btf": Path("/sys/kernel/btf/vmlinux").exists(),
-        "kernel_headers_for_bcc": (Path("/lib/modules") / release / "build").exists(),
+        "kernel_headers_for_bcc": _kernel_headers(release),
         "bpffs": magic_is(bpffs_dir if bpffs_dir.exists() else bpffs_dir.parent, BPF_FS_MAGIC),
         "cgroup2": magic_is(cgroup, CGROUP2_SUPER_MAGIC),
         # bpf_set_retval (a refused connect() gets ECONNREFUSED) arrived in 5.18; batch map ops in 5.6.
         "bpf_set_retval": (major, minor) >= (5, 18),
         "batch_map_ops": (major, minor) >= (5, 6),
     }
+
+
+def _kernel_headers(release: str) -> str:
+    """Which headers tree BCC would compile in (the loader's order: node, kheaders, the image's), or ""."""
+    found, _ = find_kernel_headers(release)
+    return f"{found[0].source} ({found[0].path})" if found else ""
 
 
 def collect(bpffs_dir: Path, cgroup: Path, agent_address: str) -> Status:

@@ -316,7 +316,7 @@ STATUS = {
     "kernel": {
         "release": "6.18.0",
         "btf": True,
-        "kernel_headers_for_bcc": True,
+        "kernel_headers_for_bcc": "node (/lib/modules/6.18.0-amd64/build)",
         "bpffs": True,
         "cgroup2": True,
         "bpf_set_retval": True,
@@ -337,7 +337,8 @@ Programmed:   12 services, 24 frontends, 36 backends
 Socket sweep: 10s ago: 2 connected UDP socket(s) of ended backends destroyed in 7 namespace(s), 12.3 ms
 Socket LB:    partial: 1/2 hooks attached to /sys/fs/cgroup
 North-south:  not configured
-Kernel:       6.18.0; BTF yes, bpffs yes, cgroup2 yes, bpf_set_retval yes, batch map ops yes, headers for BCC yes
+Kernel:       6.18.0; BTF yes, bpffs yes, cgroup2 yes, bpf_set_retval yes, batch map ops yes, headers for BCC: \
+node (/lib/modules/6.18.0-amd64/build)
 Backends:     30 active, 4 terminating, 1 not serving, 1 gone (kept for their flows); 9 tracked flow(s) on backends \
 that take no new ones
 Maps (/sys/fs/bpf/kpr):
