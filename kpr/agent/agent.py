@@ -15,12 +15,15 @@ On SIGTERM it stops and leaves programs and maps in place.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import gc
 import os
 import queue
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -48,7 +51,7 @@ from kpr.model.nodeports import nodeport_addresses
 from kpr.model.translate import local_ready_endpoints, needs_health_check, node_eligible, translate
 from kpr.model.types import EndpointSliceSpec, Frontend, NodeInfo, ServiceKey, ServiceSpec
 from kpr.objects.events import KINDS, Event, Replace, Source, SourceError, Upsert
-from kpr.reconcile.reconciler import FlowEnds, Reconciler, ServiceSyncError, SyncResult
+from kpr.reconcile.reconciler import BulkLoadError, FlowEnds, Reconciler, ServiceSyncError, SyncResult
 
 RETRY_BACKOFF = (0.5, 1, 2, 5, 10, 30)  # seconds before a failed service is tried again
 NODE_GRACE_SECONDS = 10.0
@@ -325,13 +328,17 @@ class Agent:
     def _first_sync(self) -> None:
         assert self.reconciler is not None
         started = time.monotonic()
-        self.sync(set(self.store.services) | self.reconciler.services())
+        services = set(self.store.services) | self.reconciler.services()
+        bulk = self.reconciler.pristine() and self._bulk_sync(services)
+        if not bulk:
+            self.sync(services)
         pruned = self.reconciler.prune(self.store.services)
         self.programming = True
         self.log.info(
             "first full sync done",
             services=len(self.store.services),
             pruned_operations=pruned,
+            bulk=bulk,
             seconds=round(time.monotonic() - started, 3),
         )
         if self.attach_due:
@@ -434,6 +441,40 @@ class Agent:
         self.exit_code = 1
         self.stop()
 
+    def _bulk_sync(self, services: set[ServiceKey]) -> bool:
+        """The first sync into empty maps: every service translated, then all of them written at once, one batch per
+        map (Reconciler.load_all), with the same outcome as syncing them one by one. False when that could not be
+        done (no room, a write failed and was undone): the caller then syncs them one by one, which reports each
+        service that does not fit."""
+        assert self.reconciler is not None
+        started = time.monotonic()
+        ops_before = self.reconciler.ops_applied
+        node, store = self.store.node, self.store
+        translated = []
+        with _gc_paused():  # hundreds of thousands of new objects, none of them in a cycle: no collection passes
+            for key in sorted(services):
+                spec = store.services.get(key)
+                slices = store.slices_of(key) if spec is not None else []
+                translated.append((key, spec, slices, translate(spec, slices, node) if spec is not None else []))
+            try:
+                results = self.reconciler.load_all((key, frontends) for key, _, _, frontends in translated)
+            except BulkLoadError as e:
+                self.log.warning("bulk first sync not possible; programming service by service", reason=str(e))
+                return False
+        for key, spec, slices, _ in translated:  # what _sync_one does after a service is programmed
+            self.dirty.discard(key)
+            self.retry_at.pop(key, None)
+            self.failing_since.pop(key, None)
+            self._health_check(key, spec, slices)
+            trigger = self.trigger_times.pop(key, None)
+            if trigger is not None:
+                self.metrics.programming_latency.observe(max(0.0, time.time() - trigger))
+            conflicts = tuple(results[key].conflicts)
+            if conflicts or key in self.conflicted:
+                self._note_conflicts(key, conflicts, self.log.bind(service=str(key)))
+        self._synced(started, ops_before)
+        return True
+
     def sync(self, services: set[ServiceKey]) -> None:
         assert self.reconciler is not None
         started = time.monotonic()
@@ -447,6 +488,11 @@ class Agent:
             # it, so a conflict waits for a change instead of retrying on a timer.)
             for key in sorted(waiting):
                 self._sync_one(key)
+        self._synced(started, ops_before)
+
+    def _synced(self, started: float, ops_before: int) -> None:
+        """After a sync: flows to end, namespace addresses for new source ranges, metrics."""
+        assert self.reconciler is not None
         if self.reconciler.flow_ends or self._lingering_counts() != self.lingering_seen:
             self.settle_flows()
         if self.reconciler.ranged_frontends and not self.netns_written:
@@ -497,12 +543,15 @@ class Agent:
                 backends=sum(len(f.backends) for f in frontends),
             )
 
-    def _health_check(self, key: ServiceKey, spec: ServiceSpec | None) -> None:
+    def _health_check(
+        self, key: ServiceKey, spec: ServiceSpec | None, slices: list[EndpointSliceSpec] | None = None
+    ) -> None:
         """Serve healthCheckNodePort with this node's ready endpoint count, frontends on this node or not."""
         if spec is None or not needs_health_check(spec):
             self.health_checks.remove(key)
             return
-        counts = local_ready_endpoints(spec, self.store.slices_of(key), self.store.node)
+        slices = self.store.slices_of(key) if slices is None else slices
+        counts = local_ready_endpoints(spec, slices, self.store.node)
         error = self.health_checks.set(key, spec.health_check_node_port, counts)
         if error:
             self.metrics.sync_errors.labels(reason="health_check_port").inc()
@@ -787,6 +836,19 @@ class Agent:
         self.metrics.services.set(len(self.reconciler.by_service))
         self.metrics.frontends.set(len(self.reconciler.frontends))
         self.metrics.backends.set(len(self.reconciler.backends))
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside (reference counting still frees everything): a collection pass scans
+    every tracked object, and building many new ones triggers pass after pass over the whole store."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class AddressesChanged:

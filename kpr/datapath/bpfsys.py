@@ -371,7 +371,22 @@ class Map:
             return
         key_array = (self.key_type * len(keys))(*keys)
         value_array = (self.value_type * len(values))(*values)
-        attr = _BatchAttr(keys=_addr(key_array), values=_addr(value_array), count=len(keys), map_fd=self.fd)
+        self._update_batch_at(_addr(key_array), _addr(value_array), len(keys))
+
+    def update_batch_packed(self, keys: bytes, values: bytes, count: int) -> None:
+        """update_batch() for entries already packed: `count` keys back to back in `keys`, the values in `values`
+        (each exactly the bytes of a key_type / value_type), so no ctypes object is made per entry."""
+        if not count:
+            return
+        ksize, vsize = ctypes.sizeof(self.key_type), ctypes.sizeof(self.value_type)
+        if len(keys) != count * ksize or len(values) != count * vsize:
+            raise ValueError(f"{self.label}: {count} entries need {count * ksize} + {count * vsize} bytes")
+        key_buf = (ctypes.c_char * len(keys)).from_buffer_copy(keys)
+        value_buf = (ctypes.c_char * len(values)).from_buffer_copy(values)
+        self._update_batch_at(_addr(key_buf), _addr(value_buf), count)
+
+    def _update_batch_at(self, keys: int, values: int, count: int) -> None:
+        attr = _BatchAttr(keys=keys, values=values, count=count, map_fd=self.fd)
         try:
             _bpf(BPF_MAP_UPDATE_BATCH, attr, "batch update in", self.label)
         except BpfError as e:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import socket
+import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from kpr.datapath import abi
 from kpr.datapath.abi import PROTOCOL_NAMES, PROTOCOL_NUMBERS, CData
@@ -96,6 +99,108 @@ def maps_for(addr: str) -> tuple[str, str, str]:
 
 def u32(value: int) -> ctypes.c_uint32:
     return ctypes.c_uint32(value)
+
+
+# ---- packed entries: the bytes of a key or value, built without a ctypes object (the bulk first sync) ----
+#
+# Each packer gives exactly bytes(the ctypes struct the functions above build) -- tests/unit/test_bulk_sync.py checks
+# them against each other, and the sizes are checked here against the mirror. Addresses are packed as their network
+# order bytes; ports as htons() in native order, which is what the mirror's u16 fields hold.
+
+_SVC_KEY = {4: struct.Struct("=4sHBBHH"), 6: struct.Struct("=16sHBBHH")}
+_SVC_VALUE = struct.Struct("=IIIHBB")
+_BACKEND = {4: struct.Struct("=4sHBBB3x"), 6: struct.Struct("=16sHBBB3x")}
+_REV_NAT = {4: struct.Struct("=4sH2x"), 6: struct.Struct("=16sH2x")}
+_U32 = struct.Struct("=I")
+_SVC_NAME = struct.Struct("=B3x64s64s16s")
+_AFFINITY_MATCH = struct.Struct("=II")
+_SRC_RANGE = {4: struct.Struct("=II4s"), 6: struct.Struct("=II16s")}
+for _packer, _mirror in (
+    (_SVC_KEY[4], abi.SvcKey4),
+    (_SVC_KEY[6], abi.SvcKey6),
+    (_SVC_VALUE, abi.SvcValue),
+    (_BACKEND[4], abi.Backend4),
+    (_BACKEND[6], abi.Backend6),
+    (_REV_NAT[4], abi.RevNat4),
+    (_REV_NAT[6], abi.RevNat6),
+    (_U32, abi.U32),
+    (_SVC_NAME, abi.SvcName),
+    (_AFFINITY_MATCH, abi.AffinityMatchKey),
+    (_SRC_RANGE[4], abi.SrcRangeKey4),
+    (_SRC_RANGE[6], abi.SrcRangeKey6),
+):
+    assert _packer.size == ctypes.sizeof(_mirror), f"packed {_mirror.__name__} is {_packer.size} bytes"
+
+pack_u32 = _U32.pack
+U8_ONE = bytes(abi.U8(1))
+
+
+@lru_cache(maxsize=1 << 17)
+def packed_addr(addr: str) -> bytes:
+    """An address's network order bytes (4 or 16), as the maps' addr fields hold them."""
+    return socket.inet_pton(socket.AF_INET6, addr) if ":" in addr else socket.inet_pton(socket.AF_INET, addr)
+
+
+def svc_key_prefix(addr: str, port: int, protocol: str) -> bytes:
+    """The first bytes of every svc_key of a frontend (address, port, protocol): a key is this + svc_key_suffix()."""
+    packed = packed_addr(addr)
+    return packed + struct.pack("=HB", socket.htons(port), PROTOCOL_NUMBERS[protocol])
+
+
+_SUFFIX = struct.Struct("=BHH")  # scope, slot, pad
+_suffixes: dict[int, list[bytes]] = {}
+
+
+def svc_key_suffixes(scope: int, count: int) -> list[bytes]:
+    """The last bytes of the keys of a scope's slots 0..count-1 (slot 0: the master)."""
+    table = _suffixes.setdefault(scope, [])
+    while len(table) < count:
+        table.append(_SUFFIX.pack(scope, len(table), 0))
+    return table[:count]
+
+
+def pack_svc_key(addr: str, port: int, protocol: str, scope: int, slot: int) -> bytes:
+    return svc_key_prefix(addr, port, protocol) + _SUFFIX.pack(scope, slot, 0)
+
+
+def pack_svc_master(count: int, rev_nat_id: int, flags: int, affinity_timeout: int) -> bytes:
+    return _SVC_VALUE.pack(0, rev_nat_id, affinity_timeout, count, flags, 0)
+
+
+pack_svc_slot = struct.Struct("=I12x").pack  # pack_svc_slot(backend_id): the bytes of svc_slot(backend_id)
+
+
+def pack_backend(addr: str, port: int, protocol: str, *, state: int, node_local: bool) -> bytes:
+    packed = packed_addr(addr)
+    flags = abi.BACKEND_F_NODE_LOCAL if node_local else 0
+    packer = _BACKEND[4 if len(packed) == 4 else 6]
+    return packer.pack(packed, socket.htons(port), PROTOCOL_NUMBERS[protocol], state, flags)
+
+
+def pack_rev_nat(addr: str, port: int) -> bytes:
+    packed = packed_addr(addr)
+    return _REV_NAT[4 if len(packed) == 4 else 6].pack(packed, socket.htons(port))
+
+
+def pack_svc_name(kind: str, namespace: str, name: str, port_name: str) -> bytes:
+    return _SVC_NAME.pack(abi.KIND_CODES[kind], namespace.encode()[:63], name.encode()[:63], port_name.encode()[:15])
+
+
+def pack_affinity_match(backend_id: int, rev_nat_id: int) -> bytes:
+    return _AFFINITY_MATCH.pack(backend_id, rev_nat_id)
+
+
+@lru_cache(maxsize=4096)
+def _src_range_prefix(cidr: str) -> tuple[int, int, bytes]:
+    network = ipaddress.ip_network(cidr, strict=False)
+    return network.version, network.prefixlen, network.network_address.packed
+
+
+def pack_src_range(rev_nat_id: int, cidr: str) -> tuple[str, bytes]:
+    """(map, the bytes of the LPM key) as src_range_entry() gives them."""
+    version, prefixlen, packed = _src_range_prefix(cidr)
+    key = _SRC_RANGE[version].pack(32 + prefixlen, socket.htonl(rev_nat_id), packed)
+    return f"src_ranges{version}", key
 
 
 # ---- decoding ----

@@ -8,9 +8,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -34,6 +35,10 @@ class MapWriter(Protocol):
     def update_many(self, map_name: str, keys: list[CData], values: list[CData]) -> None:
         """Write entries in order; on failure MapWriteError.done says how many were written."""
 
+    def update_packed(self, map_name: str, keys: bytes, values: bytes, count: int) -> None:
+        """update_many for entries already packed (`count` keys back to back, the values likewise): one batch call,
+        no object per entry. On failure MapWriteError.done says how many were written."""
+
     def delete(self, map_name: str, key: CData) -> None:
         """Delete; a missing key is success."""
 
@@ -52,6 +57,19 @@ def _update_one_by_one(writer: MapWriter, map_name: str, keys: list[CData], valu
         except MapWriteError as e:
             e.done = done
             raise
+
+
+def _unpacked(map_name: str, keys: bytes, values: bytes, count: int) -> Iterator[tuple[bytes, bytes]]:
+    """The (key, value) bytes of each of `count` packed entries of map `map_name`."""
+    spec = abi.MAPS[map_name]
+    ksize, vsize = ctypes.sizeof(spec.key), ctypes.sizeof(spec.value)
+    if len(keys) != count * ksize or len(values) != count * vsize:
+        raise ValueError(f"{map_name}: {count} entries need {count * ksize} + {count * vsize} bytes")
+    yield from zip(
+        [keys[i : i + ksize] for i in range(0, count * ksize, ksize)],
+        [values[i : i + vsize] for i in range(0, count * vsize, vsize)],
+        strict=True,
+    )
 
 
 class PinnedMapWriter:
@@ -82,6 +100,12 @@ class PinnedMapWriter:
     def update_many(self, map_name: str, keys: list[CData], values: list[CData]) -> None:
         try:
             self.maps[map_name].update_batch(keys, values)
+        except BpfError as e:
+            raise MapWriteError(map_name, e.errno or errno.EIO, done=getattr(e, "done", 0)) from e
+
+    def update_packed(self, map_name: str, keys: bytes, values: bytes, count: int) -> None:
+        try:
+            self.maps[map_name].update_batch_packed(keys, values, count)
         except BpfError as e:
             raise MapWriteError(map_name, e.errno or errno.EIO, done=getattr(e, "done", 0)) from e
 
@@ -122,6 +146,19 @@ class MemoryMapWriter:
     def update_many(self, map_name: str, keys: list[CData], values: list[CData]) -> None:
         _update_one_by_one(self, map_name, keys, values)
 
+    def update_packed(self, map_name: str, keys: bytes, values: bytes, count: int) -> None:
+        table, limit = self.tables[map_name], self.capacities[map_name]
+        entries = list(_unpacked(map_name, keys, values, count))
+        if len(table) + count <= limit:  # room for all, even if every key is new
+            self.ops += count
+            table.update(entries)
+            return
+        for i, (key, value) in enumerate(entries):
+            if key not in table and len(table) >= limit:
+                raise MapWriteError(map_name, errno.E2BIG, done=i)
+            self.ops += 1
+            table[key] = value
+
     def delete(self, map_name: str, key: CData) -> None:
         assert type(key) is abi.MAPS[map_name].key, f"{map_name}: wrong key type"
         self.ops += 1
@@ -161,6 +198,16 @@ class FaultyMapWriter:
 
     def update_many(self, map_name: str, keys: list[CData], values: list[CData]) -> None:
         _update_one_by_one(self, map_name, keys, values)
+
+    def update_packed(self, map_name: str, keys: bytes, values: bytes, count: int) -> None:
+        """Entry by entry, so a failure can be injected at any of them (what went before it is written)."""
+        spec = abi.MAPS[map_name]
+        for done, (key, value) in enumerate(_unpacked(map_name, keys, values, count)):
+            try:
+                self.update(map_name, spec.key.from_buffer_copy(key), spec.value.from_buffer_copy(value))
+            except MapWriteError as e:
+                e.done = done
+                raise
 
     def delete(self, map_name: str, key: CData) -> None:
         self._maybe_fail(map_name)

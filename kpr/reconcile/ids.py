@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 
 class IdsExhausted(Exception):
     """Every id of an allocator is in use: what needs a new one (a backend, a frontend) cannot be programmed now."""
@@ -47,3 +49,13 @@ class IdAllocator:
 
     def release(self, ident: int) -> None:
         self.used.discard(ident)
+
+    def take_run(self, ids: Collection[int], next_id: int) -> None:
+        """Record ids a caller counted out itself on an allocator with none in use (the bulk first sync): the ids
+        allocate() would have handed out one by one from `self.next`, `next_id` the one it would hand out next."""
+        if self.used:
+            raise ValueError(f"{self.what}: ids are in use already")
+        if len(ids) > self.limit:
+            raise IdsExhausted(self.what, self.limit)
+        self.used.update(ids)
+        self.next = next_id

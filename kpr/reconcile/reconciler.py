@@ -104,6 +104,11 @@ class FlowEnds:
         return bool(self.udp_backends or self.udp_frontends)
 
 
+class BulkLoadError(Exception):
+    """load_all() could not program the maps (no room, or a write failed and was undone); nothing of it is left in
+    the maps or the state."""
+
+
 class ServiceSyncError(Exception):
     """A service could not be programmed: a map write failed (and was undone) or its ids ran out while planning."""
 
@@ -178,6 +183,38 @@ class Reconciler:
 
     def remove_service(self, service: ServiceKey) -> SyncResult:
         return self.sync_service(service, [])
+
+    # ---- the first sync into empty maps, in bulk ----
+
+    def pristine(self) -> bool:
+        """Nothing adopted and nothing applied: the maps hold nothing of ours, so the first sync may use load_all()."""
+        return not (
+            self.restored_entries
+            or self.frontends
+            or self.backends
+            or self.lingering_rev_nats
+            or self.backend_ids.used
+            or self.rev_nat_ids.used
+        )
+
+    def load_all(self, services: Iterable[tuple[ServiceKey, Sequence[Frontend]]]) -> dict[ServiceKey, SyncResult]:
+        """The first sync into maps that hold nothing: what sync_service() would do for each service in turn (same
+        entries, same ids, same state afterwards, same conflicts), packed straight into one batch per map.
+
+        `services` in the order sync_service() would have been called (each service once). Nothing is written
+        unless every map has room for it; if a write fails anyway, what was written is deleted again and
+        BulkLoadError raised with the state untouched: the caller then syncs service by service.
+        Make before break holds across the whole load: backends, rev_nat, names, affinity and source ranges first,
+        then every slot, then the internal scopes' masters, and the default scopes' masters last.
+        """
+        if not self.pristine():
+            raise BulkLoadError("the maps or the state hold entries already")
+        plan = _BulkPlan(self)
+        results = {service: plan.add(service, frontends) for service, frontends in services}
+        plan.check_room()
+        plan.write()
+        plan.commit()
+        return results
 
     def _apply(self, service: ServiceKey, plan: _Plan) -> int:
         ops = plan.ops()
@@ -767,3 +804,210 @@ class _Plan:
                 self.rec.backend_ids.release(entry.id)
         for rev_nat_id in self.new_rev_nat_ids:
             self.rec.rev_nat_ids.release(rev_nat_id)
+
+
+class _BulkPlan:
+    """load_all()'s work: the state sync_service() would build service after service, and every map entry packed
+    into one list per map, written at the end in make-before-break order."""
+
+    def __init__(self, rec: Reconciler) -> None:
+        self.rec = rec
+        self.frontends: dict[Address, AppliedFrontend] = {}
+        self.by_service: dict[ServiceKey, set[Address]] = {}
+        self.backends: dict[Address, BackendEntry] = {}
+        self.backend_by_id: dict[int, Address] = {}
+        self.rev_nat_ids: list[int] = []
+        self.next_backend_id = rec.backend_ids.next
+        self.backend_id_limit = rec.backend_ids.limit
+        self.next_rev_nat_id = rec.rev_nat_ids.next
+        self.udp_backend_ends: dict[int, Address] = {}
+        self.ops = 0
+        # map -> (keys, values); the services maps' slots, internal masters and default masters apart, for ordering
+        self.entries: dict[str, tuple[list[bytes], list[bytes]]] = {name: ([], []) for name in _MAKE_ORDER}
+        self.masters: dict[tuple[str, int], tuple[list[bytes], list[bytes]]] = {
+            (name, scope): ([], []) for name in ("services4", "services6") for scope in (0, 1)
+        }
+
+    def _backend(self, b: Backend, staged: dict[Address, BackendEntry]) -> BackendEntry:
+        """_Plan._backend_id's outcome: the entry of `b` as of this service (created, or its state changed)."""
+        identity = (b.addr, b.port, b.protocol)
+        entry = staged.get(identity)
+        if entry is not None:
+            return entry
+        state = BACKEND_STATES[b.state]
+        entry = self.backends.get(identity)
+        if entry is not None and entry.state == state and entry.node_local == b.node_local:
+            return entry  # as an earlier service left it: not staged, as in _Plan
+        if entry is None:
+            limit = self.backend_id_limit
+            if len(self.backends) >= limit:
+                raise BulkLoadError(f"backend ids: all {limit} ids would be in use")
+            backend_id = self.next_backend_id
+            self.next_backend_id = backend_id % limit + 1
+            entry = BackendEntry(backend_id, state, b.node_local)
+            self.backends[identity] = entry
+            self.backend_by_id[backend_id] = identity
+        else:  # another service saw the endpoint in another state: the later service's word stands, as in _Plan
+            if not _keeps_flows(b.protocol) and entry.state <= abi.BACKEND_TERMINATING < state:
+                self.udp_backend_ends[entry.id] = identity
+            entry.state, entry.node_local = state, b.node_local
+        staged[identity] = entry
+        self.ops += 1
+        return entry
+
+    def add(self, service: ServiceKey, frontends: Sequence[Frontend]) -> SyncResult:
+        """One service, as sync_service() would program it after the services added before it."""
+        result = SyncResult()
+        desired: dict[Address, Frontend] = {}
+        for f in frontends:
+            owner = self.frontends.get(f.address)
+            if owner is not None and owner.service != service:
+                result.conflicts.append(
+                    f"{f.addr}:{f.port}/{f.protocol} is already served for {owner.service}; not programmed"
+                )
+                continue
+            desired[f.address] = f
+        if service in self.by_service:
+            raise ValueError(f"{service} given twice")
+        ops_before = self.ops
+        staged: dict[Address, BackendEntry] = {}
+        names: dict[tuple[str, str], bytes] = {}
+        entries, masters = self.entries, self.masters
+        limit = self.rec.rev_nat_ids.limit
+        for f in desired.values():
+            family = 6 if ":" in f.addr else 4
+            services_map, rev_nat_map = f"services{family}", f"rev_nat{family}"
+            if len(self.rev_nat_ids) >= limit:
+                raise BulkLoadError(f"rev_nat ids: all {limit} ids would be in use")
+            rev_nat_id = self.next_rev_nat_id
+            self.next_rev_nat_id = rev_nat_id % limit + 1
+            self.rev_nat_ids.append(rev_nat_id)
+            packed_id = codec.pack_u32(rev_nat_id)
+            kind = str(f.kind)
+            name = names.get((f.port_name, kind))
+            if name is None:
+                name = names[(f.port_name, kind)] = codec.pack_svc_name(
+                    kind, service.namespace, service.name, f.port_name
+                )
+            keys, values = entries[rev_nat_map]
+            keys.append(packed_id)
+            values.append(codec.pack_rev_nat(f.addr, f.port))
+            keys, values = entries["svc_names"]
+            keys.append(packed_id)
+            values.append(name)
+
+            scopes: dict[int, ScopeState] = {}
+            held: list[list[BackendEntry]] = []
+            for scope, (scope_backends, flags) in _scope_plan(f).items():
+                scope_entries = [self._backend(b, staged) for b in scope_backends]
+                held.append(scope_entries)
+                scopes[scope] = ScopeState([e.id for e in scope_entries], flags, f.affinity_timeout)
+            standby_entries = [self._backend(b, staged) for b in f.standby]
+            held.append(standby_entries)
+            fe = AppliedFrontend(
+                f.address,
+                service,
+                f.port_name,
+                kind,
+                rev_nat_id,
+                scopes,
+                frozenset(f.source_ranges),
+                frozenset(e.id for e in standby_entries),
+            )
+            for group in held:  # one reference per (frontend, scope) holding it, one per frontend holding it standby
+                if len({e.id for e in group}) < len(group):
+                    group = list({e.id: e for e in group}.values())
+                for e in group:
+                    e.refs += 1
+
+            keys, values = entries["affinity_match"]
+            for backend_id in fe.affinity_backends():
+                keys.append(codec.pack_affinity_match(backend_id, rev_nat_id))
+                values.append(codec.U8_ONE)
+            for cidr in fe.source_ranges:
+                src_map, key = codec.pack_src_range(rev_nat_id, cidr)
+                entries[src_map][0].append(key)
+                entries[src_map][1].append(codec.U8_ONE)
+            slot_keys, slot_values = entries[services_map]
+            prefix = codec.svc_key_prefix(*f.address)
+            for scope, state in scopes.items():
+                suffixes = codec.svc_key_suffixes(scope, len(state.slots) + 1)
+                slot_keys.extend([prefix + suffix for suffix in suffixes[1:]])
+                slot_values.extend(map(codec.pack_svc_slot, state.slots))
+                keys, values = masters[(services_map, scope)]
+                keys.append(prefix + suffixes[0])
+                values.append(codec.pack_svc_master(len(state.slots), rev_nat_id, state.flags, state.affinity_timeout))
+            self.ops += (
+                2 + len(fe.affinity_backends()) + len(fe.source_ranges) + sum(len(s.slots) + 1 for s in scopes.values())
+            )
+            self.frontends[f.address] = fe
+        if desired:
+            self.by_service[service] = set(desired)
+        result.ops = self.ops - ops_before
+        return result
+
+    def _ordered(self) -> list[tuple[str, list[bytes], list[bytes]]]:
+        """(map, keys, values) in the order they are written."""
+        if not self.entries["backends4"][0] and not self.entries["backends6"][0]:  # in their final state, once each
+            for (addr, port, protocol), entry in self.backends.items():
+                keys, values = self.entries["backends6" if ":" in addr else "backends4"]
+                keys.append(codec.pack_u32(entry.id))
+                values.append(codec.pack_backend(addr, port, protocol, state=entry.state, node_local=entry.node_local))
+        out = []
+        for name in _MAKE_ORDER:
+            keys, values = self.entries[name]
+            if name.startswith("services"):  # slots, then internal scopes' masters, then the default scopes'
+                for scope in (abi.SCOPE_INTERNAL, abi.SCOPE_DEFAULT):
+                    master_keys, master_values = self.masters[(name, scope)]
+                    keys, values = keys + master_keys, values + master_values
+            if keys:
+                out.append((name, keys, values))
+        return out
+
+    def check_room(self) -> None:
+        for name, keys, _ in self._ordered():
+            need = len(set(keys)) if name.startswith("src_ranges") else len(keys)  # two CIDRs may share one key
+            room = self.rec.writer.capacity(name)
+            if need > room:
+                raise BulkLoadError(f"{name} would need {need} entries and has room for {room}")
+
+    def write(self) -> None:
+        writer = self.rec.writer
+        written: list[tuple[str, list[bytes]]] = []
+        for name, keys, values in self._ordered():
+            try:
+                writer.update_packed(name, b"".join(keys), b"".join(values), len(keys))
+            except MapWriteError as e:
+                written.append((name, keys[: e.done]))
+                left = self._undo(written)
+                raise BulkLoadError(
+                    f"writing {len(keys)} entries into {name} failed after {e.done}: {e}; "
+                    + (f"{left} written entries could not be deleted" if left else "everything written was deleted")
+                ) from e
+            written.append((name, keys))
+
+    def _undo(self, written: list[tuple[str, list[bytes]]]) -> int:
+        """Delete what was written, newest first (masters before slots before backends); returns how many deletions
+        failed. Those entries stay for prune() to remove (restored_entries makes it check the maps)."""
+        left = 0
+        for name, keys in reversed(written):
+            key_type = abi.MAPS[name].key
+            for key in reversed(keys):
+                try:
+                    self.rec.writer.delete(name, key_type.from_buffer_copy(key))
+                except MapWriteError:
+                    left += 1
+        self.rec.restored_entries += left
+        return left
+
+    def commit(self) -> None:
+        rec = self.rec
+        rec.frontends = self.frontends
+        rec.by_service = self.by_service
+        rec.backends = self.backends
+        rec._backend_by_id = self.backend_by_id
+        rec.backend_ids.take_run(self.backend_by_id.keys(), self.next_backend_id)
+        rec.rev_nat_ids.take_run(self.rev_nat_ids, self.next_rev_nat_id)
+        rec.ranged_frontends = sum(1 for fe in self.frontends.values() if fe.source_ranges)
+        rec.flow_ends.udp_backends.update(self.udp_backend_ends)
+        rec.ops_applied += self.ops
