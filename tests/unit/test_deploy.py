@@ -4,8 +4,11 @@
   unknown or misspelt field fails), with the network blocked so nothing can be fetched;
 - what the schemas cannot see: the DaemonSet's args name only flags `kpr agent --help` lists, every $(VAR) they use
   is defined and every ConfigMap key exists, the API server's own rules (Bidirectional propagation only when
-  privileged), the node access the agent needs, and RBAC of exactly list/watch on Services, EndpointSlices and Nodes
-  plus Events;
+  privileged), the node access the agent needs (init containers for bpffs, cgroup2 and kpr-cni; spc_t; NET_RAW and
+  the xtables lock for cleanup), and RBAC of exactly list/watch on Services, EndpointSlices and Nodes plus Events;
+- the kustomization rendered by the real kustomize (`kubectl kustomize`): every object validates, the generated
+  ConfigMap is the env file and every reference names it, a changed setting rolls the DaemonSet, the health port
+  follows the ConfigMap into the probes, and `images:` retargets every container;
 - `ruby -c Vagrantfile` and shellcheck on vagrant/*.sh;
 - and each checker fails on a deliberately broken copy, so a green run means something.
 """
@@ -13,6 +16,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shlex
 import shutil
@@ -37,8 +41,10 @@ DEPLOY = ROOT / "deploy"
 VAGRANT = ROOT / "vagrant"
 K8S_VERSION = "1.30"  # the oldest Kubernetes the manifests are meant for
 NAMESPACE = "kube-system"
-HEALTHZ_PORT = 10256
-CAPABILITIES = {"BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE"}
+CAPABILITIES = {"BPF", "NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_RESOURCE"}
+IMAGE = "ghcr.io/kpr-project/kpr"
+CONFIG_ENV = DEPLOY / "kpr-config.env"
+KUBE_PROXY_PORTS = {"10256", "10249"}  # healthz, metrics
 SHELL_SCRIPTS = sorted(VAGRANT.glob("*.sh"))
 
 
@@ -53,14 +59,40 @@ def kube_manifests(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob("*.yaml") if p.name != "kustomization.yaml")
 
 
-def deploy_objects() -> dict[str, dict[str, Any]]:
-    """Every object in deploy/, by kind (each kind appears once)."""
+def parse_env(path: Path) -> dict[str, str]:
+    """An env file as kustomize's configMapGenerator reads it: KEY=value lines, # comments, values as they are."""
+    data = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep and key == key.strip(), f"{path}: {line!r}"
+            data[key] = value
+    return data
+
+
+def config_map(env: Path = CONFIG_ENV, name: str = "kpr-config") -> dict[str, Any]:
+    """The ConfigMap kustomization.yaml generates from the env file (under a hashed name)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": NAMESPACE, "labels": {"app.kubernetes.io/name": "kpr"}},
+        "data": parse_env(env),
+    }
+
+
+def by_kind(docs: list[dict[str, Any]], where: str) -> dict[str, dict[str, Any]]:
     objects: dict[str, dict[str, Any]] = {}
-    for path in kube_manifests(DEPLOY):
-        for doc in load_docs(path):
-            assert doc["kind"] not in objects, f"{doc['kind']} defined twice in deploy/"
-            objects[doc["kind"]] = doc
+    for doc in docs:
+        assert doc["kind"] not in objects, f"{doc['kind']} defined twice in {where}"
+        objects[doc["kind"]] = doc
     return objects
+
+
+def deploy_objects() -> dict[str, dict[str, Any]]:
+    """Every object in deploy/, by kind (each kind appears once), the generated ConfigMap included."""
+    docs = [doc for path in kube_manifests(DEPLOY) for doc in load_docs(path)]
+    return by_kind([*docs, config_map()], "deploy/")
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +148,14 @@ def env_problems(container: dict[str, Any], configmap: dict[str, Any]) -> list[s
         problems += [
             f"{arg}: $({v}) is not in the container's env" for v in re.findall(r"\$\((\w+)\)", arg) if v not in env
         ]
+    # an env value sees only the variables defined before it (Kubernetes expands $(VAR) in order)
+    for i, e in enumerate(container.get("env", [])):
+        earlier = {x["name"] for x in container["env"][:i]}
+        problems += [
+            f"env {e['name']}: $({v}) is not defined before it"
+            for v in re.findall(r"\$\((\w+)\)", e.get("value", ""))
+            if v not in earlier
+        ]
     data = configmap.get("data") or {}
     used = set()
     for e in env.values():
@@ -124,73 +164,104 @@ def env_problems(container: dict[str, Any], configmap: dict[str, Any]) -> list[s
             continue
         used.add(ref["key"])
         if ref["name"] != configmap["metadata"]["name"]:
-            problems.append(f"env {e['name']}: ConfigMap {ref['name']!r} is not deploy/configmap.yaml")
+            problems.append(f"env {e['name']}: ConfigMap {ref['name']!r} is not {configmap['metadata']['name']!r}")
         elif ref["key"] not in data:
             problems.append(f"env {e['name']}: ConfigMap key {ref['key']!r} does not exist")
     problems += [f"ConfigMap key {k!r} is used by nothing" for k in sorted(set(data) - used)]
     return problems
 
 
+def agent_container(ds: dict[str, Any]) -> dict[str, Any]:
+    (container,) = ds["spec"]["template"]["spec"]["containers"]
+    assert container["name"] == "kpr"
+    return dict(container)
+
+
+def host_mounts(pod: dict[str, Any], container: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The container's volume mounts of host paths, by host path (a path may be mounted more than once)."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts: dict[str, list[dict[str, Any]]] = {}
+    for m in container.get("volumeMounts", []):
+        host = (volumes.get(m["name"]) or {}).get("hostPath", {}).get("path")
+        if host:
+            mounts.setdefault(host, []).append(m)
+    return mounts
+
+
 def pod_problems(ds: dict[str, Any]) -> list[str]:
     """What the agent needs from the node, and API server rules that the OpenAPI schema cannot express."""
     problems = []
     pod = ds["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
+    container = agent_container(ds)
     sc = container.get("securityContext") or {}
     privileged = bool(sc.get("privileged"))
-    for m in container.get("volumeMounts", []):
-        # pkg/apis/core/validation: "Bidirectional mount propagation is available only to privileged containers"
-        if m.get("mountPropagation") == "Bidirectional" and not privileged:
-            problems.append(f"volumeMount {m['name']}: Bidirectional propagation needs a privileged container")
+    for c in [*pod.get("initContainers", []), container]:
+        for m in c.get("volumeMounts", []):
+            # pkg/apis/core/validation: "Bidirectional mount propagation is available only to privileged containers"
+            if m.get("mountPropagation") == "Bidirectional" and not (c.get("securityContext") or {}).get("privileged"):
+                problems.append(f"volumeMount {m['name']}: Bidirectional propagation needs a privileged container")
     if not privileged and set((sc.get("capabilities") or {}).get("add", [])) != CAPABILITIES:
         problems.append(f"capabilities.add is not exactly {sorted(CAPABILITIES)}")
     if not privileged and (sc.get("capabilities") or {}).get("drop") != ["ALL"]:
         problems.append("capabilities.drop is not [ALL]")
+    if (pod.get("securityContext") or {}).get("seLinuxOptions", {}).get("type") != "spc_t":
+        problems.append("the pod's seLinuxOptions.type is not spc_t (RHEL-family nodes)")
 
-    volumes = {v["name"]: v for v in pod.get("volumes", [])}
-    mounts = {}
-    for m in container.get("volumeMounts", []):
-        host = (volumes.get(m["name"]) or {}).get("hostPath", {}).get("path")
-        if host:
-            mounts[host] = m
+    mounts = host_mounts(pod, container)
     for host, read_only in [
         ("/sys/fs/bpf", False),
-        ("/sys/fs/cgroup", True),
+        ("/run/kpr/cgroupv2", True),
         ("/lib/modules", True),
         ("/usr/src", True),
+        ("/run/xtables.lock", False),
     ]:
-        m = mounts.get(host)
-        if m is None:
+        ms = mounts.get(host, [])
+        if not ms:
             problems.append(f"the host's {host} is not mounted")
-        elif read_only and not m.get("readOnly"):
+        elif read_only and not all(m.get("readOnly") for m in ms):
             problems.append(f"the host's {host} is mounted read-write")
-        elif host == "/lib/modules" and m["mountPath"] != host:
+        elif not read_only and all(m.get("readOnly") for m in ms):
+            problems.append(f"the host's {host} is mounted read-only")
+        elif host == "/lib/modules" and ms[0]["mountPath"] != host:
             problems.append("/lib/modules must keep its path: build/ links into /usr/src by absolute path")
-        elif host == "/usr/src" and m["mountPath"] != host:
+        elif host == "/usr/src" and ms[0]["mountPath"] != host:
             problems.append("/usr/src must keep its path: /lib/modules/*/build links into it")
+        elif host == "/run/xtables.lock" and ms[0]["mountPath"] != host:
+            problems.append("/run/xtables.lock must keep its path: iptables takes the lock there")
+    # kpr-cni runs in this container (the shim) and finds the pins at its default bpffsDir, /sys/fs/bpf/kpr
+    if "/sys/fs/bpf" not in [m["mountPath"] for m in mounts.get("/sys/fs/bpf", [])]:
+        problems.append("the host's bpffs is not at /sys/fs/bpf, where kpr-cni looks by default")
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    if (volumes.get("xtables-lock") or {}).get("hostPath", {}).get("type") != "FileOrCreate":
+        problems.append("/run/xtables.lock is not a FileOrCreate hostPath (iptables creates it on first use)")
 
     env = {e["name"]: e for e in container.get("env", [])}
     if (env.get("KPR_NODE_NAME") or {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != "spec.nodeName":
         problems.append("KPR_NODE_NAME does not come from spec.nodeName")
     # --cgroup-root and --bpffs-dir (as env) must point into the host's cgroup2 and bpffs mounts.
-    for var, host in [("KPR_CGROUP_ROOT", "/sys/fs/cgroup"), ("KPR_BPFFS_DIR", "/sys/fs/bpf")]:
+    for var, host in [("KPR_CGROUP_ROOT", "/run/kpr/cgroupv2"), ("KPR_BPFFS_DIR", "/sys/fs/bpf")]:
         value = (env.get(var) or {}).get("value", "")
-        inside = host in mounts and (value + "/").startswith(mounts[host]["mountPath"].rstrip("/") + "/")
+        writable = [m for m in mounts.get(host, []) if host != "/sys/fs/bpf" or not m.get("readOnly")]
+        inside = any((value + "/").startswith(m["mountPath"].rstrip("/") + "/") for m in writable)
         if not inside:
             problems.append(f"{var}={value!r} is not inside the mount of the host's {host}")
 
     healthz = [a.split("=", 1)[1] for a in container.get("args", []) if a.startswith("--healthz-bind-address=")]
-    if healthz != [f"0.0.0.0:{HEALTHZ_PORT}"]:
-        problems.append(f"--healthz-bind-address is {healthz}, not 0.0.0.0:{HEALTHZ_PORT}")
+    if healthz != ["0.0.0.0:$(KPR_HEALTHZ_PORT)"]:
+        problems.append(f"--healthz-bind-address is {healthz}, not 0.0.0.0:$(KPR_HEALTHZ_PORT)")
+    if (env.get("KPR_HEALTHZ_ADDRESS") or {}).get("value") != "127.0.0.1:$(KPR_HEALTHZ_PORT)":
+        problems.append("KPR_HEALTHZ_ADDRESS (kpr status in the container) is not 127.0.0.1:$(KPR_HEALTHZ_PORT)")
+    if [p.get("name") for p in container.get("ports", [])] != ["healthz"]:
+        problems.append("the container's ports are not exactly one named healthz")
     for probe, path in [("livenessProbe", "/livez"), ("readinessProbe", "/healthz")]:
         get = (container.get(probe) or {}).get("httpGet") or {}
-        if (get.get("path"), get.get("port")) != (path, HEALTHZ_PORT):
-            problems.append(f"{probe} is not GET :{HEALTHZ_PORT}{path}")
+        if (get.get("path"), get.get("port")) != (path, "healthz"):
+            problems.append(f"{probe} is not GET healthz{path}")
 
     if not pod.get("hostNetwork"):
         problems.append("not hostNetwork")
     if pod.get("hostPID"):
-        problems.append("hostPID is not needed")
+        problems.append("hostPID is not needed (the init containers use the host's /proc, the shim nsenter)")
     if pod.get("priorityClassName") != "system-node-critical":
         problems.append("priorityClassName is not system-node-critical")
     if {"operator": "Exists"} not in pod.get("tolerations", []):
@@ -201,7 +272,59 @@ def pod_problems(ds: dict[str, Any]) -> list[str]:
         problems.append("no resource requests")
     if (container.get("lifecycle") or {}).get("preStop"):
         problems.append("a preStop hook: SIGTERM already leaves the datapath in place")
+    return problems + init_problems(ds)
+
+
+# The init containers: name -> (`kpr node` command, privileged, the host paths it mounts and where).
+INIT_CONTAINERS = {
+    "mount-bpf-fs": (["node", "mount-bpffs", "--path=/sys/fs/bpf"], True, {"/proc": "/hostproc"}),
+    "mount-cgroup": (["node", "mount-cgroup", "--path=/run/kpr/cgroupv2"], True, {"/proc": "/hostproc"}),
+    "install-cni": (
+        ["node", "install-cni", "--cni-bin-dir=/host/opt/cni/bin", "--host-bpffs-dir=/sys/fs/bpf/kpr"],
+        False,
+        {"/opt/cni/bin": "/host/opt/cni/bin"},
+    ),
+}
+
+
+def init_problems(ds: dict[str, Any]) -> list[str]:
+    """bpffs and cgroup2 made on the node before the agent starts, then the kpr-cni shim installed."""
+    problems = []
+    pod = ds["spec"]["template"]["spec"]
+    agent = agent_container(ds)
+    inits = pod.get("initContainers", [])
+    if [c["name"] for c in inits] != list(INIT_CONTAINERS):
+        problems.append(f"init containers are {[c['name'] for c in inits]}, not {list(INIT_CONTAINERS)}")
+    for c in inits:
+        if c["name"] not in INIT_CONTAINERS:
+            continue
+        args, privileged, paths = INIT_CONTAINERS[c["name"]]
+        if c.get("args") != args or "command" in c:
+            problems.append(f"init container {c['name']} does not run `kpr {' '.join(args)}`")
+        if c.get("image") != agent.get("image"):
+            problems.append(f"init container {c['name']} runs another image than the agent")
+        sc = c.get("securityContext") or {}
+        if bool(sc.get("privileged")) != privileged:
+            problems.append(f"init container {c['name']} is {'not ' if privileged else ''}privileged")
+        if not privileged and (sc.get("capabilities") or {}).get("drop") != ["ALL"]:
+            problems.append(f"init container {c['name']}: capabilities.drop is not [ALL]")
+        mounted = {host: [m["mountPath"] for m in ms] for host, ms in host_mounts(pod, c).items()}
+        if mounted != {host: [path] for host, path in paths.items()}:
+            problems.append(f"init container {c['name']} mounts {mounted}, not {paths}")
+    install = next((c for c in inits if c["name"] == "install-cni"), {})
+    bpffs_dir = {e["name"]: e.get("value") for e in install.get("env", [])}.get("KPR_BPFFS_DIR")
+    if bpffs_dir != {e["name"]: e.get("value") for e in agent.get("env", [])}.get("KPR_BPFFS_DIR"):
+        problems.append("install-cni's KPR_BPFFS_DIR is not the agent's: the shim would not find the agent")
     return problems
+
+
+def health_problems(ds: dict[str, Any], configmap: dict[str, Any]) -> list[str]:
+    """The port the probes use (the container port named healthz) is the one the agent listens on."""
+    ports = {p.get("name"): p.get("containerPort") for p in agent_container(ds).get("ports", [])}
+    wanted = (configmap.get("data") or {}).get("KPR_HEALTHZ_PORT", "")
+    if str(ports.get("healthz")) != wanted:
+        return [f"the container port healthz is {ports.get('healthz')}, KPR_HEALTHZ_PORT is {wanted!r}"]
+    return []
 
 
 def rbac_problems(role: dict[str, Any]) -> list[str]:
@@ -257,10 +380,29 @@ def test_every_document_validates_offline_against_the_schemas(path: Path, offlin
         assert schema_errors(doc) == []
 
 
+def test_the_generated_configmap_validates_and_its_env_file_is_kustomize_syntax(offline: None) -> None:
+    assert schema_errors(config_map()) == []
+    for line in CONFIG_ENV.read_text().splitlines():
+        value = line.partition("=")[2]
+        # kustomize keeps quotes and spaces as part of the value
+        assert line.startswith("#") or not (value[:1] in "\"' " and value), line
+
+
 def test_kustomization_lists_every_manifest() -> None:
     (kustomization,) = load_docs(DEPLOY / "kustomization.yaml")
     assert kustomization["kind"] == "Kustomization"
     assert sorted(kustomization["resources"]) == sorted(p.name for p in kube_manifests(DEPLOY))
+    (generator,) = kustomization["configMapGenerator"]
+    assert generator["envs"] == [CONFIG_ENV.name] and generator["name"] == "kpr-config"
+    assert kustomization["images"] == [{"name": IMAGE, "newTag": "0.1.0"}]
+
+
+def test_health_and_metrics_are_not_kube_proxys_ports_by_default(objects: dict[str, dict[str, Any]]) -> None:
+    """So that kpr can run beside kube-proxy until every agent is Ready (README, "Replacing kube-proxy")."""
+    data = objects["ConfigMap"]["data"]
+    assert data["KPR_HEALTHZ_PORT"] not in KUBE_PROXY_PORTS
+    assert data["KPR_METRICS_BIND_ADDRESS"].rsplit(":", 1)[1] not in KUBE_PROXY_PORTS
+    assert health_problems(objects["DaemonSet"], objects["ConfigMap"]) == []
 
 
 def test_everything_lives_in_kube_system(objects: dict[str, dict[str, Any]]) -> None:
@@ -270,7 +412,7 @@ def test_everything_lives_in_kube_system(objects: dict[str, dict[str, Any]]) -> 
 
 
 def test_daemonset_args_use_only_flags_the_agent_has(objects: dict[str, dict[str, Any]], agent_flags: set[str]) -> None:
-    (container,) = objects["DaemonSet"]["spec"]["template"]["spec"]["containers"]
+    container = agent_container(objects["DaemonSet"])
     args = container["args"]
     assert "command" not in container, "the image's entrypoint is `kpr`"
     assert args[0] == "agent"
@@ -280,8 +422,15 @@ def test_daemonset_args_use_only_flags_the_agent_has(objects: dict[str, dict[str
 
 
 def test_daemonset_env_and_configmap_agree(objects: dict[str, dict[str, Any]]) -> None:
-    (container,) = objects["DaemonSet"]["spec"]["template"]["spec"]["containers"]
-    assert env_problems(container, objects["ConfigMap"]) == []
+    assert env_problems(agent_container(objects["DaemonSet"]), objects["ConfigMap"]) == []
+
+
+def test_init_containers_run_kpr_node_commands_that_exist() -> None:
+    for args, _, _ in INIT_CONTAINERS.values():
+        result = CliRunner().invoke(main, [*args[:2], "--help"])
+        assert result.exit_code == 0, result.output
+        flags = {a.split("=", 1)[0] for a in args[2:]}
+        assert all(f"{flag} " in result.output for flag in flags), (flags, result.output)
 
 
 def test_daemonset_gets_what_the_agent_needs_from_the_node(objects: dict[str, dict[str, Any]]) -> None:
@@ -290,7 +439,7 @@ def test_daemonset_gets_what_the_agent_needs_from_the_node(objects: dict[str, di
     pod = ds["spec"]["template"]["spec"]
     assert pod["containers"][0]["securityContext"]["privileged"] is False
     assert pod["serviceAccountName"] == objects["ServiceAccount"]["metadata"]["name"]
-    assert pod["containers"][0]["image"] == "ghcr.io/kpr-project/kpr:0.1.0"
+    assert {c["image"] for c in [*pod["initContainers"], *pod["containers"]]} == {f"{IMAGE}:0.1.0"}
 
 
 def test_rbac_is_exactly_what_the_agent_uses(objects: dict[str, dict[str, Any]]) -> None:
@@ -344,6 +493,125 @@ def test_containerfile() -> None:
     [kpr] = [c for c in daemonset["spec"]["template"]["spec"]["containers"] if c["name"] == "kpr"]
     for mount in kpr.get("volumeMounts", []):
         assert not Path(headers[1]).is_relative_to(mount["mountPath"]), mount
+
+
+# ---- deploy/ as kustomize renders it ----
+
+
+def kubectl() -> str:
+    """A kubectl, whose `kustomize` is the real kustomize: on PATH, or the one `make k8s` builds."""
+    found = shutil.which("kubectl") or next(
+        (str(p) for p in [ROOT / ".cache" / "k8s" / "bin" / "kubectl"] if p.is_file()), None
+    )
+    if found is None:
+        pytest.skip("no kubectl (make k8s builds one into .cache/k8s/bin)")
+    return found
+
+
+def render(directory: Path) -> dict[str, dict[str, Any]]:
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return by_kind([d for d in yaml.safe_load_all(result.stdout) if d], str(directory))
+
+
+def deploy_copy(tmp_path: Path, **settings: str) -> Path:
+    """deploy/ copied, with some settings of kpr-config.env changed."""
+    copy = tmp_path / "deploy"
+    shutil.copytree(DEPLOY, copy)
+    env = copy / CONFIG_ENV.name
+    text = env.read_text()
+    for key, value in settings.items():
+        text, n = re.subn(rf"^{key}=.*$", f"{key}={value}", text, flags=re.MULTILINE)
+        assert n == 1, key
+    env.write_text(text)
+    return copy
+
+
+def config_map_refs(ds: dict[str, Any]) -> set[str]:
+    pod = ds["spec"]["template"]["spec"]
+    return {
+        e["valueFrom"]["configMapKeyRef"]["name"]
+        for c in [*pod.get("initContainers", []), *pod["containers"]]
+        for e in c.get("env", [])
+        if "configMapKeyRef" in e.get("valueFrom", {})
+    }
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, dict[str, Any]]:
+    return render(DEPLOY)
+
+
+def test_every_rendered_object_validates_and_is_what_the_files_say(
+    rendered: dict[str, dict[str, Any]], offline: None
+) -> None:
+    assert set(rendered) == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"}
+    for obj in rendered.values():
+        assert schema_errors(obj) == []
+    ds, cm = rendered["DaemonSet"], rendered["ConfigMap"]
+    assert pod_problems(ds) == [] and health_problems(ds, cm) == []
+    assert env_problems(agent_container(ds), cm) == []
+    assert rbac_problems(rendered["ClusterRole"]) == []
+
+
+def test_the_generated_configmap_is_the_env_file_and_the_daemonset_names_it(
+    rendered: dict[str, dict[str, Any]],
+) -> None:
+    cm = rendered["ConfigMap"]
+    assert re.fullmatch(r"kpr-config-[a-z0-9]{10}", cm["metadata"]["name"]), cm["metadata"]
+    assert cm["data"] == parse_env(CONFIG_ENV) == config_map()["data"]
+    assert cm["metadata"]["namespace"] == NAMESPACE and cm["metadata"]["labels"] == {"app.kubernetes.io/name": "kpr"}
+    assert config_map_refs(rendered["DaemonSet"]) == {cm["metadata"]["name"]}
+
+
+def test_a_changed_setting_rolls_the_daemonset(tmp_path: Path, rendered: dict[str, dict[str, Any]]) -> None:
+    changed = render(deploy_copy(tmp_path, KPR_LOG_LEVEL="debug"))
+    old_name, new_name = rendered["ConfigMap"]["metadata"]["name"], changed["ConfigMap"]["metadata"]["name"]
+    assert new_name != old_name
+    assert config_map_refs(changed["DaemonSet"]) == {new_name}
+    # a changed pod template is what makes the DaemonSet controller replace the pods
+    assert changed["DaemonSet"]["spec"]["template"] != rendered["DaemonSet"]["spec"]["template"]
+
+
+def test_moving_to_kube_proxys_ports_moves_the_probes_too(tmp_path: Path, offline: None) -> None:
+    moved = render(deploy_copy(tmp_path, KPR_HEALTHZ_PORT="10256", KPR_METRICS_BIND_ADDRESS="127.0.0.1:10249"))
+    ds = moved["DaemonSet"]
+    assert agent_container(ds)["ports"] == [{"name": "healthz", "containerPort": 10256, "protocol": "TCP"}]
+    assert health_problems(ds, moved["ConfigMap"]) == [] and pod_problems(ds) == []
+    assert schema_errors(ds) == []  # an integer port, not the ConfigMap's string
+
+
+def test_images_retarget_every_container(tmp_path: Path) -> None:
+    overlay = tmp_path / "mirror"
+    overlay.mkdir()
+    shutil.copytree(DEPLOY, tmp_path / "deploy")
+    (overlay / "kustomization.yaml").write_text(
+        "resources: [../deploy]\n"
+        f"images: [{{name: {IMAGE}, newName: registry.example.com/mirror/kpr, newTag: 0.1.1}}]\n"
+    )
+    pod = render(overlay)["DaemonSet"]["spec"]["template"]["spec"]
+    images = [c["image"] for c in [*pod["initContainers"], *pod["containers"]]]
+    assert images == ["registry.example.com/mirror/kpr:0.1.1"] * 4
+
+
+def test_the_example_conflist_finds_the_agents_pins_in_the_agents_container(
+    rendered: dict[str, dict[str, Any]],
+) -> None:
+    """kpr-cni runs in the agent's container (the install-cni shim): its bpffsDir, default /sys/fs/bpf/kpr, must be
+    the agent's --bpffs-dir there, through the bpffs mounted at /sys/fs/bpf."""
+    conflist = json.loads((DEPLOY / "cni" / "10-kpr-chained.conflist").read_text())
+    (kpr_cni,) = [p for p in conflist["plugins"] if p["type"] == "kpr-cni"]
+    bpffs_dir = kpr_cni.get("bpffsDir", "/sys/fs/bpf/kpr")
+    ds = rendered["DaemonSet"]
+    agent = agent_container(ds)
+    agent_dir = {e["name"]: e.get("value") for e in agent["env"]}["KPR_BPFFS_DIR"]
+    mounts = host_mounts(ds["spec"]["template"]["spec"], agent)["/sys/fs/bpf"]
+    seen = {m["mountPath"].rstrip("/") for m in mounts}
+    assert seen == {"/run/kpr/bpffs", "/sys/fs/bpf"}
+    assert agent_dir.startswith("/run/kpr/bpffs/")
+    assert bpffs_dir == "/sys/fs/bpf/" + agent_dir.removeprefix("/run/kpr/bpffs/")
 
 
 # ---- the Vagrant lab ----
@@ -432,11 +700,13 @@ def test_flag_check_rejects_unknown_flags(agent_flags: set[str]) -> None:
 
 
 def test_env_check_rejects_dangling_references(objects: dict[str, dict[str, Any]]) -> None:
-    (container,) = broken(objects["DaemonSet"])["spec"]["template"]["spec"]["containers"]
+    container = agent_container(broken(objects["DaemonSet"]))
     container["args"].append("--log-level=$(KPR_VERBOSITY)")
     container["env"].append({"name": "X", "valueFrom": {"configMapKeyRef": {"name": "kpr-config", "key": "NOPE"}}})
+    container["env"].insert(0, {"name": "EARLY", "value": "127.0.0.1:$(KPR_HEALTHZ_PORT)"})  # defined only later
     problems = env_problems(container, objects["ConfigMap"])
     assert any("KPR_VERBOSITY" in p for p in problems) and any("NOPE" in p for p in problems)
+    assert any("env EARLY: $(KPR_HEALTHZ_PORT) is not defined before it" in p for p in problems)
 
 
 def test_pod_check_rejects_what_the_api_server_or_the_node_would(objects: dict[str, dict[str, Any]]) -> None:
@@ -445,16 +715,26 @@ def test_pod_check_rejects_what_the_api_server_or_the_node_would(objects: dict[s
     for m in container["volumeMounts"]:
         if m["name"] == "bpffs":
             m["mountPropagation"] = "Bidirectional"
-    container["securityContext"]["capabilities"]["add"].remove("SYS_ADMIN")
-    container["readinessProbe"]["httpGet"]["port"] = 10257
-    ds["spec"]["template"]["spec"]["volumes"] = [
-        v for v in ds["spec"]["template"]["spec"]["volumes"] if v["name"] != "usr-src"
-    ]
+    container["securityContext"]["capabilities"]["add"].remove("NET_RAW")
+    container["readinessProbe"]["httpGet"]["port"] = 10256
+    pod = ds["spec"]["template"]["spec"]
+    pod["volumes"] = [v for v in pod["volumes"] if v["name"] not in ("usr-src", "xtables-lock")]
+    del pod["securityContext"]["seLinuxOptions"]
+    pod["initContainers"][1]["securityContext"]["privileged"] = False
+    pod["initContainers"][2]["env"][0]["value"] = "/sys/fs/bpf/kpr"
+    del pod["initContainers"][0]
     problems = pod_problems(ds)
     assert any("Bidirectional" in p for p in problems)
     assert any("capabilities.add" in p for p in problems)
     assert any("readinessProbe" in p for p in problems)
-    assert any("/usr/src" in p for p in problems)
+    assert any("/usr/src" in p for p in problems) and any("/run/xtables.lock" in p for p in problems)
+    assert any("spc_t" in p for p in problems)
+    assert any("init containers are ['mount-cgroup', 'install-cni']" in p for p in problems)
+    assert "init container mount-cgroup is not privileged" in problems
+    assert any("install-cni's KPR_BPFFS_DIR is not the agent's" in p for p in problems)
+    cm = broken(objects["ConfigMap"])
+    cm["data"]["KPR_HEALTHZ_PORT"] = "10256"  # the agent moved, the probes did not
+    assert health_problems(ds, cm) == ["the container port healthz is 10356, KPR_HEALTHZ_PORT is '10256'"]
 
 
 def test_rbac_check_rejects_more_or_less(objects: dict[str, dict[str, Any]]) -> None:
