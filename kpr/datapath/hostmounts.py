@@ -159,9 +159,10 @@ def cgroup2_problem(path: Path) -> str | None:
     if magic == CGROUP2_SUPER_MAGIC:
         return None
     hint = (
-        "pass the node's cgroup2 mount as --cgroup-root: /sys/fs/cgroup/unified on a hybrid (v1 and v2) node; on a "
-        "cgroup v1-only node mount one first (mkdir -p /run/kpr/cgroupv2 && mount -t cgroup2 none "
-        "/run/kpr/cgroupv2; the DaemonSet's mount-cgroup init container does this: kpr node mount-cgroup)"
+        "pass the node's cgroup2 mount (or a directory in it) as --cgroup-root: /sys/fs/cgroup/unified on a hybrid "
+        "(v1 and v2) node; on a cgroup v1-only node mount one first (mkdir -p /run/kpr/cgroupv2 && "
+        "mount -t cgroup2 none /run/kpr/cgroupv2; the DaemonSet's mount-cgroup init container does this: "
+        "kpr node mount-cgroup)"
     )
     if magic in (CGROUP_SUPER_MAGIC, TMPFS_MAGIC):
         return f"{path} is part of a cgroup v1 layout, not cgroup v2: {hint}"

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kpr import log
-from kpr.datapath import abi, bpfsys, crc32c, migrate, netns, statfs, toolchain
+from kpr.datapath import abi, bpfsys, crc32c, hostmounts, migrate, netns, statfs, toolchain
 
 BPF_FS_MAGIC = 0xCAFE4A11
 CGROUP2_SUPER_MAGIC = 0x63677270
@@ -80,8 +80,10 @@ def check_bpffs(bpffs_dir: Path) -> None:
 
 
 def check_cgroup2(cgroup: Path) -> None:
-    if fs_magic(cgroup) != CGROUP2_SUPER_MAGIC:
-        raise DatapathError(f"{cgroup} is not a cgroup v2 directory; pass the cgroup2 mount (or a directory in it)")
+    """The socket programs attach to a cgroup v2 directory; on v1 and hybrid nodes the message says where one is."""
+    problem = hostmounts.cgroup2_problem(cgroup)
+    if problem is not None:
+        raise DatapathError(problem)
 
 
 def map_size_flags(sizes: dict[str, int]) -> list[str]:

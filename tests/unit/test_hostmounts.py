@@ -134,3 +134,10 @@ def test_cgroup2_problem_says_what_to_do(tmp_path: Path) -> None:
     assert "/sys/fs/cgroup/unified on a hybrid" in problem and "kpr node mount-cgroup" in problem
     missing = cgroup2_problem(tmp_path / "nope")
     assert missing is not None and "No such file or directory" in missing
+
+
+def test_the_agent_refuses_a_cgroup_v1_root_with_what_to_do(tmp_path: Path) -> None:
+    from kpr.datapath.loader import DatapathError, check_cgroup2
+
+    with pytest.raises(DatapathError, match=r"not a cgroup v2 directory: pass the node's cgroup2 mount"):
+        check_cgroup2(tmp_path)
