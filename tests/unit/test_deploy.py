@@ -234,6 +234,12 @@ def pod_problems(ds: dict[str, Any]) -> list[str]:
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     if (volumes.get("xtables-lock") or {}).get("hostPath", {}).get("type") != "FileOrCreate":
         problems.append("/run/xtables.lock is not a FileOrCreate hostPath (iptables creates it on first use)")
+    # The kubelet checks hostPath types before the first (init) container starts: what the init containers make
+    # cannot be required to exist already.
+    for v in pod.get("volumes", []):
+        host = v.get("hostPath") or {}
+        if host.get("path", "").startswith("/run/kpr") and host.get("type") != "DirectoryOrCreate":
+            problems.append(f"volume {v['name']}: {host['path']} does not exist before mount-cgroup makes it")
 
     env = {e["name"]: e for e in container.get("env", [])}
     if (env.get("KPR_NODE_NAME") or {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != "spec.nodeName":
@@ -723,6 +729,7 @@ def test_pod_check_rejects_what_the_api_server_or_the_node_would(objects: dict[s
     pod["initContainers"][1]["securityContext"]["privileged"] = False
     pod["initContainers"][2]["env"][0]["value"] = "/sys/fs/bpf/kpr"
     del pod["initContainers"][0]
+    next(v for v in pod["volumes"] if v["name"] == "cgroup2")["hostPath"]["type"] = "Directory"
     problems = pod_problems(ds)
     assert any("Bidirectional" in p for p in problems)
     assert any("capabilities.add" in p for p in problems)
@@ -732,6 +739,7 @@ def test_pod_check_rejects_what_the_api_server_or_the_node_would(objects: dict[s
     assert any("init containers are ['mount-cgroup', 'install-cni']" in p for p in problems)
     assert "init container mount-cgroup is not privileged" in problems
     assert any("install-cni's KPR_BPFFS_DIR is not the agent's" in p for p in problems)
+    assert "volume cgroup2: /run/kpr/cgroupv2 does not exist before mount-cgroup makes it" in problems
     cm = broken(objects["ConfigMap"])
     cm["data"]["KPR_HEALTHZ_PORT"] = "10256"  # the agent moved, the probes did not
     assert health_problems(ds, cm) == ["the container port healthz is 10356, KPR_HEALTHZ_PORT is '10256'"]
