@@ -58,6 +58,10 @@ def web_manifests(node: Node, pods: Sequence[Pod]) -> list[dict[str, object]]:
     ]
 
 
+class DemoFailed(RuntimeError):
+    """Traffic the demo shows did not all get through."""
+
+
 def traffic(lab: Lab, client: Pod | External, proto: str, vip: str, port: int, count: int = 300) -> None:
     result = lab.client(client, proto, vip, port, count=count)
     shown = f"[{vip}]:{port}" if ":" in vip else f"{vip}:{port}"
@@ -67,6 +71,8 @@ def traffic(lab: Lab, client: Pod | External, proto: str, vip: str, port: int, c
         f"the backends saw the client as {', '.join(result['seen_as'])}"
     )
     print(bar(result["served"], count))
+    if result["ok"] != count:  # a demo that shows failures must not pass for one that works
+        raise DemoFailed(f"{count - result['ok']} of {count} {proto.upper()} requests to {shown} failed")
 
 
 def chain(lab: Lab, node: Node, pod: Pod) -> None:
@@ -116,11 +122,18 @@ def main() -> int:
         "control plane (make k8s builds it), kubectl, a Deployment and a rollout",
     )
     mode = parser.parse_args().mode
-    if mode == "kubernetes":
-        from kpr.lab import demo_kubernetes
+    try:
+        if mode == "kubernetes":
+            from kpr.lab import demo_kubernetes
 
-        return demo_kubernetes.main()
-    chaining = mode == "chaining"
+            return demo_kubernetes.main()
+        return run(chaining=mode == "chaining")
+    except DemoFailed as e:  # the lab is torn down by now
+        print(f"\nDEMO FAILED: {e}", file=sys.stderr)
+        return 1
+
+
+def run(chaining: bool) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kpr-demo-") as tmp, Lab() as lab:
         manifests = Path(tmp)

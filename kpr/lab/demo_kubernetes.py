@@ -13,7 +13,7 @@ import time
 
 from kpr.datapath.inspect import read_services
 from kpr.lab.cluster import finish_client_loop, finish_holder, start_client_loop, start_holder, wait_until
-from kpr.lab.demo import bar, say
+from kpr.lab.demo import DemoFailed, bar, say
 from kpr.lab.kubernetes import KubernetesLab, deployment, selector_service
 from kpr.lab.lab import Lab
 from kpr.lab.layout import Node
@@ -57,6 +57,8 @@ def main() -> int:
                 result = lab.client(who, "tcp", host, port, count=150)
                 print(f"   150 connections from {who.name} to {host}:{port}: {result['ok']} answered")
                 print(bar(result["served"], 150))
+                if result["ok"] != 150:
+                    raise DemoFailed(f"{150 - result['ok']} of 150 connections from {who.name} to {host}:{port} failed")
 
             say("kubectl scale deployment/web --replicas=5")
             k.kubectl("scale", "deployment/web", "--replicas=5")
@@ -80,6 +82,8 @@ def main() -> int:
                 f"{len(held['tcp'])} held connections, {len(cut)} cut (each old pod's held connections ended with "
                 "its process, by a FIN, after it stopped serving)"
             )
+            if short["errors"] or cut:
+                raise DemoFailed(f"the rollout cut traffic: errors {short['errors']}, {len(cut)} held connections cut")
 
             say("kpr status on node1")
             node = k.nodes[0]
