@@ -15,15 +15,12 @@ On SIGTERM it stops and leaves programs and maps in place.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
-import gc
 import os
 import queue
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -50,6 +47,7 @@ from kpr.datapath.writers import MapWriteError, MapWriter, PinnedMapWriter
 from kpr.model.nodeports import nodeport_addresses
 from kpr.model.translate import local_ready_endpoints, needs_health_check, node_eligible, translate
 from kpr.model.types import EndpointSliceSpec, Frontend, NodeInfo, ServiceKey, ServiceSpec
+from kpr.objects.convert import gc_paused
 from kpr.objects.events import KINDS, Event, Replace, Source, SourceError, Upsert
 from kpr.reconcile.reconciler import BulkLoadError, FlowEnds, Reconciler, ServiceSyncError, SyncResult
 
@@ -451,7 +449,7 @@ class Agent:
         ops_before = self.reconciler.ops_applied
         node, store = self.store.node, self.store
         translated = []
-        with _gc_paused():  # hundreds of thousands of new objects, none of them in a cycle: no collection passes
+        with gc_paused():  # hundreds of thousands of new objects, none of them in a cycle: no collection passes
             for key in sorted(services):
                 spec = store.services.get(key)
                 slices = store.slices_of(key) if spec is not None else []
@@ -836,19 +834,6 @@ class Agent:
         self.metrics.services.set(len(self.reconciler.by_service))
         self.metrics.frontends.set(len(self.reconciler.frontends))
         self.metrics.backends.set(len(self.reconciler.backends))
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection inside (reference counting still frees everything): a collection pass scans
-    every tracked object, and building many new ones triggers pass after pass over the whole store."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 class AddressesChanged:

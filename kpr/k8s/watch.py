@@ -24,7 +24,13 @@ from typing import Any
 import orjson
 
 from kpr import log
-from kpr.objects.convert import InvalidObject, endpoint_slice_from_dict, node_from_dict, service_from_dict
+from kpr.objects.convert import (
+    InvalidObject,
+    endpoint_slice_from_dict,
+    gc_paused,
+    node_from_dict,
+    service_from_dict,
+)
 from kpr.objects.events import Delete, Event, Kind, Object, Replace, SourceError, Upsert
 
 # kube-proxy ignores objects owned by another proxy and the endpoints of headless Services.
@@ -145,16 +151,17 @@ class Reflector:
             if token:
                 kwargs["_continue"] = token
             body = self._call(**kwargs)
-            page = orjson.loads(body)
-            meta = page.get("metadata") or {}
-            version = version or str(meta.get("resourceVersion") or "")
-            for item in page.get("items") or []:
-                obj = self._convert(item)
-                if obj is not None:
-                    objects.append(obj)
-                else:
-                    namespace, name, _ = _meta(item)
-                    invalid.add((namespace, name))
+            with gc_paused():  # a page of objects parsed and converted: no collection passes over them
+                page = orjson.loads(body)
+                meta = page.get("metadata") or {}
+                version = version or str(meta.get("resourceVersion") or "")
+                for item in page.get("items") or []:
+                    obj = self._convert(item)
+                    if obj is not None:
+                        objects.append(obj)
+                    else:
+                        namespace, name, _ = _meta(item)
+                        invalid.add((namespace, name))
             token = str(meta.get("continue") or "")
             if not token:
                 break
