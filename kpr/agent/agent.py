@@ -448,22 +448,21 @@ class Agent:
         started = time.monotonic()
         ops_before = self.reconciler.ops_applied
         node, store = self.store.node, self.store
-        translated = []
+        inputs = [(key, store.services.get(key)) for key in sorted(services)]
+        slices_of = {key: store.slices_of(key) for key, spec in inputs if spec is not None}
+        # Translated one service at a time as load_all takes them: the frontends go once their entries are packed.
+        translated = ((key, translate(spec, slices_of[key], node) if spec is not None else []) for key, spec in inputs)
         with gc_paused():  # hundreds of thousands of new objects, none of them in a cycle: no collection passes
-            for key in sorted(services):
-                spec = store.services.get(key)
-                slices = store.slices_of(key) if spec is not None else []
-                translated.append((key, spec, slices, translate(spec, slices, node) if spec is not None else []))
             try:
-                results = self.reconciler.load_all((key, frontends) for key, _, _, frontends in translated)
+                results = self.reconciler.load_all(translated)
             except BulkLoadError as e:
                 self.log.warning("bulk first sync not possible; programming service by service", reason=str(e))
                 return False
-        for key, spec, slices, _ in translated:  # what _sync_one does after a service is programmed
+        for key, spec in inputs:  # what _sync_one does after a service is programmed
             self.dirty.discard(key)
             self.retry_at.pop(key, None)
             self.failing_since.pop(key, None)
-            self._health_check(key, spec, slices)
+            self._health_check(key, spec, slices_of.get(key))
             trigger = self.trigger_times.pop(key, None)
             if trigger is not None:
                 self.metrics.programming_latency.observe(max(0.0, time.time() - trigger))

@@ -132,12 +132,13 @@ for _packer, _mirror in (
     assert _packer.size == ctypes.sizeof(_mirror), f"packed {_mirror.__name__} is {_packer.size} bytes"
 
 pack_u32 = _U32.pack
+_BACKEND4, _BACKEND6 = _BACKEND[4].pack, _BACKEND[6].pack
 U8_ONE = bytes(abi.U8(1))
 
 
-@lru_cache(maxsize=1 << 17)
 def packed_addr(addr: str) -> bytes:
-    """An address's network order bytes (4 or 16), as the maps' addr fields hold them."""
+    """An address's network order bytes (4 or 16), as the maps' addr fields hold them (inet_pton: cheaper than a
+    cache lookup, and a first sync sees each address once)."""
     return socket.inet_pton(socket.AF_INET6, addr) if ":" in addr else socket.inet_pton(socket.AF_INET, addr)
 
 
@@ -171,10 +172,14 @@ pack_svc_slot = struct.Struct("=I12x").pack  # pack_svc_slot(backend_id): the by
 
 
 def pack_backend(addr: str, port: int, protocol: str, *, state: int, node_local: bool) -> bytes:
-    packed = packed_addr(addr)
     flags = abi.BACKEND_F_NODE_LOCAL if node_local else 0
-    packer = _BACKEND[4 if len(packed) == 4 else 6]
-    return packer.pack(packed, socket.htons(port), PROTOCOL_NUMBERS[protocol], state, flags)
+    if ":" in addr:
+        return _BACKEND6(
+            socket.inet_pton(socket.AF_INET6, addr), socket.htons(port), PROTOCOL_NUMBERS[protocol], state, flags
+        )
+    return _BACKEND4(
+        socket.inet_pton(socket.AF_INET, addr), socket.htons(port), PROTOCOL_NUMBERS[protocol], state, flags
+    )
 
 
 def pack_rev_nat(addr: str, port: int) -> bytes:

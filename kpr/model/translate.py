@@ -141,16 +141,17 @@ def merge_endpoints(
     unless a later one is local, which is not a stable order to copy; ours is.
     """
     merged: dict[tuple[str, int], Candidate] = {}
+    v6 = family == "IPv6"
     for es in slices:
         for ep_port in es.ports:
             if ep_port.name != port.name or ep_port.protocol != port.protocol:
                 continue
             for ep in es.endpoints:
-                if not ep.addresses or _family(ep.addresses[0]) != family:
+                if not ep.addresses or (":" in ep.addresses[0]) != v6:
                     continue
                 key = (ep.addresses[0], ep_port.port)
                 seen = merged.get(key)
-                if seen is None or (ep.ready and not seen.ready):
+                if seen is None or (ep.ready and not seen.endpoint.ready):
                     merged[key] = Candidate(key[0], key[1], ep, bool(node_name) and ep.node_name == node_name)
     return list(merged.values())
 
@@ -166,7 +167,7 @@ def topology_mode_from_hints(candidates: Sequence[Candidate], node: NodeInfo) ->
     never matches); else "" (no topology filtering). Newer kube-proxy reads only the hints, not the Service's
     trafficDistribution or topology-mode annotation: the EndpointSlice controller sets hints only when asked to.
     """
-    ready = [c.endpoint for c in candidates if c.ready]
+    ready = [c.endpoint for c in candidates if c.endpoint.ready]
     if not ready:
         return ""
     if node.name and all(ep.hint_nodes for ep in ready) and any(node.name in ep.hint_nodes for ep in ready):
@@ -193,13 +194,17 @@ def categorize_endpoints(candidates: Sequence[Candidate], node: NodeInfo) -> Cat
     has_any: some endpoint anywhere is ready or serving-and-terminating.
     """
     mode = topology_mode_from_hints(candidates, node)
-    cluster = tuple(c for c in candidates if c.ready and available_for_topology(c, mode, node))
+    if mode:
+        cluster = tuple(c for c in candidates if c.endpoint.ready and available_for_topology(c, mode, node))
+    else:
+        cluster = tuple(c for c in candidates if c.endpoint.ready)
     if not cluster:
         cluster = tuple(c for c in candidates if c.serving_terminating)
-    local = tuple(c for c in candidates if c.is_local and c.ready)
+    local = tuple(c for c in candidates if c.is_local and c.endpoint.ready)
     if not local:
         local = tuple(c for c in candidates if c.is_local and c.serving_terminating)
-    has_any = any(c.ready or c.serving_terminating for c in candidates)
+    # Some endpoint is ready or serving-and-terminating: the cluster set holds one, or topology left out a ready one.
+    has_any = bool(cluster) or any(c.endpoint.ready for c in candidates)
     return Categories(cluster, local, has_any)
 
 

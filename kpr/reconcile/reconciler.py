@@ -20,6 +20,7 @@ leaves, and a UDP frontend that goes, are reported in `flow_ends` so the agent e
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -822,10 +823,14 @@ class _BulkPlan:
         self.next_rev_nat_id = rec.rev_nat_ids.next
         self.udp_backend_ends: dict[int, Address] = {}
         self.ops = 0
-        # map -> (keys, values); the services maps' slots, internal masters and default masters apart, for ordering
-        self.entries: dict[str, tuple[list[bytes], list[bytes]]] = {name: ([], []) for name in _MAKE_ORDER}
-        self.masters: dict[tuple[str, int], tuple[list[bytes], list[bytes]]] = {
-            (name, scope): ([], []) for name in ("services4", "services6") for scope in (0, 1)
+        self.packed: list[tuple[str, bytes, bytes, int]] | None = None  # _ordered(), once all services are in
+        # map -> (keys, values), packed back to back; the services maps' slots, internal masters and default masters
+        # apart, for ordering
+        self.entries: dict[str, tuple[bytearray, bytearray]] = {
+            name: (bytearray(), bytearray()) for name in _MAKE_ORDER
+        }
+        self.masters: dict[tuple[str, int], tuple[bytearray, bytearray]] = {
+            (name, scope): (bytearray(), bytearray()) for name in ("services4", "services6") for scope in (0, 1)
         }
 
     def _backend(self, b: Backend, staged: dict[Address, BackendEntry]) -> BackendEntry:
@@ -890,11 +895,11 @@ class _BulkPlan:
                     kind, service.namespace, service.name, f.port_name
                 )
             keys, values = entries[rev_nat_map]
-            keys.append(packed_id)
-            values.append(codec.pack_rev_nat(f.addr, f.port))
+            keys += packed_id
+            values += codec.pack_rev_nat(f.addr, f.port)
             keys, values = entries["svc_names"]
-            keys.append(packed_id)
-            values.append(name)
+            keys += packed_id
+            values += name
 
             scopes: dict[int, ScopeState] = {}
             held: list[list[BackendEntry]] = []
@@ -922,21 +927,24 @@ class _BulkPlan:
 
             keys, values = entries["affinity_match"]
             for backend_id in fe.affinity_backends():
-                keys.append(codec.pack_affinity_match(backend_id, rev_nat_id))
-                values.append(codec.U8_ONE)
+                keys += codec.pack_affinity_match(backend_id, rev_nat_id)
+                values += codec.U8_ONE
             for cidr in fe.source_ranges:
                 src_map, key = codec.pack_src_range(rev_nat_id, cidr)
-                entries[src_map][0].append(key)
-                entries[src_map][1].append(codec.U8_ONE)
+                entries[src_map][0].extend(key)
+                entries[src_map][1].extend(codec.U8_ONE)
             slot_keys, slot_values = entries[services_map]
             prefix = codec.svc_key_prefix(*f.address)
             for scope, state in scopes.items():
                 suffixes = codec.svc_key_suffixes(scope, len(state.slots) + 1)
-                slot_keys.extend([prefix + suffix for suffix in suffixes[1:]])
-                slot_values.extend(map(codec.pack_svc_slot, state.slots))
+                if len(suffixes) > 1:  # prefix + slot 1's suffix + prefix + slot 2's ... in one go
+                    slot_keys += prefix
+                    slot_keys += prefix.join(suffixes[1:])
+                slot_values += b"".join(map(codec.pack_svc_slot, state.slots))
                 keys, values = masters[(services_map, scope)]
-                keys.append(prefix + suffixes[0])
-                values.append(codec.pack_svc_master(len(state.slots), rev_nat_id, state.flags, state.affinity_timeout))
+                keys += prefix
+                keys += suffixes[0]
+                values += codec.pack_svc_master(len(state.slots), rev_nat_id, state.flags, state.affinity_timeout)
             self.ops += (
                 2 + len(fe.affinity_backends()) + len(fe.source_ranges) + sum(len(s.slots) + 1 for s in scopes.values())
             )
@@ -946,53 +954,57 @@ class _BulkPlan:
         result.ops = self.ops - ops_before
         return result
 
-    def _ordered(self) -> list[tuple[str, list[bytes], list[bytes]]]:
-        """(map, keys, values) in the order they are written."""
-        if not self.entries["backends4"][0] and not self.entries["backends6"][0]:  # in their final state, once each
-            for (addr, port, protocol), entry in self.backends.items():
-                keys, values = self.entries["backends6" if ":" in addr else "backends4"]
-                keys.append(codec.pack_u32(entry.id))
-                values.append(codec.pack_backend(addr, port, protocol, state=entry.state, node_local=entry.node_local))
+    def _ordered(self) -> list[tuple[str, bytes, bytes, int]]:
+        """(map, keys, values, count) in the order they are written."""
+        if self.packed is not None:
+            return self.packed
+        for (addr, port, protocol), entry in self.backends.items():  # in their final state, once each
+            keys, values = self.entries["backends6" if ":" in addr else "backends4"]
+            keys += codec.pack_u32(entry.id)
+            values += codec.pack_backend(addr, port, protocol, state=entry.state, node_local=entry.node_local)
         out = []
         for name in _MAKE_ORDER:
             keys, values = self.entries[name]
+            parts = [(keys, values)]
             if name.startswith("services"):  # slots, then internal scopes' masters, then the default scopes'
-                for scope in (abi.SCOPE_INTERNAL, abi.SCOPE_DEFAULT):
-                    master_keys, master_values = self.masters[(name, scope)]
-                    keys, values = keys + master_keys, values + master_values
-            if keys:
-                out.append((name, keys, values))
+                parts += [self.masters[(name, scope)] for scope in (abi.SCOPE_INTERNAL, abi.SCOPE_DEFAULT)]
+            all_keys = b"".join(k for k, _ in parts)
+            if all_keys:
+                out.append((name, all_keys, b"".join(v for _, v in parts), len(all_keys) // _key_size(name)))
+        self.packed = out
+        self.entries.clear()  # what the map buffers are joined from
+        self.masters.clear()
         return out
 
     def check_room(self) -> None:
-        for name, keys, _ in self._ordered():
-            need = len(set(keys)) if name.startswith("src_ranges") else len(keys)  # two CIDRs may share one key
+        for name, keys, _, count in self._ordered():
+            need = len(set(_split(name, keys))) if name.startswith("src_ranges") else count  # CIDRs may share a key
             room = self.rec.writer.capacity(name)
             if need > room:
                 raise BulkLoadError(f"{name} would need {need} entries and has room for {room}")
 
     def write(self) -> None:
         writer = self.rec.writer
-        written: list[tuple[str, list[bytes]]] = []
-        for name, keys, values in self._ordered():
+        written: list[tuple[str, bytes]] = []
+        for name, keys, values, count in self._ordered():
             try:
-                writer.update_packed(name, b"".join(keys), b"".join(values), len(keys))
+                writer.update_packed(name, keys, values, count)
             except MapWriteError as e:
-                written.append((name, keys[: e.done]))
+                written.append((name, keys[: e.done * _key_size(name)]))
                 left = self._undo(written)
                 raise BulkLoadError(
-                    f"writing {len(keys)} entries into {name} failed after {e.done}: {e}; "
+                    f"writing {count} entries into {name} failed after {e.done}: {e}; "
                     + (f"{left} written entries could not be deleted" if left else "everything written was deleted")
                 ) from e
             written.append((name, keys))
 
-    def _undo(self, written: list[tuple[str, list[bytes]]]) -> int:
+    def _undo(self, written: list[tuple[str, bytes]]) -> int:
         """Delete what was written, newest first (masters before slots before backends); returns how many deletions
         failed. Those entries stay for prune() to remove (restored_entries makes it check the maps)."""
         left = 0
         for name, keys in reversed(written):
             key_type = abi.MAPS[name].key
-            for key in reversed(keys):
+            for key in reversed(_split(name, keys)):
                 try:
                     self.rec.writer.delete(name, key_type.from_buffer_copy(key))
                 except MapWriteError:
@@ -1011,3 +1023,13 @@ class _BulkPlan:
         rec.ranged_frontends = sum(1 for fe in self.frontends.values() if fe.source_ranges)
         rec.flow_ends.udp_backends.update(self.udp_backend_ends)
         rec.ops_applied += self.ops
+
+
+def _key_size(map_name: str) -> int:
+    return ctypes.sizeof(abi.MAPS[map_name].key)
+
+
+def _split(map_name: str, keys: bytes) -> list[bytes]:
+    """Packed keys, one by one."""
+    size = _key_size(map_name)
+    return [keys[i : i + size] for i in range(0, len(keys), size)]
