@@ -48,7 +48,7 @@ from kpr.model.nodeports import nodeport_addresses
 from kpr.model.translate import local_ready_endpoints, needs_health_check, node_eligible, translate
 from kpr.model.types import EndpointSliceSpec, Frontend, NodeInfo, ServiceKey, ServiceSpec
 from kpr.objects.convert import gc_paused
-from kpr.objects.events import KINDS, Event, Replace, Source, SourceError, Upsert
+from kpr.objects.events import KINDS, Event, Kind, Replace, Source, SourceError, Upsert
 from kpr.reconcile.reconciler import BulkLoadError, FlowEnds, Reconciler, ServiceSyncError, SyncResult
 
 RETRY_BACKOFF = (0.5, 1, 2, 5, 10, 30)  # seconds before a failed service is tried again
@@ -217,6 +217,7 @@ class Agent:
             self.config.node_name,
             self._source_queue(),
             idle_timeout=self.config.watch_idle_timeout,
+            on_event_outcome=lambda outcome: self.metrics.kubernetes_events.labels(outcome=outcome).inc(),
         )
         self.log.info("watching the Kubernetes API", kubeconfig=self.config.kubeconfig or "in-cluster")
         return source
@@ -307,6 +308,8 @@ class Agent:
             if event.reason == "invalid":
                 self.metrics.invalid_objects.inc()
                 self.log.error("invalid object ignored; its last good version stays in effect", error=event.message)
+                if event.kind is not None and event.name:
+                    self._report(event.kind, event.namespace, event.name, "InvalidObject", event.message)
             return
         if isinstance(event, Upsert) and isinstance(event.obj, EndpointSliceSpec) and event.obj.trigger_time:
             key = event.obj.service_key
@@ -522,6 +525,7 @@ class Agent:
             self.metrics.sync_errors.labels(reason=e.reason).inc()
             self._remember_error(str(e))
             slog.error("service not programmed; previous state kept", error=str(e), retry_in=delay)
+            self._report("Service", key.namespace, key.name, "MapFull" if e.full else "ProgrammingFailed", str(e))
             return
         self.retry_at.pop(key, None)
         self.failing_since.pop(key, None)
@@ -554,6 +558,7 @@ class Agent:
             self.metrics.sync_errors.labels(reason="health_check_port").inc()
             self._remember_error(f"{key}: {error}")
             self.log.error("health check node port not served", service=str(key), error=error)
+            self._report("Service", key.namespace, key.name, "FailedToStartServiceHealthcheck", error)
 
     def settle_flows(self) -> None:
         """End the flows of UDP backends that stopped serving or left (and of UDP frontends that went) as kube-proxy's
@@ -706,6 +711,16 @@ class Agent:
     def _remember_error(self, message: str) -> None:
         self.recent_errors.append({"time": time.time(), "error": message})
 
+    def _report(self, kind: Kind, namespace: str, name: str, reason: str, message: str) -> None:
+        """Where the agent logs that it could not use or program an object, the source also tells the object's owners
+        (the API source: a Warning Event on it). Never blocks the loop, and a failure is only logged."""
+        if self.source is None:
+            return
+        try:
+            self.source.report(kind, namespace, name, reason, message)
+        except Exception as e:
+            self.log.warning("reporting to the source failed", kind=kind, object=f"{namespace}/{name}", error=str(e))
+
     def healthy(self) -> tuple[bool, str]:
         """kube-proxy's rule: healthy once synced, unless a queued change waits longer than twice the sync period."""
         now = time.monotonic()
@@ -823,6 +838,7 @@ class Agent:
                 self.metrics.sync_errors.labels(reason="conflict").inc()
                 slog.warning("frontend held by another service; waiting for it to let go", detail=conflict)
                 self._remember_error(f"{key}: {conflict}")
+                self._report("Service", key.namespace, key.name, "FrontendConflict", conflict)
         else:
             del self.conflicted[key]
             slog.info("frontend conflict resolved")

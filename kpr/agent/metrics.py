@@ -79,6 +79,13 @@ class Metrics:
             "Times the agent found its programs detached and attached them again",
             registry=r,
         )
+        self.kubernetes_events = Counter(
+            "kpr_kubernetes_events_total",
+            "Reports about objects turned into Kubernetes Events, by outcome: created, patched (a series count), "
+            "aggregated (counted, written later), spam_filtered, rate_limited, dropped (queue full), failed",
+            ["outcome"],
+            registry=r,
+        )
         self.conflicts = Gauge(
             "kpr_frontend_conflicts", "Services waiting for a frontend address:port another service holds", registry=r
         )

@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 
 from kpr import log
+from kpr.k8s.events import ApiSink, EventRecorder, Report
 from kpr.objects.convert import (
     InvalidObject,
     endpoint_slice_from_dict,
@@ -118,6 +119,8 @@ class Reflector:
         self.lists = 0
         self.watches = 0
         self.last_event = 0.0
+        self.uids: dict[tuple[str, str], str] = {}  # (namespace, name) -> metadata.uid, for Events about them
+        self._uids = self.uids  # where _convert records them: a new dict while relisting
         self._failures = 0
         self.thread = threading.Thread(target=self.run, name=f"reflector-{resource.kind}", daemon=True)
 
@@ -144,6 +147,8 @@ class Reflector:
         self.state = "listing"
         objects: list[Object] = []
         invalid: set[tuple[str, str]] = set()
+        uids: dict[tuple[str, str], str] = {}  # the list is the whole set: uids of objects gone meanwhile go too
+        self._uids = uids
         token = ""
         version = ""
         while True:
@@ -168,6 +173,7 @@ class Reflector:
         self.lists += 1
         self.problem = ""
         self.resource_version = version
+        self.uids = uids
         self.out.put(Replace(self.resource.kind, tuple(objects), frozenset(invalid)))
         self.log.info("listed", objects=len(objects), resource_version=version)
 
@@ -176,6 +182,7 @@ class Reflector:
     def watch(self) -> None:
         self.state = "watching"
         self.watches += 1
+        self._uids = self.uids
         started = time.monotonic()
         delivered = 0
         timeout = random.randint(*self.watch_timeout)
@@ -218,6 +225,7 @@ class Reflector:
             if converted is not None:
                 self.out.put(Upsert(kind, converted))
         elif etype == "DELETED":
+            self.uids.pop((namespace, name), None)
             self.out.put(Delete(kind, namespace, name))
         elif etype != "BOOKMARK":
             raise WatchBroken(f"unknown watch event type {etype!r}")
@@ -241,10 +249,12 @@ class Reflector:
             response.release_conn()
 
     def _convert(self, item: Mapping[str, Any]) -> Object | None:
+        namespace, name, _ = _meta(item)
+        self._uids[namespace, name] = str((item.get("metadata") or {}).get("uid") or "")
         try:
             return self.resource.convert(item)
         except InvalidObject as e:
-            self.out.put(SourceError(self.resource.kind, str(e), "invalid"))
+            self.out.put(SourceError(self.resource.kind, str(e), "invalid", namespace, name))
             return None
 
     def _backoff(self, e: Exception) -> None:
@@ -315,7 +325,7 @@ def _lines(response: Any) -> Iterator[bytes]:
 
 
 class ApiSource:
-    """The three reflectors of one agent, feeding one queue."""
+    """The three reflectors of one agent, feeding one queue, and the recorder of the Events it reports."""
 
     def __init__(
         self,
@@ -324,18 +334,35 @@ class ApiSource:
         out: queue.Queue[Event],
         *,
         idle_timeout: float = 90.0,
+        on_event_outcome: Callable[[str], None] = lambda outcome: None,
     ) -> None:
         self.stop = threading.Event()
+        self.node_name = node_name
         self.reflectors = [
             Reflector(r, out, self.stop, idle_timeout=idle_timeout) for r in resources(api_client, node_name)
         ]
+        self.recorder = EventRecorder(ApiSink(api_client), node_name, uid_of=self.uid_of, on_outcome=on_event_outcome)
 
     def start(self) -> None:
         for r in self.reflectors:
             r.start()
+        self.recorder.start()
+        # What kube-proxy records at start: a Normal event on its Node.
+        self.recorder.record(Report("Node", "", self.node_name, "Starting", "kpr started", "Normal", "StartKpr"))
 
     def close(self) -> None:
         self.stop.set()
+        self.recorder.close()
+
+    def report(self, kind: Kind, namespace: str, name: str, reason: str, message: str) -> None:
+        self.recorder.record(Report(kind, namespace, name, reason, message))
+
+    def uid_of(self, kind: str, namespace: str, name: str) -> str:
+        """The object's uid as last listed or watched ("" when unknown); read from the recorder's thread."""
+        for r in self.reflectors:
+            if r.resource.kind == kind:
+                return r.uids.get((namespace, name), "")
+        return ""
 
     def problem(self, stalled_after: float = 60.0) -> str:
         """A reflector whose thread is gone (it retries every failure, so only a bug ends it), or "" when all run.

@@ -42,6 +42,8 @@ class SourceError:
     kind: Kind | None
     message: str
     reason: str  # a short metric label: invalid, list_failed, watch_failed ...
+    namespace: str = ""  # the object concerned, where there is one (an invalid object): reports go to it
+    name: str = ""
 
 
 Event = Upsert | Delete | Replace | SourceError
@@ -63,3 +65,8 @@ class Source(Protocol):
 
     def problem(self, stalled_after: float) -> str:
         """Why the source may not be followed any more (a dead or stalled reader), or "" when it is well."""
+
+    def report(self, kind: Kind, namespace: str, name: str, reason: str, message: str) -> None:
+        """Tell the object's owners that kpr could not use or program it (the API source: a Warning Event on it,
+        aggregated and rate-limited; the manifest source: nothing beyond the agent's log line). Returns at once and
+        never raises: the agent calls it from its loop."""

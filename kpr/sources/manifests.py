@@ -76,7 +76,7 @@ from kpr.objects.convert import (
     object_kind,
     service_from_dict,
 )
-from kpr.objects.events import Event, Replace, SourceError
+from kpr.objects.events import Event, Kind, Replace, SourceError
 
 SUFFIXES = (".yaml", ".yml", ".json")
 MAX_FILE_BYTES = 32 * 1024 * 1024  # a bigger file is refused unread (libyaml takes ~0.6 s per MiB of YAML)
@@ -804,3 +804,6 @@ class ManifestPoller:
         if self.last_poll and age > stalled_after:
             return f"no poll of {self.source.directory} finished for {age:.0f} s"
         return self.failure
+
+    def report(self, kind: Kind, namespace: str, name: str, reason: str, message: str) -> None:
+        """Nothing to write to: the agent's log line (and its metric) is the report."""

@@ -75,6 +75,7 @@ VERSION = {  # the client's VersionInfo model requires every field
     "compiler": "gc",
     "platform": "linux/amd64",
 }
+EVENTS = re.compile(r"^/apis/events\.k8s\.io/v1/namespaces/([^/]+)/events(?:/([^/]+))?$")
 ROUTE = re.compile(r"^(/api/v1|/apis/discovery\.k8s\.io/v1)(?:/namespaces/([^/]+))?/([a-z]+)(?:/([^/]+))?$")
 
 
@@ -261,6 +262,9 @@ class FakeApiServer:
         self._bookmarks_paused = False
         self._unavailable: tuple[float, int, int] | None = None
         self._requests: list[tuple[str, str, dict[str, str]]] = []
+        self._events: dict[tuple[str, str], Obj] = {}  # (namespace, name) → events.k8s.io/v1 Event written to us
+        self.event_writes: list[tuple[str, str]] = []  # (method, name) of every write of an Event, failed or not
+        self.events_fail: int | None = None  # answer writes of Events with this status (500, 403) instead
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -435,6 +439,8 @@ class FakeApiServer:
                 503: ("ServiceUnavailable", "the server is currently unable to handle the request"),
             }.get(code, ("InternalError", "an error on the server has prevented the request from succeeding"))
             raise ApiError(code, reason, message, {"retryAfterSeconds": after}, **{"Retry-After": str(after)})
+        if (events := EVENTS.match(path)) and method in ("POST", "PATCH"):
+            return self._write_event(h, method, events[1], events[2])
         if method != "GET":
             h.close_connection = True  # its body, if any, was not read
             raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
@@ -454,6 +460,42 @@ class FakeApiServer:
                 raise ApiError(404, "NotFound", f'{k.plural} "{name}" not found', {"name": name, "kind": k.plural})
             return h.send_json(200, obj)
         h.send_json(200, self._list(k, _selector(query, namespace, None), query))
+
+    def events(self, namespace: str | None = None) -> list[Obj]:
+        """The Events written so far (events.k8s.io/v1), oldest first."""
+        with self._cond:
+            found = [copy.deepcopy(e) for (ns, _), e in self._events.items() if namespace in (None, ns)]
+        return sorted(found, key=lambda e: e["eventTime"])
+
+    def _write_event(self, h: _Handler, method: str, namespace: str, name: str | None) -> None:
+        """POST creates an Event, PATCH merges into one (what the events API's create and patch need here)."""
+        body = json.loads(h.rfile.read(int(h.headers.get("Content-Length") or 0)) or b"{}")
+        with self._cond:
+            self.event_writes.append((method, name or body.get("metadata", {}).get("name", "")))
+        if self.events_fail:
+            code = self.events_fail
+            reason = {403: "Forbidden", 500: "InternalError"}.get(code, "InternalError")
+            raise ApiError(code, reason, f"events.events.k8s.io is refused by the test ({code})")
+        with self._cond:
+            if method == "POST":
+                meta = body.get("metadata") or {}
+                name = str(meta.get("name") or "")
+                if meta.get("namespace", namespace) != namespace or not name:
+                    raise ApiError(400, "BadRequest", "the namespace of the object does not match the request")
+                if (namespace, name) in self._events:
+                    raise ApiError(409, "AlreadyExists", f'events.events.k8s.io "{name}" already exists')
+                self._rv += 1
+                meta.update(namespace=namespace, resourceVersion=str(self._rv), uid=str(uuid.uuid4()))
+                self._events[namespace, name] = body
+                return h.send_json(201, body)
+            assert name is not None
+            event = self._events.get((namespace, name))
+            if event is None:
+                raise ApiError(404, "NotFound", f'events.events.k8s.io "{name}" not found')
+            _merge(event, body)
+            self._rv += 1
+            event["metadata"]["resourceVersion"] = str(self._rv)
+            return h.send_json(200, event)
 
     def _list(self, k: Kind, match: Match, query: dict[str, str]) -> Obj:
         limit, token, start = _int(query.get("limit") or "0", "limit"), query.get("continue"), ""
@@ -562,6 +604,17 @@ class FakeApiServer:
             if k.api_version == group_version
         ]
         return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources}
+
+
+def _merge(into: Obj, patch: Obj) -> None:
+    """A JSON merge patch (RFC 7386), which is what a strategic merge patch of an Event's scalar fields does."""
+    for key, value in patch.items():
+        if value is None:
+            into.pop(key, None)
+        elif isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
 
 
 def _kind(kind: object) -> Kind:

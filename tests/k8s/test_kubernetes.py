@@ -7,10 +7,12 @@ import json
 import signal
 import sys
 import time
+from typing import Any
 
 import pytest
 
 from kpr.datapath.inspect import read_services
+from kpr.k8s.events import Series
 from kpr.lab import Node, Pod
 from kpr.lab.cluster import (
     LabAgent,
@@ -343,3 +345,34 @@ def test_a_missing_permission_is_named_in_the_log_and_in_kpr_status(cluster: Clu
         agent.stop()
         c.kubectl("delete", "clusterrolebinding/kpr-limited", "clusterrole/kpr-limited")
         c.kubectl("delete", "serviceaccount/kpr-limited", "-n", "kube-system")
+
+
+def test_a_conflicting_service_gets_kprs_warning_event(cluster: Cluster) -> None:
+    """Two Services claim one externalIP:port: the one that does not get it has a Warning Event from each node's
+    kpr (`kubectl get events` and `kubectl describe service` show it: the Event names the Service's uid)."""
+    c = cluster
+    claim: dict[str, Any] = {"externalIPs": ["192.0.2.50"], "ports": [("http", 80, 8080, "TCP")]}
+    c.apply(selector_service("ext-a", selector="client", **claim))  # the client pod: one backend
+    for node in (c.n1, c.n2):
+        wait_programmed(c, node, "192.0.2.50:80/TCP", 1)
+    c.apply(selector_service("ext-b", selector="nothing", **claim))
+    try:
+
+        def kpr_events() -> list[dict[str, Any]]:
+            found = c.get("events", "-n", "default", "--field-selector", "reason=FrontendConflict")["items"]
+            return [e for e in found if e.get("reportingComponent") == "kpr"]
+
+        events = wait_until(lambda: len(kpr_events()) == 2 and kpr_events(), 30, "an Event from each node's kpr")
+        uid = c.get("service", "-n", "default", "ext-b")["metadata"]["uid"]
+        assert {e["reportingInstance"] for e in events} == {"kpr-node1", "kpr-node2"}
+        for e in events:
+            assert e["type"] == "Warning" and e["involvedObject"]["name"] == "ext-b"
+            assert e["involvedObject"]["uid"] == uid and "already served for default/ext-a" in e["message"]
+        assert "FrontendConflict" in c.kubectl("describe", "service", "-n", "default", "ext-b")
+        # The series patch kpr sends for repeats (a strategic merge patch) is what the real API server takes.
+        name = events[0]["metadata"]["name"]
+        patch = json.dumps(Series(name, "default", {}, count=3, last_seen_wall=time.time()).patch())
+        c.kubectl("patch", "events.v1.events.k8s.io", "-n", "default", name, "--type=strategic", "-p", patch)
+        assert c.get("events.v1.events.k8s.io", "-n", "default", name)["series"]["count"] == 3
+    finally:
+        c.kubectl("delete", "service", "-n", "default", "ext-a", "ext-b")

@@ -32,6 +32,9 @@ class NoSource:
     def problem(self, stalled_after: float) -> str:
         return ""
 
+    def report(self, kind: str, namespace: str, name: str, reason: str, message: str) -> None:
+        pass
+
 
 def make_service(i: int) -> ServiceSpec:
     return ServiceSpec(

@@ -382,6 +382,9 @@ class NoSource:
     def problem(self, stalled_after: float) -> str:
         return ""
 
+    def report(self, kind: str, namespace: str, name: str, reason: str, message: str) -> None:
+        pass
+
 
 def run_agent(writer: Any, specs: list[ServiceSpec], slices: list[EndpointSliceSpec]) -> Agent:
     agent = Agent(AgentConfig(node_name=NODE.name, cgroup_root=Path("/"), bpffs_dir=Path("/"), min_sync_period=0))
