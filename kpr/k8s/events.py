@@ -40,6 +40,7 @@ RATE_BURST = 25  # writes (creates and patches) of the whole agent at once...
 RATE_PER_SECOND = 1.0  # ...then this many a second
 CACHE_SIZE = 4096  # series and spam buckets remembered, oldest forgotten first (tools/record's maxLruCacheEntries)
 NOTE_LIMIT = 1024  # the API server refuses a longer note
+FLUSH_EVERY = 1.0  # seconds between looks for series counts due to be written
 REQUEST_TIMEOUT = (5, 10)  # (connect, read) seconds of one write: the writer thread waits at most this long
 
 API_VERSIONS = {"Service": "v1", "Node": "v1", "EndpointSlice": "discovery.k8s.io/v1"}
@@ -196,16 +197,6 @@ class Correlator:
                 del self.series[key]
         return writes
 
-    def next_due(self) -> float | None:
-        """When due() may next have something to do (monotonic), or None."""
-        times = [
-            min(s.last_write + self.patch_every, s.last_seen + self.finish)
-            if s.count > s.written
-            else s.last_seen + self.finish
-            for s in self.series.values()
-        ]
-        return min(times, default=None)
-
     def written(self, write: Write) -> None:
         write.series.written = max(write.series.written, write.count)
 
@@ -314,17 +305,18 @@ class EventRecorder:
     # ---- the writer thread ----
 
     def _run(self) -> None:
+        next_flush = 0.0
         while not self.stop.is_set():
-            wake = self.correlator.next_due()
-            wait = 1.0 if wake is None else min(1.0, max(0.05, wake - self.clock()))
             try:
-                report: Report | None = self.queue.get(timeout=wait)
+                report: Report | None = self.queue.get(timeout=max(0.05, next_flush - self.clock()))
             except queue.Empty:
                 report = None
             try:
                 if report is not None:
                     self.handle(report)
-                self.flush()
+                if self.clock() >= next_flush:  # a look over every series: once a second, not once a report
+                    next_flush = self.clock() + FLUSH_EVERY
+                    self.flush()
             except Exception as e:  # a bug here must not end the thread silently; nothing reaches the agent
                 self.log.error("event recorder error", error=f"{type(e).__name__}: {e}")
 
