@@ -809,7 +809,7 @@ class _Plan:
 
 class _BulkPlan:
     """load_all()'s work: the state sync_service() would build service after service, and every map entry packed
-    into one list per map, written at the end in make-before-break order."""
+    into one buffer per map, written at the end in make-before-break order."""
 
     def __init__(self, rec: Reconciler) -> None:
         self.rec = rec
