@@ -349,61 +349,35 @@ def endpoint_slice_from_dict(d: Mapping[str, Any]) -> EndpointSliceSpec:
 
 
 def _endpoint(obj: str, index: int, e: Mapping[str, Any], address_type: str) -> Endpoint:
-    # A full list holds hundreds of thousands of endpoints: the common shapes are read inline, the helpers (and their
-    # error messages) are for the rest.
-    raw_addresses = e.get("addresses")
-    addresses: tuple[str, ...]
+    raw_addresses = _seq(e.get("addresses"))
     if address_type == "FQDN":
-        addresses = tuple(_str(a) for a in _seq(raw_addresses))
-    elif type(raw_addresses) is list and len(raw_addresses) == 1 and type(raw_addresses[0]) is str:
-        addr = canonical_ip(raw_addresses[0])  # the usual single address
-        if addr is not None and ("IPv6" if ":" in addr else "IPv4") == address_type:
-            addresses = (addr,)
-        else:
-            addresses = _addresses(obj, index, raw_addresses, address_type)  # raises, naming the field
+        addresses = tuple(_str(a) for a in raw_addresses)
     else:
-        addresses = _addresses(obj, index, _seq(raw_addresses), address_type)
-    conditions = e.get("conditions")
-    if type(conditions) is dict:
-        ready_raw = conditions.get("ready")
-        serving_raw = conditions.get("serving")
-        terminating_raw = conditions.get("terminating")
-        for value in (ready_raw, serving_raw, terminating_raw):
-            if value is not None and type(value) is not bool:
-                for key in ("ready", "serving", "terminating"):
-                    _condition(obj, index, conditions, key)  # raises, naming the condition
-    else:
-        ready_raw = serving_raw = terminating_raw = None
-        if conditions is not None:
-            conditions = _map(conditions)
-            ready_raw = _condition(obj, index, conditions, "ready")
-            serving_raw = _condition(obj, index, conditions, "serving")
-            terminating_raw = _condition(obj, index, conditions, "terminating")
+        canonical: list[str] = []
+        for j, raw in enumerate(raw_addresses):
+            addr = canonical_ip(raw)
+            if addr is None:
+                raise InvalidObject(f"{obj}: endpoints[{index}].addresses[{j}] {raw!r} is not a valid IP address")
+            if _family_of(addr) != address_type:
+                raise InvalidObject(f"{obj}: endpoints[{index}].addresses[{j}] {addr} is not an {address_type} address")
+            canonical.append(addr)
+        addresses = tuple(canonical)
+    conditions = _map(e.get("conditions"))
+    ready_raw = _condition(obj, index, conditions, "ready")
+    serving_raw = _condition(obj, index, conditions, "serving")
+    terminating_raw = _condition(obj, index, conditions, "terminating")
+    ready = ready_raw is None or ready_raw
     hints = e.get("hints")
-    node_name = e.get("nodeName")
-    zone = e.get("zone")
     return Endpoint(
-        addresses,
-        ready_raw is None or ready_raw,
-        serving_raw is None or serving_raw,  # kube-proxy: Serving == nil || *Serving, whatever Ready says
-        bool(terminating_raw),
-        node_name if type(node_name) is str else "",
-        zone if type(zone) is str else "",
-        _hint_names(hints, "forZones") if hints else (),
-        _hint_names(hints, "forNodes") if hints else (),
+        addresses=addresses,
+        ready=ready,
+        serving=serving_raw is None or serving_raw,  # kube-proxy: Serving == nil || *Serving, whatever Ready says
+        terminating=bool(terminating_raw),
+        node_name=_str(e.get("nodeName")),
+        zone=_str(e.get("zone")),
+        hint_zones=_hint_names(hints, "forZones"),
+        hint_nodes=_hint_names(hints, "forNodes"),
     )
-
-
-def _addresses(obj: str, index: int, raw_addresses: Sequence[Any], address_type: str) -> tuple[str, ...]:
-    canonical: list[str] = []
-    for j, raw in enumerate(raw_addresses):
-        addr = canonical_ip(raw)
-        if addr is None:
-            raise InvalidObject(f"{obj}: endpoints[{index}].addresses[{j}] {raw!r} is not a valid IP address")
-        if _family_of(addr) != address_type:
-            raise InvalidObject(f"{obj}: endpoints[{index}].addresses[{j}] {addr} is not an {address_type} address")
-        canonical.append(addr)
-    return tuple(canonical)
 
 
 def _condition(obj: str, index: int, conditions: Mapping[str, Any], key: str) -> bool | None:
