@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from bench.controlplane import endpoint_ip, service_obj, slice_obj  # noqa: E402
 from kpr import log  # noqa: E402
 from kpr.agent.agent import Agent, AgentConfig  # noqa: E402
+from kpr.datapath import abi  # noqa: E402
 from kpr.datapath.writers import MapWriter, MemoryMapWriter, PinnedMapWriter  # noqa: E402
 from kpr.objects.convert import endpoint_slice_from_dict, gc_paused, service_from_dict  # noqa: E402
 from kpr.objects.events import Replace  # noqa: E402
@@ -143,7 +144,7 @@ def main() -> int:
     }
 
     def in_memory() -> Iterator[MapWriter]:
-        yield MemoryMapWriter()
+        yield MemoryMapWriter({name: 1 << 24 for name in abi.MAPS})  # no limit to speak of: the reconciler's work
 
     result["in_memory"] = rounds_with(in_memory, listed, Path("/"), args.rounds)
     if not args.no_bpf and os.geteuid() == 0:
