@@ -496,3 +496,24 @@ def test_memory_writer_packed_updates_keep_the_kernel_limit() -> None:
     with pytest.raises(MapWriteError) as e:
         writer.update_packed("backends4", keys, values, 3)
     assert e.value.errno == errno.E2BIG and e.value.done == 2 and len(writer.tables["backends4"]) == 2
+
+
+def test_the_bulk_load_makes_no_map_operation_or_ctypes_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bulk path packs bytes: it never builds a MapOp or a ctypes key or value per entry (the per-service path
+    does, and that was most of its cost)."""
+    from kpr.reconcile import reconciler
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a per-entry object on the bulk path")
+
+    monkeypatch.setattr(reconciler, "MapOp", refuse)
+    for name in ("svc_key", "svc_key_maker", "svc_master", "svc_slot", "backend_value", "rev_nat_value",
+                 "svc_name_value", "src_range_entry", "u32"):  # fmt: skip
+        monkeypatch.setattr(codec, name, refuse)
+    for struct_type in {spec.key for spec in abi.MAPS.values()} | {spec.value for spec in abi.MAPS.values()}:
+        monkeypatch.setattr(struct_type, "__init__", refuse)
+    work = translated(*corpus(2))
+    assert any(f.source_ranges for _, fs in work for f in fs) and any(f.affinity_timeout for _, fs in work for f in fs)
+    rec = Reconciler(MemoryMapWriter())
+    rec.load_all(work)
+    assert rec.frontends
