@@ -38,6 +38,9 @@ from kpr.objects.events import Delete, Event, Kind, Object, Replace, SourceError
 PROXYABLE_SELECTOR = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
 LIST_PAGE = 500
 BACKOFF = (0.2, 0.5, 1, 2, 5, 10, 30)
+# A watch that delivered events for this long before it broke was a success: the backoff starts over. Without it,
+# failures spaced out by hours of healthy watching would add up to 30 s pauses after a single blip.
+HEALTHY_WATCH = 10.0
 
 
 class Expired(Exception):
@@ -122,6 +125,7 @@ class Reflector:
         self.uids: dict[tuple[str, str], str] = {}  # (namespace, name) -> metadata.uid, for Events about them
         self._uids = self.uids  # where _convert records them: a new dict while relisting
         self._failures = 0
+        self._watch_healthy_since: float | None = None  # when the current watch delivered its first event
         self.thread = threading.Thread(target=self.run, name=f"reflector-{resource.kind}", daemon=True)
 
     def start(self) -> None:
@@ -139,7 +143,12 @@ class Reflector:
                 self.log.info("resourceVersion expired; relisting", detail=str(e))
                 self.resource_version = ""
             except Exception as e:  # every failure mode ends in a backoff and a retry
+                healthy = self._watch_healthy_since
+                if healthy is not None and time.monotonic() - healthy >= HEALTHY_WATCH:
+                    self._failures = 0
                 self._backoff(e)
+            finally:
+                self._watch_healthy_since = None
 
     # ---- list ----
 
@@ -201,6 +210,8 @@ class Reflector:
                     return
                 self._handle(orjson.loads(line))
                 delivered += 1
+                if self._watch_healthy_since is None:
+                    self._watch_healthy_since = time.monotonic()
         finally:
             response.close()  # first: release_conn() alone would pool a connection still carrying a stream
             response.release_conn()
