@@ -37,25 +37,7 @@ from kpr.datapath import abi  # noqa: E402
 from kpr.datapath.writers import MapWriter, MemoryMapWriter, PinnedMapWriter  # noqa: E402
 from kpr.objects.convert import endpoint_slice_from_dict, gc_paused, service_from_dict  # noqa: E402
 from kpr.objects.events import Replace  # noqa: E402
-
-
-class NoSource:
-    """The agent's Source protocol, delivering nothing: the objects are put on its queue here."""
-
-    def start(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def state(self) -> dict[str, dict[str, Any]]:
-        return {}
-
-    def problem(self, stalled_after: float) -> str:
-        return ""
-
-    def report(self, *args: Any) -> None:
-        pass
+from tests.fakes import QuietSource  # noqa: E402
 
 
 def objects(services: int, per: int) -> tuple[bytes, bytes]:
@@ -76,7 +58,7 @@ def parse(bodies: tuple[bytes, bytes]) -> tuple[tuple[Any, ...], tuple[Any, ...]
 
 def agent_with(writer: MapWriter, listed: tuple[tuple[Any, ...], tuple[Any, ...]], bpffs: Path) -> Agent:
     agent = Agent(AgentConfig(node_name="node1", cgroup_root=Path("/"), bpffs_dir=bpffs, min_sync_period=0))
-    agent.start(writer=writer, source=NoSource())  # type: ignore[arg-type]
+    agent.start(writer=writer, source=QuietSource())  # type: ignore[arg-type]
     for kind, objs in (("Service", listed[0]), ("EndpointSlice", listed[1]), ("Node", ())):
         agent._take(Replace(kind, objs))  # type: ignore[arg-type]
     return agent

@@ -5,7 +5,6 @@ from __future__ import annotations
 import queue
 import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -13,27 +12,9 @@ from kpr.agent.agent import Agent, AgentConfig
 from kpr.datapath.writers import MemoryMapWriter
 from kpr.model.types import Endpoint, EndpointPort, EndpointSliceSpec, ServiceKey, ServicePort, ServiceSpec
 from kpr.objects.events import Delete, Event, Replace, Source, Upsert
+from tests.fakes import QuietSource
 
 pytestmark = pytest.mark.unit
-
-
-class NoSource:
-    """A Source (kpr.objects.events) that delivers nothing: the tests put events on the agent's queue themselves."""
-
-    def start(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def state(self) -> dict[str, dict[str, Any]]:
-        return {}
-
-    def problem(self, stalled_after: float) -> str:
-        return ""
-
-    def report(self, kind: str, namespace: str, name: str, reason: str, message: str) -> None:
-        pass
 
 
 def make_service(i: int) -> ServiceSpec:
@@ -64,7 +45,7 @@ def make_slice(i: int, endpoints: int, first: int = 0) -> EndpointSliceSpec:
 def started_agent(services: int, endpoints: int) -> tuple[Agent, MemoryMapWriter]:
     writer = MemoryMapWriter()
     agent = Agent(AgentConfig(node_name="node1", cgroup_root=Path("/"), bpffs_dir=Path("/"), min_sync_period=0))
-    agent.start(writer=writer, source=NoSource())
+    agent.start(writer=writer, source=QuietSource())
     agent.events.put(Replace("Service", tuple(make_service(i) for i in range(services))))
     agent.events.put(Replace("EndpointSlice", tuple(make_slice(i, endpoints) for i in range(services))))
     agent.events.put(Replace("Node", ()))
@@ -76,7 +57,7 @@ def started_agent(services: int, endpoints: int) -> tuple[Agent, MemoryMapWriter
 def test_nothing_is_programmed_before_every_kind_is_listed() -> None:
     writer = MemoryMapWriter()
     agent = Agent(AgentConfig(node_name="node1", cgroup_root=Path("/"), bpffs_dir=Path("/"), min_sync_period=0))
-    agent.start(writer=writer, source=NoSource())
+    agent.start(writer=writer, source=QuietSource())
     agent.events.put(Replace("Service", (make_service(1),)))
     agent.events.put(Replace("EndpointSlice", (make_slice(1, 3),)))
     agent.step()
@@ -158,7 +139,7 @@ def test_a_full_backends_map_frees_the_departing_backends_before_adding_new_ones
     Service shrank. Now the departing ones go first (released at once: no tracked flow uses them)."""
     writer = MemoryMapWriter({"backends4": 8})
     agent = Agent(AgentConfig(node_name="node1", cgroup_root=Path("/"), bpffs_dir=Path("/"), min_sync_period=0))
-    agent.start(writer=writer, source=NoSource())
+    agent.start(writer=writer, source=QuietSource())
     agent.events.put(Replace("Service", (make_service(0), make_service(1))))
     agent.events.put(Replace("EndpointSlice", (make_slice(0, 3), make_slice(1, 4))))
     agent.events.put(Replace("Node", ()))
@@ -203,7 +184,7 @@ def test_the_sources_and_the_fakes_are_sources(tmp_path: Path) -> None:
     api = ApiSource(api_client, "node1", out)
     poller = ManifestPoller(ManifestSource(tmp_path, "node1"), out, threading.Event())
     try:
-        for source in (api, poller, NoSource()):
+        for source in (api, poller, QuietSource()):
             assert isinstance(source, Source)
         assert set(api.state()) == {"Service", "EndpointSlice", "Node"} and poller.state() == {}
         assert api.problem(60.0) == poller.problem(60.0) == ""
@@ -244,7 +225,7 @@ def test_a_source_that_stopped_following_makes_the_agent_unhealthy_and_says_why(
     """Reliability finding 1: the manifest reader thread died on a bad file while /healthz, /livez and kpr status
     said healthy. A source with a problem (a dead or stalled reader) now fails /healthz with its reason."""
 
-    class Stalled(NoSource):
+    class Stalled(QuietSource):
         trouble = ""
 
         def problem(self, stalled_after: float) -> str:

@@ -39,6 +39,7 @@ from kpr.model.types import (
 )
 from kpr.objects.events import Delete, Replace, Upsert
 from kpr.reconcile.reconciler import BulkLoadError, Reconciler, SyncResult
+from tests.fakes import QuietSource
 
 pytestmark = pytest.mark.unit
 
@@ -369,26 +370,9 @@ def test_maps_holding_entries_are_adopted_not_bulk_loaded() -> None:
 # ---- the agent ----
 
 
-class NoSource:
-    def start(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def state(self) -> dict[str, dict[str, Any]]:
-        return {}
-
-    def problem(self, stalled_after: float) -> str:
-        return ""
-
-    def report(self, kind: str, namespace: str, name: str, reason: str, message: str) -> None:
-        pass
-
-
 def run_agent(writer: Any, specs: list[ServiceSpec], slices: list[EndpointSliceSpec]) -> Agent:
     agent = Agent(AgentConfig(node_name=NODE.name, cgroup_root=Path("/"), bpffs_dir=Path("/"), min_sync_period=0))
-    agent.start(writer=writer, source=NoSource())
+    agent.start(writer=writer, source=QuietSource())
     agent.events.put(Replace("Service", tuple(specs)))
     agent.events.put(Replace("EndpointSlice", tuple(slices)))
     agent.events.put(Replace("Node", (NODE,)))
@@ -409,7 +393,7 @@ def test_the_agent_programs_empty_maps_in_bulk_with_the_same_outcome(seed: int) 
         bulk = run_agent(bulk_writer, specs, slices)
     assert first_sync_line(logs)["bulk"] is True
     plain = Agent(AgentConfig(node_name=NODE.name, cgroup_root=Path("/"), bpffs_dir=Path("/"), min_sync_period=0))
-    plain.start(writer=plain_writer, source=NoSource())
+    plain.start(writer=plain_writer, source=QuietSource())
     plain.store.replace_services(specs)
     plain.store.replace_slices(slices)
     plain.store.set_node(NODE)
@@ -462,7 +446,7 @@ def test_programs_are_attached_only_once_the_bulk_load_is_in_the_maps(monkeypatc
     seen: list[int] = []
     agent = Agent(AgentConfig(node_name=NODE.name, cgroup_root=Path("/"), bpffs_dir=Path("/"), min_sync_period=0))
     monkeypatch.setattr(agent, "attach_programs", lambda: seen.append(sum(map(len, writer.tables.values()))))
-    agent.start(writer=writer, source=NoSource())
+    agent.start(writer=writer, source=QuietSource())
     agent.attach_due = True
     agent.events.put(Replace("Service", tuple(specs)))
     agent.events.put(Replace("EndpointSlice", tuple(slices)))

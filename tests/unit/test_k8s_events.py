@@ -15,6 +15,7 @@ from kpr.k8s import events
 from kpr.k8s.events import Correlator, EventRecorder, Report, SinkError, Write
 from kpr.model.types import Endpoint, EndpointPort, EndpointSliceSpec, ServiceKey, ServicePort, ServiceSpec
 from kpr.objects.events import Replace, SourceError, Upsert
+from tests.fakes import QuietSource
 
 pytestmark = pytest.mark.unit
 
@@ -240,26 +241,6 @@ def test_the_recorder_thread_writes_in_the_background() -> None:
 # ---- the agent reports where it logs ----
 
 
-class ReportingSource:
-    def __init__(self) -> None:
-        self.reports: list[tuple[str, str, str, str, str]] = []
-
-    def start(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def state(self) -> dict[str, dict[str, Any]]:
-        return {}
-
-    def problem(self, stalled_after: float) -> str:
-        return ""
-
-    def report(self, kind: str, namespace: str, name: str, reason: str, message: str) -> None:
-        self.reports.append((kind, namespace, name, reason, message))
-
-
 def svc(name: str, ip: str) -> ServiceSpec:
     return ServiceSpec(
         key=ServiceKey("default", name), cluster_ips=(ip,), ports=(ServicePort("http", "TCP", 80, 8080),)
@@ -279,7 +260,7 @@ def slice_of(name: str, count: int, first: int = 1) -> EndpointSliceSpec:
 
 def test_the_agent_reports_a_conflict_a_full_map_and_an_invalid_object_to_its_source() -> None:
     writer = MemoryMapWriter({"backends4": 4})
-    source = ReportingSource()
+    source = QuietSource()
     agent = Agent(AgentConfig(node_name="node1", cgroup_root=Path("/"), bpffs_dir=Path("/"), min_sync_period=0))
     agent.start(writer=writer, source=source)
     agent.events.put(Replace("Service", (svc("web", "10.96.0.10"),)))
@@ -313,7 +294,7 @@ def test_the_agent_reports_a_conflict_a_full_map_and_an_invalid_object_to_its_so
 
 
 def test_a_source_whose_report_fails_does_not_stop_the_agent() -> None:
-    class Broken(ReportingSource):
+    class Broken(QuietSource):
         def report(self, kind: str, namespace: str, name: str, reason: str, message: str) -> None:
             raise RuntimeError("boom")
 
