@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,8 +70,8 @@ def node_object(name: str) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def api_cluster(tmp_path: Path) -> Iterator[ApiCluster]:
+def lab_with_api(tmp_path: Path, extra_args: Sequence[str] = ()) -> Iterator[ApiCluster]:
+    """A lab node with three pods and a client, the fake API server in the node, and an agent watching it."""
     lab = Lab()
     api: FakeApiServer | None = None
     try:
@@ -80,16 +80,20 @@ def api_cluster(tmp_path: Path) -> Iterator[ApiCluster]:
         client = lab.add_pod(node, "client", echo=False)
         api = FakeApiServer(listen_in(node.netns), bookmark_interval=0.5).start()
         api.apply(node_object("node1"))
-        agent = LabAgent(
-            lab, node, kubeconfig=api.kubeconfig(tmp_path / "kubeconfig"), extra_args=["--watch-idle-timeout", "3"]
-        ).start()
-        agent.wait_started()
+        kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
+        agent = LabAgent(lab, node, kubeconfig=kubeconfig, extra_args=["--watch-idle-timeout", "3", *extra_args])
+        agent.start().wait_started()
         yield ApiCluster(lab, api, agent, pods, client)
         lab.assert_host_isolated()
     finally:
         if api is not None:
             api.stop()
         lab.close()
+
+
+@pytest.fixture
+def api_cluster(tmp_path: Path) -> Iterator[ApiCluster]:
+    yield from lab_with_api(tmp_path)
 
 
 def web(api: FakeApiServer, name: str, vip: str, pods: list[Pod], port: int = 80) -> None:

@@ -12,10 +12,8 @@ from typing import Any
 
 import pytest
 
-from kpr.lab import Lab
-from kpr.lab.cluster import LabAgent, endpoint, endpoint_slice, listen_in, service, wait_until
-from tests.e2e.fake_apiserver import FakeApiServer
-from tests.e2e.test_agent_api import SLICE_PORTS, ApiCluster, node_object, web
+from kpr.lab.cluster import endpoint, endpoint_slice, service, wait_until
+from tests.e2e.test_agent_api import SLICE_PORTS, ApiCluster, lab_with_api, web
 
 pytestmark = [pytest.mark.e2e, pytest.mark.datapath]
 
@@ -24,27 +22,7 @@ BACKENDS_MAX = 4  # --map-size backends=: the three lab pods fit, three more do 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[ApiCluster]:
-    lab = Lab()
-    api: FakeApiServer | None = None
-    try:
-        node = lab.add_node("node1")
-        pods = [lab.add_pod(node, n) for n in ("pod-a", "pod-b", "pod-c")]
-        client = lab.add_pod(node, "client", echo=False)
-        api = FakeApiServer(listen_in(node.netns), bookmark_interval=0.5).start()
-        api.apply(node_object("node1"))
-        agent = LabAgent(
-            lab,
-            node,
-            kubeconfig=api.kubeconfig(tmp_path / "kubeconfig"),
-            extra_args=["--watch-idle-timeout", "3", "--map-size", f"backends={BACKENDS_MAX}"],
-        ).start()
-        agent.wait_started()
-        yield ApiCluster(lab, api, agent, pods, client)
-        lab.assert_host_isolated()
-    finally:
-        if api is not None:
-            api.stop()
-        lab.close()
+    yield from lab_with_api(tmp_path, ["--map-size", f"backends={BACKENDS_MAX}"])
 
 
 def events_on(c: ApiCluster, name: str, reason: str) -> list[dict[str, Any]]:
