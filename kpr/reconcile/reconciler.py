@@ -20,94 +20,31 @@ leaves, and a UDP frontend that goes, are reported in `flow_ends` so the agent e
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from dataclasses import dataclass
 
 from kpr.datapath import abi, codec
 from kpr.datapath.abi import U32, CData
 from kpr.datapath.writers import MapWriteError, MapWriter
-from kpr.model.types import Backend, BackendState, Frontend, FrontendKind, ServiceKey
+from kpr.model.types import Backend, Frontend, ServiceKey
+from kpr.reconcile.bulk import BulkPlan
 from kpr.reconcile.ids import IdAllocator, IdsExhausted
 from kpr.reconcile.slots import assign_slots
-
-Address = tuple[str, int, str]  # (addr, port, protocol)
-
-# The model's endpoint states as backend.state; BACKEND_GONE has no model state (the reconciler sets it).
-BACKEND_STATES = {
-    BackendState.ACTIVE: abi.BACKEND_ACTIVE,
-    BackendState.TERMINATING: abi.BACKEND_TERMINATING,
-    BackendState.NOT_SERVING: abi.BACKEND_NOT_SERVING,
-}
-
-
-class MapOp(NamedTuple):  # a tuple: a full sync builds hundreds of thousands of these
-    map: str
-    key: CData
-    value: CData | None  # None: delete
-    prev: CData | None  # what the entry held before (None: absent), to undo
-
-    def inverse(self) -> MapOp:
-        return MapOp(self.map, self.key, self.prev, self.value)
-
-
-@dataclass(slots=True)
-class ScopeState:
-    slots: list[int]  # backend ids; slot n is slots[n - 1]
-    flags: int
-    affinity_timeout: int
-
-
-@dataclass(slots=True)
-class AppliedFrontend:
-    address: Address
-    service: ServiceKey | None  # None: restored without a name (an orphan until pruned)
-    port_name: str
-    kind: str
-    rev_nat_id: int
-    scopes: dict[int, ScopeState]
-    source_ranges: frozenset[str] = frozenset()  # loadBalancerSourceRanges CIDRs, canonical
-    standby: frozenset[int] = frozenset()  # backend ids of the other endpoints (no map entry of their own)
-
-    def affinity_backends(self) -> set[int]:
-        if not self.scopes[abi.SCOPE_DEFAULT].flags & abi.SVC_F_AFFINITY:
-            return set()
-        return {b for scope in self.scopes.values() for b in scope.slots}
-
-
-@dataclass(slots=True)
-class BackendEntry:
-    id: int
-    state: int  # abi.BACKEND_*
-    node_local: bool
-    refs: int = 0  # (frontend, scope) pairs whose slots hold it, plus frontends that hold it standby
-
-    def value(self, identity: Address) -> CData:
-        return codec.backend_value(*identity, state=self.state, node_local=self.node_local)
-
-
-def _keeps_flows(protocol: str) -> bool:
-    """Whether flows outlive their endpoint: TCP and SCTP, whose conntrack entries kube-proxy never deletes."""
-    return protocol != "UDP"
-
-
-@dataclass(slots=True)
-class FlowEnds:
-    """What the agent must end after a sync: the flows and connected sockets of UDP backends that stopped serving or
-    left (id -> backend address) and of UDP frontends that went (rev_nat id -> frontend address)."""
-
-    udp_backends: dict[int, Address] = field(default_factory=dict)
-    udp_frontends: dict[int, Address] = field(default_factory=dict)
-
-    def __bool__(self) -> bool:
-        return bool(self.udp_backends or self.udp_frontends)
-
-
-class BulkLoadError(Exception):
-    """load_all() could not program the maps (no room, or a write failed and was undone); nothing of it is left in
-    the maps or the state."""
+from kpr.reconcile.state import (
+    BACKEND_STATES,
+    MAKE_ORDER,
+    Address,
+    AppliedFrontend,
+    BackendEntry,
+    BulkLoadError,
+    FlowEnds,
+    MapOp,
+    ScopeState,
+    SyncResult,
+    keeps_flows,
+    scope_plan,
+)
 
 
 class ServiceSyncError(Exception):
@@ -128,12 +65,6 @@ class ServiceSyncError(Exception):
     def reason(self) -> str:
         """A short label for metrics: the map that failed, or the kind of id that ran out."""
         return self.cause.what if isinstance(self.cause, IdsExhausted) else self.cause.map_name
-
-
-@dataclass(slots=True)
-class SyncResult:
-    ops: int = 0
-    conflicts: list[str] = field(default_factory=list)
 
 
 class Reconciler:
@@ -210,7 +141,7 @@ class Reconciler:
         """
         if not self.pristine():
             raise BulkLoadError("the maps or the state hold entries already")
-        plan = _BulkPlan(self)
+        plan = BulkPlan(self)
         results = {service: plan.add(service, frontends) for service, frontends in services}
         plan.check_room()
         plan.write()
@@ -352,7 +283,7 @@ class Reconciler:
                 continue
             _, backends_map, _ = codec.maps_for(identity[0])
             try:
-                if _keeps_flows(identity[2]):
+                if keeps_flows(identity[2]):
                     gone = BackendEntry(entry.id, abi.BACKEND_GONE, entry.node_local)
                     self.writer.update(backends_map, codec.u32(entry.id), gone.value(identity))
                     entry.state = abi.BACKEND_GONE
@@ -371,7 +302,7 @@ class Reconciler:
         del self.backends[identity]
         self._backend_by_id.pop(entry.id, None)
         self.backend_ids.release(entry.id)
-        if not _keeps_flows(identity[2]) and entry.state <= abi.BACKEND_TERMINATING:  # it served until now
+        if not keeps_flows(identity[2]) and entry.state <= abi.BACKEND_TERMINATING:  # it served until now
             self.flow_ends.udp_backends[entry.id] = identity
 
     # ---- flows: what outlives its endpoint, and until when ----
@@ -449,7 +380,7 @@ class Reconciler:
         ops = 0
         expected = self.expected_entries()
         if not delete_only:
-            for name in _MAKE_ORDER:
+            for name in MAKE_ORDER:
                 have = {bytes(k): bytes(v) for k, v in self.writer.items(name)}
                 spec = abi.MAPS[name]
                 entries = list(expected[name].items())
@@ -462,7 +393,7 @@ class Reconciler:
                             name, spec.key.from_buffer_copy(raw_key), spec.value.from_buffer_copy(raw_value)
                         )
                         ops += 1
-        for name in reversed(_MAKE_ORDER):
+        for name in reversed(MAKE_ORDER):
             for key, _ in self.writer.items(name):
                 if bytes(key) not in expected[name]:
                     self.writer.delete(name, key)
@@ -475,20 +406,7 @@ def _master_last(key: CData) -> tuple[bool, int]:
     return (key.slot == 0, -key.scope)
 
 
-# The maps whose whole content the reconciler owns, in make-before-break order (deletions run in reverse).
-_MAKE_ORDER = [
-    "backends4",
-    "backends6",
-    "rev_nat4",
-    "rev_nat6",
-    "svc_names",
-    "affinity_match",
-    "src_ranges4",
-    "src_ranges6",
-    "services4",
-    "services6",
-]
-_STATE_MAPS = _MAKE_ORDER
+_STATE_MAPS = MAKE_ORDER
 
 
 def _runs(ops: list[MapOp]) -> list[list[MapOp]]:
@@ -508,24 +426,6 @@ class RestoreReport:
     backends: int = 0
     services: int = 0
     orphans: int = 0
-
-
-def _scope_plan(f: Frontend) -> dict[int, tuple[tuple[Backend, ...], int]]:
-    """The backend set and flags each scope of `f` should have."""
-    affinity = abi.SVC_F_AFFINITY if f.affinity_timeout else 0
-    default_flags = affinity
-    if f.internal_backends is not None:
-        default_flags |= abi.SVC_F_TWO_SCOPES
-    if f.empty_drop and not f.backends:
-        default_flags |= abi.SVC_F_EMPTY_DROP
-    if f.kind != FrontendKind.CLUSTER_IP:
-        default_flags |= abi.SVC_F_EXTERNAL  # the tc path serves it for traffic from outside the node
-    if f.source_ranges:
-        default_flags |= abi.SVC_F_SOURCE_RANGES
-    scopes = {abi.SCOPE_DEFAULT: (f.backends, default_flags)}
-    if f.internal_backends is not None:
-        scopes[abi.SCOPE_INTERNAL] = (f.internal_backends, affinity)
-    return scopes
 
 
 class _Plan:
@@ -578,7 +478,7 @@ class _Plan:
         else:
             entry = BackendEntry(current.id, state, b.node_local, current.refs)
             prev = current.value(identity)
-            if not _keeps_flows(b.protocol) and current.state <= abi.BACKEND_TERMINATING < state:
+            if not keeps_flows(b.protocol) and current.state <= abi.BACKEND_TERMINATING < state:
                 self.flow_ends.udp_backends[entry.id] = identity  # it stopped serving: its UDP flows move
         self.new_backends[identity] = entry
         self.new_backend_ids[entry.id] = identity
@@ -603,7 +503,7 @@ class _Plan:
                 continue
             _, backends_map, _ = codec.maps_for(identity[0])
             prev = entry.value(identity)
-            if _keeps_flows(identity[2]):
+            if keeps_flows(identity[2]):
                 gone = BackendEntry(entry.id, abi.BACKEND_GONE, entry.node_local).value(identity)
                 ops.append(MapOp(backends_map, codec.u32(entry.id), gone, prev))
             else:
@@ -635,7 +535,7 @@ class _Plan:
             self.make_frontend.append(MapOp("svc_names", codec.u32(rev_nat_id), name, prev_name))
 
         new_scopes: dict[int, ScopeState] = {}
-        for scope, (backends, flags) in _scope_plan(f).items():
+        for scope, (backends, flags) in scope_plan(f).items():
             ids = [self._backend_id(b) for b in backends]
             old_slots = old_scopes[scope].slots if scope in old_scopes else []
             new_scopes[scope] = ScopeState(assign_slots(old_slots, ids), flags, f.affinity_timeout)
@@ -651,7 +551,7 @@ class _Plan:
         old = self.rec.frontends[address]
         services_map, _, rev_nat_map = codec.maps_for(address[0])
         self._diff_frontend(services_map, old, None)
-        if _keeps_flows(address[2]):  # replies of its tracked flows are still shown as coming from it
+        if keeps_flows(address[2]):  # replies of its tracked flows are still shown as coming from it
             self.lingering_rev_nats[old.rev_nat_id] = (address[0], address[1])
         else:
             self.break_frontend.append(
@@ -775,7 +675,7 @@ class _Plan:
             held.refs += delta
             if held.refs <= 0:
                 held.refs = 0
-                if _keeps_flows(identity[2]):
+                if keeps_flows(identity[2]):
                     held.state = abi.BACKEND_GONE
                     rec.gone_backends.add(identity)
                 else:
@@ -805,231 +705,3 @@ class _Plan:
                 self.rec.backend_ids.release(entry.id)
         for rev_nat_id in self.new_rev_nat_ids:
             self.rec.rev_nat_ids.release(rev_nat_id)
-
-
-class _BulkPlan:
-    """load_all()'s work: the state sync_service() would build service after service, and every map entry packed
-    into one buffer per map, written at the end in make-before-break order."""
-
-    def __init__(self, rec: Reconciler) -> None:
-        self.rec = rec
-        self.frontends: dict[Address, AppliedFrontend] = {}
-        self.by_service: dict[ServiceKey, set[Address]] = {}
-        self.backends: dict[Address, BackendEntry] = {}
-        self.backend_by_id: dict[int, Address] = {}
-        self.rev_nat_ids: list[int] = []
-        self.next_backend_id = rec.backend_ids.next
-        self.backend_id_limit = rec.backend_ids.limit
-        self.next_rev_nat_id = rec.rev_nat_ids.next
-        self.udp_backend_ends: dict[int, Address] = {}
-        self.ops = 0
-        self.packed: list[tuple[str, bytes, bytes, int]] | None = None  # _ordered(), once all services are in
-        # map -> (keys, values), packed back to back; the services maps' slots, internal masters and default masters
-        # apart, for ordering
-        self.entries: dict[str, tuple[bytearray, bytearray]] = {
-            name: (bytearray(), bytearray()) for name in _MAKE_ORDER
-        }
-        self.masters: dict[tuple[str, int], tuple[bytearray, bytearray]] = {
-            (name, scope): (bytearray(), bytearray()) for name in ("services4", "services6") for scope in (0, 1)
-        }
-
-    def _backend(self, b: Backend, staged: dict[Address, BackendEntry]) -> BackendEntry:
-        """_Plan._backend_id's outcome: the entry of `b` as of this service (created, or its state changed)."""
-        identity = (b.addr, b.port, b.protocol)
-        entry = staged.get(identity)
-        if entry is not None:
-            return entry
-        state = BACKEND_STATES[b.state]
-        entry = self.backends.get(identity)
-        if entry is not None and entry.state == state and entry.node_local == b.node_local:
-            return entry  # as an earlier service left it: not staged, as in _Plan
-        if entry is None:
-            limit = self.backend_id_limit
-            if len(self.backends) >= limit:
-                raise BulkLoadError(f"backend ids: all {limit} ids would be in use")
-            backend_id = self.next_backend_id
-            self.next_backend_id = backend_id % limit + 1
-            entry = BackendEntry(backend_id, state, b.node_local)
-            self.backends[identity] = entry
-            self.backend_by_id[backend_id] = identity
-        else:  # another service saw the endpoint in another state: the later service's word stands, as in _Plan
-            if not _keeps_flows(b.protocol) and entry.state <= abi.BACKEND_TERMINATING < state:
-                self.udp_backend_ends[entry.id] = identity
-            entry.state, entry.node_local = state, b.node_local
-        staged[identity] = entry
-        self.ops += 1
-        return entry
-
-    def add(self, service: ServiceKey, frontends: Sequence[Frontend]) -> SyncResult:
-        """One service, as sync_service() would program it after the services added before it."""
-        result = SyncResult()
-        desired: dict[Address, Frontend] = {}
-        for f in frontends:
-            owner = self.frontends.get(f.address)
-            if owner is not None and owner.service != service:
-                result.conflicts.append(
-                    f"{f.addr}:{f.port}/{f.protocol} is already served for {owner.service}; not programmed"
-                )
-                continue
-            desired[f.address] = f
-        if service in self.by_service:
-            raise ValueError(f"{service} given twice")
-        ops_before = self.ops
-        staged: dict[Address, BackendEntry] = {}
-        names: dict[tuple[str, str], bytes] = {}
-        entries, masters = self.entries, self.masters
-        limit = self.rec.rev_nat_ids.limit
-        for f in desired.values():
-            family = 6 if ":" in f.addr else 4
-            services_map, rev_nat_map = f"services{family}", f"rev_nat{family}"
-            if len(self.rev_nat_ids) >= limit:
-                raise BulkLoadError(f"rev_nat ids: all {limit} ids would be in use")
-            rev_nat_id = self.next_rev_nat_id
-            self.next_rev_nat_id = rev_nat_id % limit + 1
-            self.rev_nat_ids.append(rev_nat_id)
-            packed_id = codec.pack_u32(rev_nat_id)
-            kind = str(f.kind)
-            name = names.get((f.port_name, kind))
-            if name is None:
-                name = names[(f.port_name, kind)] = codec.pack_svc_name(
-                    kind, service.namespace, service.name, f.port_name
-                )
-            keys, values = entries[rev_nat_map]
-            keys += packed_id
-            values += codec.pack_rev_nat(f.addr, f.port)
-            keys, values = entries["svc_names"]
-            keys += packed_id
-            values += name
-
-            scopes: dict[int, ScopeState] = {}
-            held: list[list[BackendEntry]] = []
-            for scope, (scope_backends, flags) in _scope_plan(f).items():
-                scope_entries = [self._backend(b, staged) for b in scope_backends]
-                held.append(scope_entries)
-                scopes[scope] = ScopeState([e.id for e in scope_entries], flags, f.affinity_timeout)
-            standby_entries = [self._backend(b, staged) for b in f.standby]
-            held.append(standby_entries)
-            fe = AppliedFrontend(
-                f.address,
-                service,
-                f.port_name,
-                kind,
-                rev_nat_id,
-                scopes,
-                frozenset(f.source_ranges),
-                frozenset(e.id for e in standby_entries),
-            )
-            for group in held:  # one reference per (frontend, scope) holding it, one per frontend holding it standby
-                if len({e.id for e in group}) < len(group):
-                    group = list({e.id: e for e in group}.values())
-                for e in group:
-                    e.refs += 1
-
-            keys, values = entries["affinity_match"]
-            for backend_id in fe.affinity_backends():
-                keys += codec.pack_affinity_match(backend_id, rev_nat_id)
-                values += codec.U8_ONE
-            for cidr in fe.source_ranges:
-                src_map, key = codec.pack_src_range(rev_nat_id, cidr)
-                entries[src_map][0].extend(key)
-                entries[src_map][1].extend(codec.U8_ONE)
-            slot_keys, slot_values = entries[services_map]
-            prefix = codec.svc_key_prefix(*f.address)
-            for scope, state in scopes.items():
-                suffixes = codec.svc_key_suffixes(scope, len(state.slots) + 1)
-                if len(suffixes) > 1:  # prefix + slot 1's suffix + prefix + slot 2's ... in one go
-                    slot_keys += prefix
-                    slot_keys += prefix.join(suffixes[1:])
-                slot_values += b"".join(map(codec.pack_svc_slot, state.slots))
-                keys, values = masters[(services_map, scope)]
-                keys += prefix
-                keys += suffixes[0]
-                values += codec.pack_svc_master(len(state.slots), rev_nat_id, state.flags, state.affinity_timeout)
-            self.ops += (
-                2 + len(fe.affinity_backends()) + len(fe.source_ranges) + sum(len(s.slots) + 1 for s in scopes.values())
-            )
-            self.frontends[f.address] = fe
-        if desired:
-            self.by_service[service] = set(desired)
-        result.ops = self.ops - ops_before
-        return result
-
-    def _ordered(self) -> list[tuple[str, bytes, bytes, int]]:
-        """(map, keys, values, count) in the order they are written."""
-        if self.packed is not None:
-            return self.packed
-        for (addr, port, protocol), entry in self.backends.items():  # in their final state, once each
-            keys, values = self.entries["backends6" if ":" in addr else "backends4"]
-            keys += codec.pack_u32(entry.id)
-            values += codec.pack_backend(addr, port, protocol, state=entry.state, node_local=entry.node_local)
-        out = []
-        for name in _MAKE_ORDER:
-            keys, values = self.entries[name]
-            parts = [(keys, values)]
-            if name.startswith("services"):  # slots, then internal scopes' masters, then the default scopes'
-                parts += [self.masters[(name, scope)] for scope in (abi.SCOPE_INTERNAL, abi.SCOPE_DEFAULT)]
-            all_keys = b"".join(k for k, _ in parts)
-            if all_keys:
-                out.append((name, all_keys, b"".join(v for _, v in parts), len(all_keys) // _key_size(name)))
-        self.packed = out
-        self.entries.clear()  # what the map buffers are joined from
-        self.masters.clear()
-        return out
-
-    def check_room(self) -> None:
-        for name, keys, _, count in self._ordered():
-            need = len(set(_split(name, keys))) if name.startswith("src_ranges") else count  # CIDRs may share a key
-            room = self.rec.writer.capacity(name)
-            if need > room:
-                raise BulkLoadError(f"{name} would need {need} entries and has room for {room}")
-
-    def write(self) -> None:
-        writer = self.rec.writer
-        written: list[tuple[str, bytes]] = []
-        for name, keys, values, count in self._ordered():
-            try:
-                writer.update_packed(name, keys, values, count)
-            except MapWriteError as e:
-                written.append((name, keys[: e.done * _key_size(name)]))
-                left = self._undo(written)
-                raise BulkLoadError(
-                    f"writing {count} entries into {name} failed after {e.done}: {e}; "
-                    + (f"{left} written entries could not be deleted" if left else "everything written was deleted")
-                ) from e
-            written.append((name, keys))
-
-    def _undo(self, written: list[tuple[str, bytes]]) -> int:
-        """Delete what was written, newest first (masters before slots before backends); returns how many deletions
-        failed. Those entries stay for prune() to remove (restored_entries makes it check the maps)."""
-        left = 0
-        for name, keys in reversed(written):
-            key_type = abi.MAPS[name].key
-            for key in reversed(_split(name, keys)):
-                try:
-                    self.rec.writer.delete(name, key_type.from_buffer_copy(key))
-                except MapWriteError:
-                    left += 1
-        self.rec.restored_entries += left
-        return left
-
-    def commit(self) -> None:
-        rec = self.rec
-        rec.frontends = self.frontends
-        rec.by_service = self.by_service
-        rec.backends = self.backends
-        rec._backend_by_id = self.backend_by_id
-        rec.backend_ids.take_run(self.backend_by_id.keys(), self.next_backend_id)
-        rec.rev_nat_ids.take_run(self.rev_nat_ids, self.next_rev_nat_id)
-        rec.ranged_frontends = sum(1 for fe in self.frontends.values() if fe.source_ranges)
-        rec.flow_ends.udp_backends.update(self.udp_backend_ends)
-        rec.ops_applied += self.ops
-
-
-def _key_size(map_name: str) -> int:
-    return ctypes.sizeof(abi.MAPS[map_name].key)
-
-
-def _split(map_name: str, keys: bytes) -> list[bytes]:
-    """Packed keys, one by one."""
-    size = _key_size(map_name)
-    return [keys[i : i + size] for i in range(0, len(keys), size)]
