@@ -84,36 +84,49 @@ class Collected:
 
 
 def collect_expired(writer: MapWriter, now_ns: int | None = None) -> Collected:
-    """Delete the tracked flows whose entries have all expired."""
+    """Delete the tracked flows whose entries have all expired.
+
+    A flow is one connection, as netfilter's conntrack sees it, though kpr keeps an entry per direction and the
+    datapath marks only the direction a FIN or RST went (a client's RST never reaches the backend's entry). So a pair
+    in which either entry is closing is over once both are idle past the closing lifetime. A reply entry that no
+    original names (its original was replaced by a new flow on the same client tuple) translates nothing any more: it
+    goes once idle past the closing lifetime too. Without both rules such entries lived out the 6-hour TCP lifetime,
+    holding conntrack room and masquerade ports (found by the chaos soak)."""
     now = time.monotonic_ns() if now_ns is None else now_ns
+    closing_ns = abi.CT_CLOSING_LIFETIME_S * _NSEC
     out = Collected()
     for fam in ("4", "6"):
         name = f"ct{fam}"
         backends = {int(k.value): v for k, v in writer.items(f"backends{fam}")}
         entries = {bytes(k): (k, v) for k, v in writer.items(name)}
         paired: set[bytes] = set()
-        doomed: list[CData] = []
+        doomed: list[tuple[CData, int]] = []  # (key, the idle time past which it goes)
         for key, value in entries.values():
             if key.dir != abi.CT_ORIGINAL:
                 continue
             reply = _reply_key(key, value, backends.get(value.backend_id))
             reply_raw = bytes(reply) if reply is not None else b""
             partner = entries.get(reply_raw)
-            if partner is not None:
-                paired.add(reply_raw)
-            if ct_expired(value, key.proto, now) and (partner is None or ct_expired(partner[1], key.proto, now)):
-                doomed.append(key)
-                if partner is not None:
-                    doomed.append(partner[0])
+            if partner is None:
+                if ct_expired(value, key.proto, now):
+                    doomed.append((key, ct_lifetime_ns(value, key.proto)))
+                continue
+            paired.add(reply_raw)
+            if (value.flags | partner[1].flags) & abi.CT_F_CLOSING:
+                lifetime = closing_ns
+            else:
+                lifetime = ct_lifetime_ns(value, key.proto)
+            if _idle_past(value, now, lifetime) and _idle_past(partner[1], now, lifetime):
+                doomed += [(key, lifetime), (partner[0], lifetime)]
         doomed += [
-            key
+            (key, closing_ns)
             for raw, (key, value) in entries.items()
-            if key.dir == abi.CT_REPLY and raw not in paired and ct_expired(value, key.proto, now)
+            if key.dir == abi.CT_REPLY and raw not in paired and _idle_past(value, now, closing_ns)
         ]
         deleted = 0
-        for key in doomed:
+        for key, lifetime in doomed:
             current = writer.lookup(name, key)
-            if current is None or not ct_expired(current, key.proto, now):
+            if current is None or not _idle_past(current, now, lifetime):
                 continue  # gone meanwhile, or a new flow on the same tuple
             try:
                 writer.delete(name, key)
@@ -124,6 +137,11 @@ def collect_expired(writer: MapWriter, now_ns: int | None = None) -> Collected:
         out.kept += len(entries) - deleted
         out.capacity = max(out.capacity, writer.capacity(name))
     return out
+
+
+def _idle_past(value: CData, now_ns: int, lifetime_ns: int) -> bool:
+    """Idle for longer than lifetime_ns (a last_seen after `now`, refreshed meanwhile, is not idle)."""
+    return now_ns > value.last_seen_ns and now_ns - value.last_seen_ns > lifetime_ns
 
 
 def _reply_key(key: CData, value: CData, backend: CData | None) -> CData | None:

@@ -717,9 +717,7 @@ class Soak:
                 try:
                     wait_until(lambda: lines() >= 1, 10, f"the agent to log {event}")
                 except TimeoutError:
-                    told = [
-                        json.loads(x).get("event") for x in self.agent.log().splitlines()[-25:] if x.startswith("{")
-                    ]
+                    told = [line[:200] for line in self.agent.log().splitlines() if "exhausted" in line][-4:]
                     raise AssertionError(f"{event} not logged; the agent's last such lines: {told}") from None
             time.sleep(max(0.0, ended + 2.5 - time.time()))  # the agent reads the counters every second
             new = lines()

@@ -108,3 +108,41 @@ def test_a_flow_started_again_on_an_expired_tuple_is_not_collected() -> None:
     racing.tables = w.tables
     assert collect_expired(racing, now_ns=NOW).deleted == 1  # the reply entry only
     assert w.lookup("ct4", original) is not None
+
+
+def mark_closing(w: MemoryMapWriter, key: abi.CtKey4) -> None:
+    """What the datapath does to the entry of the direction a FIN or RST went."""
+    value = w.lookup("ct4", key)
+    assert value is not None
+    value.flags |= abi.CT_F_CLOSING
+    w.update("ct4", key, value)
+
+
+def test_a_connection_closing_in_one_direction_is_collected_whole() -> None:
+    """A client's RST marks only its own entry closing (the backend's never sees one): the pair is over once both are
+    idle past the closing lifetime, not after the other entry's 6 hours (the soak found ct full of such replies)."""
+    w = MemoryMapWriter()
+    tcp = socket.IPPROTO_TCP
+    reset = pair(w, 1, tcp, idle_s=abi.CT_CLOSING_LIFETIME_S + 1, reply_idle_s=abi.CT_CLOSING_LIFETIME_S + 2, snat=True)
+    mark_closing(w, reset[0])
+    still_talking = pair(w, 2, tcp, idle_s=abi.CT_CLOSING_LIFETIME_S + 1, reply_idle_s=1)  # half closed, replies flow
+    mark_closing(w, still_talking[0])
+    assert collect_expired(w, now_ns=NOW).deleted == 2
+    left = {bytes(k) for k, _ in w.items("ct4")}
+    assert left == {bytes(k) for k in still_talking}
+
+
+def test_a_reply_entry_no_original_names_goes_once_idle_past_the_closing_lifetime() -> None:
+    """A new flow on the same client tuple replaced its original: the old reply translates nothing any more."""
+    w = MemoryMapWriter()
+    tcp = socket.IPPROTO_TCP
+    stale = abi.CtKey4(src=7, sport=8080, dst=3, dport=61005, proto=tcp, dir=abi.CT_REPLY)
+    fresh = abi.CtKey4(
+        src=7, sport=8080, dst=3, dport=61006, proto=tcp, dir=abi.CT_REPLY
+    )  # written before its original
+    w.update(
+        "ct4", stale, abi.CtValue4(last_seen_ns=NOW - (abi.CT_CLOSING_LIFETIME_S + 1) * SECOND, flags=abi.CT_F_SNAT)
+    )
+    w.update("ct4", fresh, abi.CtValue4(last_seen_ns=NOW - SECOND, flags=abi.CT_F_SNAT))
+    assert collect_expired(w, now_ns=NOW).deleted == 1
+    assert w.lookup("ct4", stale) is None and w.lookup("ct4", fresh) is not None
