@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 from kpr.datapath import abi
 from kpr.datapath.abi import CData
@@ -88,10 +89,11 @@ def collect_expired(writer: MapWriter, now_ns: int | None = None) -> Collected:
 
     A flow is one connection, as netfilter's conntrack sees it, though kpr keeps an entry per direction and the
     datapath marks only the direction a FIN or RST went (a client's RST never reaches the backend's entry). So a pair
-    in which either entry is closing is over once both are idle past the closing lifetime. A reply entry that no
-    original names (its original was replaced by a new flow on the same client tuple) translates nothing any more: it
-    goes once idle past the closing lifetime too. Without both rules such entries lived out the 6-hour TCP lifetime,
-    holding conntrack room and masquerade ports (found by the chaos soak)."""
+    in which either entry is closing is over once both are idle past the closing lifetime. A reply entry sent to an
+    address and port no original entry names (its original was replaced by a new flow on the same client tuple)
+    translates nothing any more: it goes once idle past the closing lifetime too; one whose original exists but
+    cannot be matched (its backend not in the maps) keeps its own lifetime. Without both rules such entries lived out
+    the 6-hour TCP lifetime, holding conntrack room and masquerade ports (found by the chaos soak)."""
     now = time.monotonic_ns() if now_ns is None else now_ns
     closing_ns = abi.CT_CLOSING_LIFETIME_S * _NSEC
     out = Collected()
@@ -100,10 +102,15 @@ def collect_expired(writer: MapWriter, now_ns: int | None = None) -> Collected:
         backends = {int(k.value): v for k, v in writer.items(f"backends{fam}")}
         entries = {bytes(k): (k, v) for k, v in writer.items(name)}
         paired: set[bytes] = set()
+        # Where each original's replies go (the client, or the node address and port it was masqueraded to): a reply
+        # entry sent nowhere an original names is an orphan, whatever the backends map says.
+        reply_ends: set[tuple[Any, int]] = set()
         doomed: list[tuple[CData, int]] = []  # (key, the idle time past which it goes)
         for key, value in entries.values():
             if key.dir != abi.CT_ORIGINAL:
                 continue
+            snat = value.flags & abi.CT_F_SNAT
+            reply_ends.add(_end(value.addr, value.port) if snat else _end(key.src, key.sport))
             reply = _reply_key(key, value, backends.get(value.backend_id))
             reply_raw = bytes(reply) if reply is not None else b""
             partner = entries.get(reply_raw)
@@ -118,11 +125,13 @@ def collect_expired(writer: MapWriter, now_ns: int | None = None) -> Collected:
                 lifetime = ct_lifetime_ns(value, key.proto)
             if _idle_past(value, now, lifetime) and _idle_past(partner[1], now, lifetime):
                 doomed += [(key, lifetime), (partner[0], lifetime)]
-        doomed += [
-            (key, closing_ns)
-            for raw, (key, value) in entries.items()
-            if key.dir == abi.CT_REPLY and raw not in paired and _idle_past(value, now, closing_ns)
-        ]
+        for raw, (key, value) in entries.items():
+            if key.dir != abi.CT_REPLY or raw in paired:
+                continue
+            orphan = _end(key.dst, key.dport) not in reply_ends
+            lifetime = closing_ns if orphan else ct_lifetime_ns(value, key.proto)
+            if _idle_past(value, now, lifetime):
+                doomed.append((key, lifetime))
         deleted = 0
         for key, lifetime in doomed:
             current = writer.lookup(name, key)
@@ -137,6 +146,11 @@ def collect_expired(writer: MapWriter, now_ns: int | None = None) -> Collected:
         out.kept += len(entries) - deleted
         out.capacity = max(out.capacity, writer.capacity(name))
     return out
+
+
+def _end(addr: Any, port: int) -> tuple[Any, int]:
+    """An address (a u32, or an IPv6 address's four words) and port, hashable."""
+    return (addr if isinstance(addr, int) else tuple(addr), int(port))
 
 
 def _idle_past(value: CData, now_ns: int, lifetime_ns: int) -> bool:

@@ -146,3 +146,13 @@ def test_a_reply_entry_no_original_names_goes_once_idle_past_the_closing_lifetim
     w.update("ct4", fresh, abi.CtValue4(last_seen_ns=NOW - SECOND, flags=abi.CT_F_SNAT))
     assert collect_expired(w, now_ns=NOW).deleted == 1
     assert w.lookup("ct4", stale) is None and w.lookup("ct4", fresh) is not None
+
+
+def test_a_reply_whose_original_exists_keeps_its_lifetime_even_if_the_backend_is_unknown() -> None:
+    """Pairing needs the original's backend; without it the reply is not taken for an orphan: an idle live connection
+    keeps its return path for the TCP lifetime."""
+    w = MemoryMapWriter()
+    original, reply = pair(w, 3, socket.IPPROTO_TCP, idle_s=60, reply_idle_s=60, snat=True)
+    w.delete("backends4", abi.U32(7))
+    assert collect_expired(w, now_ns=NOW).deleted == 0
+    assert w.lookup("ct4", original) is not None and w.lookup("ct4", reply) is not None
