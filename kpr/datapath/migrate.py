@@ -36,6 +36,7 @@ from kpr.datapath import abi, bpfsys
 MAP_TYPES = {"hash": 1, "array": 2, "prog": 3, "percpu_array": 6, "lru_hash": 9, "lpm_trie": 11}
 BPF_F_NO_PREALLOC = 1
 OLD_PREFIX = "old_"
+OTHER_PREFIX = "old_x_"  # moved aside and never copied: another layout version, or a stale twin of the adopted pin
 # Maps whose entries name each other's ids: copied together or not at all.
 LINKED = frozenset(
     {
@@ -45,6 +46,8 @@ LINKED = frozenset(
         "affinity",
     }
 )
+# The maps the programs write (flows, affinities, the socket path's reverse NAT); the agent writes the others.
+DATAPATH_WRITTEN = frozenset({"ct4", "ct6", "affinity", "sock_rev_nat4", "sock_rev_nat6"})
 NEVER_COPIED = frozenset({"tc_tails", "counters", "config", "crc32c_powers", "devices"})  # refilled by the loader
 UNVERSIONED_LAYOUT = 1  # the layout of a map pinned under its bare name, before pins carried a version
 _VERSIONED = re.compile(r"^(\w+?)_v(\d+)$")
@@ -108,82 +111,100 @@ class Plan:
 
 def prepare(bpffs_dir: Path, sizes: Mapping[str, int]) -> Plan:
     """Compare the pinned maps with the declared shapes and move the changed ones aside; raises ValueError when a
-    map would shrink below its entries (nothing has been moved then)."""
+    map would shrink below its entries (nothing has been moved or renamed then)."""
     want = declared_shapes(sizes)
     changed: dict[str, tuple[Shape, Shape]] = {}
-    other_layouts: dict[str, list[Path]] = {}  # pins of another layout version, by map
+    other_layouts: dict[str, list[Path]] = {}  # pins never to be adopted or copied, by map
+    adopted_bare: list[str] = []  # maps pinned under the bare name that this kpr takes over (renamed at the end)
+    pins: dict[str, Path] = {}  # the pin each map's successor is compared with (and its entries counted in)
     for name, shape in want.items():
-        current = abi.map_pin(bpffs_dir, name)
-        versions = pinned_versions(bpffs_dir, name)
-        bare = bpffs_dir / name
-        if not current.exists() and versions.get(abi.MAPS[name].layout) == bare:
-            bare.rename(current)  # pinned before versions, and of the layout that had then
-        others = [path for version, path in versions.items() if version != abi.MAPS[name].layout]
+        spec = abi.MAPS[name]
+        current, bare = abi.map_pin(bpffs_dir, name), bpffs_dir / name
+        others = [path for version, path in versioned_pins(bpffs_dir, name) if version != spec.layout]
+        pin = current if current.exists() else None
+        if bare.exists():
+            if spec.layout != UNVERSIONED_LAYOUT:
+                others.append(bare)
+            elif pin is None or _pinned_shape(bare)[1] > _pinned_shape(pin)[1]:
+                # pinned before versions, with the layout of that time; if a versioned pin exists too, an older kpr
+                # came back and made the bare one since (map ids only grow): it holds the live state, the other not
+                if pin is not None:
+                    others.append(pin)
+                pin = bare
+                adopted_bare.append(name)
+            else:
+                others.append(bare)
         if others:
             other_layouts[name] = others
-        if current.exists():
-            have, _ = _pinned_shape(current)
+        if pin is not None:
+            pins[name] = pin
+            have, _ = _pinned_shape(pin)
             if have != shape:
                 changed[name] = (have, shape)
     copied = {n for n, (old, new) in changed.items() if n not in NEVER_COPIED and _copyable(old, new)}
-    if any(n in LINKED and n not in copied for n in [*changed, *other_layouts]):
+    if any(n in LINKED and n not in copied for n in [*changed, *(n for n in other_layouts if n not in pins)]):
         # a layout changed among maps that name each other's ids: none of them is kept
         for name in LINKED & set(want):
-            if name not in changed and abi.map_pin(bpffs_dir, name).exists():
+            if name not in changed and name in pins:
                 shape = want[name]
                 changed[name] = (shape, shape)
         copied -= LINKED
     for name in sorted(copied):
         spec = abi.MAPS[name]
-        entries = 0 if spec.percpu or spec.programs else _count(abi.map_pin(bpffs_dir, name), spec)
+        entries = 0 if spec.percpu or spec.programs else _count(pins[name], spec)
         limit = changed[name][1].max_entries
         if entries > limit:
             raise ValueError(
                 f"map {name} holds {entries} entries; a size of {limit} cannot hold them "
                 f"(give --map-size at least {entries}, or run `kpr cleanup` first to start empty)"
             )
+    for paths in other_layouts.values():
+        for path in paths:
+            _move_aside(path, as_other_layout=True)
+    for name in adopted_bare:
+        (bpffs_dir / name).rename(abi.map_pin(bpffs_dir, name))
     for name in changed:
         _move_aside(abi.map_pin(bpffs_dir, name))
     reasons = {name: _why(old, new) for name, (old, new) in changed.items()}
     for name, paths in other_layouts.items():
-        for path in paths:
-            _move_aside(path)
-        reasons.setdefault(name, f"pinned with layout {', '.join(p.name for p in paths)}, now {abi.MAPS[name].pin}")
+        reasons.setdefault(
+            name, f"also pinned as {', '.join(p.name for p in paths)} (not adopted), now {abi.MAPS[name].pin}"
+        )
     return Plan(reasons, copied)
 
 
-def pinned_versions(bpffs_dir: Path, name: str) -> dict[int, Path]:
-    """The pins of map `name` in the directory, by layout version (the bare name counts as UNVERSIONED_LAYOUT)."""
-    found = {}
-    bare = bpffs_dir / name
-    if bare.exists():
-        found[UNVERSIONED_LAYOUT] = bare
+def versioned_pins(bpffs_dir: Path, name: str) -> list[tuple[int, Path]]:
+    """The pins of map `name` with a layout version in their name ("services4_v1"), with that version."""
+    found = []
     for path in bpffs_dir.glob(f"{name}_v*"):
         match = _VERSIONED.match(path.name)
         if match and match[1] == name:
-            found[int(match[2])] = path
-    return found
+            found.append((int(match[2]), path))
+    return sorted(found)
 
 
 def kpr_map_pins(bpffs_dir: Path) -> list[Path]:
     """Every map pin of kpr's in the directory, of any layout version, moved aside or not (what cleanup removes)."""
-    pins = {path for name in abi.MAPS for path in pinned_versions(bpffs_dir, name).values()}
+    pins = {path for name in abi.MAPS for _, path in versioned_pins(bpffs_dir, name)}
+    pins.update(bpffs_dir / name for name in abi.MAPS if (bpffs_dir / name).exists())
     pins.update(path for path in bpffs_dir.glob(f"{OLD_PREFIX}*") if _moved_aside(path.name) is not None)
     return sorted(pins)
 
 
-def _move_aside(pin: Path) -> None:
-    old = pin.with_name(f"{OLD_PREFIX}{pin.name}")
+def _move_aside(pin: Path, as_other_layout: bool = False) -> None:
+    """Rename a pin to old_<pin> (old_x_<pin> for one never to be copied: another layout, or a stale twin)."""
+    old = pin.with_name(f"{OTHER_PREFIX if as_other_layout else OLD_PREFIX}{pin.name}")
     old.unlink(missing_ok=True)  # a previous migration that did not finish
     pin.rename(old)
 
 
-def _moved_aside(pin_name: str) -> tuple[str, int] | None:
-    """(map, layout version) of an old_ pin; None when it is no map of kpr's."""
-    name = pin_name.removeprefix(OLD_PREFIX)
+def _moved_aside(pin_name: str) -> tuple[str, int, bool] | None:
+    """(map, layout version, whether its entries may be copied) of a pin moved aside; None when it is none of kpr's."""
+    copyable = not pin_name.startswith(OTHER_PREFIX)
+    name = pin_name.removeprefix(OTHER_PREFIX if not copyable else OLD_PREFIX)
     match = _VERSIONED.match(name)
     name, version = (match[1], int(match[2])) if match else (name, UNVERSIONED_LAYOUT)
-    return (name, version) if name in abi.MAPS else None
+    return (name, version, copyable) if name in abi.MAPS else None
 
 
 def _why(old: Shape, new: Shape) -> str:
@@ -205,11 +226,13 @@ def copy_entries(bpffs_dir: Path, names: set[str] | None = None) -> dict[str, in
         moved = _moved_aside(old.name)
         if moved is None:
             continue
-        name, version = moved
+        name, version, copyable = moved
         spec = abi.MAPS[name]
         new = abi.map_pin(bpffs_dir, name)
-        if version != spec.layout or not new.exists() or spec.percpu or spec.programs or name in NEVER_COPIED:
+        if not copyable or version != spec.layout or not new.exists() or spec.percpu or spec.programs:
             continue  # another layout's entries mean other things, whatever their sizes
+        if name in NEVER_COPIED:
+            continue  # the loader fills them
         if names is not None and name not in names:
             continue
         old_shape, _ = _pinned_shape(old)
@@ -226,8 +249,11 @@ def copy_entries(bpffs_dir: Path, names: set[str] | None = None) -> dict[str, in
 
 
 def finish(bpffs_dir: Path, copy: set[str] | None = None) -> dict[str, int]:
-    """After the new programs are attached: a last copy of what the old ones wrote meanwhile, then the old pins go."""
-    copied = copy_entries(bpffs_dir, copy)
+    """After the new programs are attached: a last copy of what the old programs wrote meanwhile (only the maps the
+    datapath writes: the agent's own maps were copied once before its first sync, which has since changed them, and
+    copying again would bring back what it deleted), then the old pins go."""
+    again = DATAPATH_WRITTEN if copy is None else copy & DATAPATH_WRITTEN
+    copied = copy_entries(bpffs_dir, set(again))
     for old in bpffs_dir.glob(f"{OLD_PREFIX}*"):
         if _moved_aside(old.name) is not None:
             old.unlink()

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from kpr.datapath import abi, bpfsys
-from kpr.datapath.inspect import read_services
+from kpr.datapath.inspect import read_backends, read_services
 from kpr.datapath.loader import attached_programs, detach_all, unpin_all
 from kpr.lab import Lab
 from kpr.lab.cluster import (
@@ -22,6 +22,7 @@ from kpr.lab.cluster import (
     endpoint_slice,
     finish_client_loop,
     pod_endpoints,
+    remove_manifest,
     service,
     start_client_loop,
     wait_until,
@@ -301,3 +302,68 @@ def test_maps_of_another_layout_version_are_never_adopted_even_at_the_same_size(
     assert adopted["frontends"] == 0  # nothing adopted: rebuilt from the manifests
     assert not list(node.bpffs_dir.glob("old_*")) and not list(node.bpffs_dir.glob("*_v7"))
     assert set(lab.client(lab.pods["client"], "tcp", VIP, 80, count=30)["served"]) == {"pod-a", "pod-b", "pod-c"}
+
+
+FRESH_MAPS = '#include "kpr.h"\nint kpr_fresh_probe(struct bpf_sock_addr *ctx) { return 1; }\n'
+
+
+def _map_id(pin: Path) -> int:
+    fd = bpfsys.obj_get(str(pin))
+    try:
+        return bpfsys.map_info(fd).id
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("newer", ["bare", "versioned"])
+def test_of_a_bare_and_a_versioned_pin_of_the_same_map_the_newer_is_adopted(
+    node_with_agent: tuple[Lab, LabAgent], newer: str
+) -> None:
+    """Upgrade, roll back, upgrade again: the rolled-back kpr pinned "ct4" beside the first upgrade's "ct4_v1". The
+    newer of the two (map ids only grow) holds the live flows and is adopted; the other is moved aside, never copied,
+    and removed; cleanup would find both (kpr_map_pins)."""
+    from bcc import BPF
+
+    from kpr.datapath.migrate import kpr_map_pins
+
+    lab, agent = node_with_agent
+    node, manifests = agent.node, Path(agent.source_args[1])
+    agent.stop(signal.SIGTERM)
+    bpffs = node.bpffs_dir
+    scratch = bpffs.with_name(bpffs.name + "-fresh")
+    scratch.mkdir()
+    try:
+        BPF(text=FRESH_MAPS, cflags=[f'-DKPR_PIN_DIR="{scratch}"', f"-I{abi.BPF_DIR}"]).cleanup()  # newer map ids
+        if newer == "bare":
+            (scratch / abi.MAPS["ct4"].pin).rename(bpffs / "ct4")
+        else:
+            abi.map_pin(bpffs, "ct4").rename(bpffs / "ct4")
+            (scratch / abi.MAPS["ct4"].pin).rename(abi.map_pin(bpffs, "ct4"))
+        assert {bpffs / "ct4", abi.map_pin(bpffs, "ct4")} <= set(kpr_map_pins(bpffs))
+        newest = max(_map_id(bpffs / "ct4"), _map_id(abi.map_pin(bpffs, "ct4")))
+    finally:
+        unpin_all(scratch)
+    upgraded = LabAgent(lab, node, manifests)
+    result = under_client_loop(lab, 6, lambda: upgraded.start().wait_started(), warmup=0.5)
+    assert result["errors"] == {}, result["errors"]
+    assert _map_id(abi.map_pin(bpffs, "ct4")) == newest
+    assert not (bpffs / "ct4").exists() and not list(bpffs.glob("old_*"))
+    adopted = next(json.loads(line) for line in upgraded.log(this_run=True).splitlines() if '"maps adopted"' in line)
+    assert adopted["frontends"] > 0  # ct4 holds flows only: the service maps were adopted as they were
+
+
+def test_a_migration_never_brings_back_what_the_first_sync_removed(node_with_agent: tuple[Lab, LabAgent]) -> None:
+    """Maps migrated for another --map-size are copied before the first sync and, for the maps the programs write,
+    once more after attaching. The agent's own maps must not be copied again: the first sync has since removed what
+    the sources no longer hold (here a Service deleted while the agent was down), and a second copy brought it back."""
+    lab, agent = node_with_agent
+    node, manifests = agent.node, Path(agent.source_args[1])
+    agent.stop(signal.SIGTERM)
+    remove_manifest(manifests, "web.yaml")
+    grown = LabAgent(lab, node, manifests, extra_args=["--map-size", "backends=100000"]).start()
+    grown.wait_started()
+    assert _max_entries(node.bpffs_dir, "backends4") == 100000  # backends4/6 and affinity_match were migrated
+    assert read_services(node.bpffs_dir) == []
+    wait_until(lambda: not read_backends(node.bpffs_dir), 10, "the deleted Service's backends to be released")
+    time.sleep(2.0)  # the agent has attached and finished the migration: nothing comes back
+    assert read_backends(node.bpffs_dir) == []
