@@ -144,7 +144,7 @@ class SocketLB:
     map_sizes: dict[str, int] = field(default_factory=dict)
     settings: DatapathSettings = field(default_factory=lambda: DatapathSettings())
     compile_seconds: float = 0.0
-    kernel_headers: str = ""  # the tree BCC compiled in (toolchain.compile_bpf), e.g. "node (/lib/modules/...)"
+    headers: toolchain.KernelHeaders | None = None  # the tree BCC compiled in (toolchain.compile_bpf)
 
     def load(self) -> None:
         check_bpffs(self.bpffs_dir)
@@ -164,7 +164,7 @@ class SocketLB:
         cflags = [f'-DKPR_PIN_DIR="{self.bpffs_dir}"', f"-I{abi.BPF_DIR}", *map_size_flags(self.map_sizes)]
         started = time.monotonic()
         try:
-            bpf, self.kernel_headers = toolchain.compile_bpf(
+            bpf, self.headers = toolchain.compile_bpf(
                 lambda: BPF(src_file=str(abi.BPF_DIR / "sock.c"), cflags=cflags), "bpf/sock.c"
             )
         except Exception as e:  # BCC raises a bare Exception on compile or pin errors
@@ -271,6 +271,7 @@ class TcLB:
 
     bpffs_dir: Path
     map_sizes: dict[str, int] = field(default_factory=dict)
+    headers: toolchain.KernelHeaders | None = None  # the tree to compile in (SocketLB's); None: look for one
 
     def load(self) -> tuple[Any, dict[str, Any]]:
         """Compile tc.c against the pinned maps, load every program, pin them and fill tc_tails.
@@ -284,7 +285,11 @@ class TcLB:
 
         cflags = [f'-DKPR_PIN_DIR="{self.bpffs_dir}"', f"-I{abi.BPF_DIR}", *map_size_flags(self.map_sizes)]
         try:
-            bpf, _ = toolchain.compile_bpf(lambda: BPF(src_file=str(abi.BPF_DIR / "tc.c"), cflags=cflags), "bpf/tc.c")
+            bpf, self.headers = toolchain.compile_bpf(
+                lambda: BPF(src_file=str(abi.BPF_DIR / "tc.c"), cflags=cflags),
+                "bpf/tc.c",
+                [self.headers] if self.headers else None,  # the tree sock.c compiled in
+            )
         except Exception as e:  # BCC raises a bare Exception on compile or pin errors
             raise DatapathError(f"compiling bpf/tc.c failed: {e}") from e
         powers = abi.map_pin(self.bpffs_dir, "crc32c_powers")
@@ -576,7 +581,7 @@ def _child_main() -> int:
         lb.load()
         started = time.monotonic()
         if args.tc:
-            TcLB(args.bpffs_dir, sizes).load()
+            TcLB(args.bpffs_dir, sizes, headers=lb.headers).load()
         compile_seconds = lb.compile_seconds + time.monotonic() - started
         if plan is not None:
             migrate.copy_entries(args.bpffs_dir, plan.copied)
@@ -584,7 +589,7 @@ def _child_main() -> int:
         print(json.dumps({"error": str(e)}))
         return 1
     moved, copied = (plan.moved, sorted(plan.copied)) if plan else ({}, [])
-    headers = lb.kernel_headers
+    headers = lb.headers.describe() if lb.headers else ""
     print(
         json.dumps({"compile_seconds": compile_seconds, "migrated": moved, "copied": copied, "kernel_headers": headers})
     )

@@ -240,10 +240,13 @@ HOW_TO_FIX = (
 )
 
 
-def compile_bpf(build: Callable[[], T], what: str, candidates: list[KernelHeaders] | None = None) -> tuple[T, str]:
-    """Run `build` (a BCC compile) against the first kernel headers tree that works; returns its result and which
-    tree it was ("node (/lib/modules/...)"). Raises NoKernelHeaders when there is no tree, and a RuntimeError naming
-    each tree with its failure when none compiles."""
+def compile_bpf(
+    build: Callable[[], T], what: str, candidates: list[KernelHeaders] | None = None
+) -> tuple[T, KernelHeaders]:
+    """Run `build` (a BCC compile) against the first kernel headers tree that works; returns its result and the tree.
+    Only a tree that cannot be prepared or that clang fails in is passed over: any other failure (a map that cannot
+    be pinned, a program the kernel refuses) is the same with every tree and is raised at once. Raises
+    NoKernelHeaders when there is no tree, and a RuntimeError naming each tree with its failure when none compiles."""
     missing: list[str] = []
     if candidates is None:
         candidates, missing = find_kernel_headers()
@@ -256,12 +259,19 @@ def compile_bpf(build: Callable[[], T], what: str, candidates: list[KernelHeader
             prepare(headers)
             with bcc_environment(headers):
                 result = build()
-        except Exception as e:  # BCC raises a bare Exception when clang fails
+        except Exception as e:  # BCC raises a bare Exception, whatever failed
+            if not (isinstance(e, NoKernelHeaders) or _clang_failed(e)):
+                raise
             failures.append(f"{headers.describe()}: {e}")
             logger.warning(
                 "compiling with these kernel headers failed", what=what, headers=headers.describe(), error=str(e)
             )
             continue
         logger.info("compiled", what=what, kernel_headers=headers.describe(), passed_over=failures or None)
-        return result, headers.describe()
+        return result, headers
     raise RuntimeError(" | ".join(failures))  # the caller says what it was compiling
+
+
+def _clang_failed(e: Exception) -> bool:
+    """Whether BCC's clang step failed ("Failed to compile BPF module ..."): the one failure a headers tree causes."""
+    return str(e).startswith("Failed to compile BPF")

@@ -44,9 +44,11 @@ def only(monkeypatch: pytest.MonkeyPatch, candidates: list[KernelHeaders]) -> No
 def load_both(bpffs_dir: Path) -> str:
     socket_lb = SocketLB(bpffs_dir)
     socket_lb.load()
-    TcLB(bpffs_dir).load()
+    tc = TcLB(bpffs_dir, headers=socket_lb.headers)
+    tc.load()
     assert pinned_maps(bpffs_dir) == sorted(abi.MAPS)
-    return socket_lb.kernel_headers
+    assert socket_lb.headers is not None and tc.headers == socket_lb.headers  # tc.c in the tree sock.c compiled in
+    return socket_lb.headers.describe()
 
 
 def test_kheaders_archive_is_extracted_and_compiled_against(

@@ -248,8 +248,23 @@ def test_a_tree_that_does_not_compile_falls_through_to_the_next(tmp_path: Path) 
             raise Exception("Failed to compile BPF module b'bpf/sock.c'")
         return "bpf object"
 
-    assert toolchain.compile_bpf(build, "bpf/sock.c", [node, image]) == ("bpf object", f"image ({tmp_path}/image)")
+    assert toolchain.compile_bpf(build, "bpf/sock.c", [node, image]) == ("bpf object", image)
     assert seen == [None, str(tmp_path / "image")]
+
+
+def test_a_failure_that_is_no_trees_is_raised_at_once(tmp_path: Path) -> None:
+    """A map that cannot be pinned fails alike in every tree: no second compile of seconds, the error as it is."""
+    node = KernelHeaders("node", tree(tmp_path / "node"))
+    image = KernelHeaders("image", tree(tmp_path / "image"))
+    tries: list[str] = []
+
+    def build() -> None:
+        tries.append("build")
+        raise Exception("could not open bpf map: services4_v1, error: Operation not permitted")
+
+    with pytest.raises(Exception, match="could not open bpf map"):
+        toolchain.compile_bpf(build, "bpf/sock.c", [node, image])
+    assert tries == ["build"]
 
 
 def test_every_tree_failing_names_each_failure(tmp_path: Path, node: dict[str, Path]) -> None:
