@@ -208,11 +208,12 @@ class BulkPlan:
         for name, keys, values, count in self._ordered():
             try:
                 writer.update_packed(name, keys, values, count)
-            except MapWriteError as e:
-                written.append((name, keys[: e.done * _key_size(name)]))
+            except Exception as e:  # a full map above all; whatever it was, what was written is taken back
+                done = e.done if isinstance(e, MapWriteError) else count  # unknown: try to delete them all
+                written.append((name, keys[: done * _key_size(name)]))
                 left = self._undo(written)
                 raise BulkLoadError(
-                    f"writing {count} entries into {name} failed after {e.done}: {e}; "
+                    f"writing {count} entries into {name} failed after {done}: {e}; "
                     + (f"{left} written entries could not be deleted" if left else "everything written was deleted")
                 ) from e
             written.append((name, keys))

@@ -87,8 +87,9 @@ class FlowEnds:
 
 
 class BulkLoadError(Exception):
-    """load_all() could not program the maps (no room, or a write failed and was undone); nothing of it is left in
-    the maps or the state."""
+    """load_all() could not program the maps (no room, or a write failed and was undone): the state is untouched, and
+    nothing of it is left in the maps but entries whose deletion failed too (counted as restored_entries, which the
+    first sync's prune() then removes)."""
 
 
 @dataclass(slots=True)
