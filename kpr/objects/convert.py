@@ -98,6 +98,27 @@ def _label(kind: str, meta: Mapping[str, Any], namespaced: bool = True) -> str:
     return f"{kind} {_str(meta.get('namespace')) or 'default'}/{name}"
 
 
+# The forms the API server lets names take (it checks stricter ones per kind: a Service's name is a DNS-1035 label):
+# a manifest may hold any text, and a name that is not one of these is refused rather than written into svc_names.
+_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def _dns_name(obj: str, path: str, value: str, label: bool = False) -> str:
+    """`value` if it is a DNS-1123 label (63 characters at most) or subdomain (253), else InvalidObject."""
+    pattern, limit = (_DNS1123_LABEL, 63) if label else (_DNS1123_SUBDOMAIN, 253)
+    if len(value) > limit or not pattern.fullmatch(value):
+        kind = "label" if label else "subdomain"
+        raise InvalidObject(f"{obj}: {path} {value!r} is not a DNS-1123 {kind} (lowercase letters, digits, '-')")
+    return value
+
+
+def _port_name(obj: str, path: str, value: Any) -> str:
+    """A port's name: empty, or a DNS-1123 label."""
+    name = _str(value)
+    return _dns_name(obj, path, name, label=True) if name else ""
+
+
 def _int(obj: str, path: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidObject(f"{obj}: {path} {value!r} is not an integer")
@@ -221,7 +242,8 @@ def service_from_dict(d: Mapping[str, Any]) -> ServiceSpec:
     name = _str(meta.get("name"))
     if not name:
         raise InvalidObject(f"{obj}: metadata.name is missing")
-    namespace = _str(meta.get("namespace")) or "default"
+    _dns_name(obj, "metadata.name", name)
+    namespace = _dns_name(obj, "metadata.namespace", _str(meta.get("namespace")) or "default", label=True)
 
     svc_type = _one_of(obj, "spec.type", spec.get("type"), SERVICE_TYPES, "ClusterIP")
     cluster_ips, headless = _cluster_ips(obj, spec, svc_type)
@@ -289,7 +311,7 @@ def _service_ports(obj: str, spec: Mapping[str, Any]) -> tuple[ServicePort, ...]
             target = _int(obj, f"{path}.targetPort", raw_target, 1, 65535)
         ports.append(
             ServicePort(
-                name=_str(p.get("name")),
+                name=_port_name(obj, f"{path}.name", p.get("name")),
                 protocol=_protocol(obj, f"{path}.protocol", p.get("protocol")),
                 port=port,
                 target_port=target,
@@ -333,11 +355,12 @@ def endpoint_slice_from_dict(d: Mapping[str, Any]) -> EndpointSliceSpec:
     name = _str(meta.get("name"))
     if not name:
         raise InvalidObject(f"{obj}: metadata.name is missing")
+    _dns_name(obj, "metadata.name", name)
     address_type = d.get("addressType")
     if address_type not in ADDRESS_TYPES:
         raise InvalidObject(f"{obj}: addressType {address_type!r} is not one of {', '.join(ADDRESS_TYPES)}")
     return EndpointSliceSpec(
-        namespace=_str(meta.get("namespace")) or "default",
+        namespace=_dns_name(obj, "metadata.namespace", _str(meta.get("namespace")) or "default", label=True),
         name=name,
         service_name=_str(labels.get(SERVICE_NAME_LABEL)),
         address_type=address_type,
@@ -403,7 +426,7 @@ def _endpoint_ports(obj: str, d: Mapping[str, Any]) -> tuple[EndpointPort, ...]:
             continue  # kube-proxy ignores slice ports without a number (EndpointSliceCache.endpointInfoByServicePort)
         ports.append(
             EndpointPort(
-                name=_str(p.get("name")),
+                name=_port_name(obj, f"ports[{i}].name", p.get("name")),
                 protocol=_protocol(obj, f"ports[{i}].protocol", p.get("protocol")),
                 port=_int(obj, f"ports[{i}].port", port, 1, 65535),
             )
@@ -438,6 +461,7 @@ def node_from_dict(d: Mapping[str, Any]) -> NodeInfo:
     name = _str(meta.get("name"))
     if not name:
         raise InvalidObject(f"{obj}: metadata.name is missing")
+    _dns_name(obj, "metadata.name", name)
     labels = {str(k): str(v) for k, v in _map(meta.get("labels")).items()}
     by_type: dict[str, list[str]] = {kind: [] for kind in _NODE_IP_ADDRESS_TYPES}
     for i, raw in enumerate(_seq(_map(d.get("status")).get("addresses"))):

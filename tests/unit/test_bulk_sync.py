@@ -275,7 +275,8 @@ def test_the_corpus_covers_what_it_claims() -> None:
     protocol=st.sampled_from(("TCP", "UDP", "SCTP")),
     number=st.integers(0, 2**32 - 1),
     small=st.integers(0, 255),
-    text=st.text(st.characters(blacklist_characters="\x00"), max_size=80),  # ctypes stops a name at a NUL
+    # ctypes stops a name at a NUL; lone surrogates cannot be encoded (nor are they in any Kubernetes name)
+    text=st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=80),
 )
 def test_packed_entries_are_the_bytes_of_the_ctypes_mirror(
     addr: str, port: int, protocol: str, number: int, small: int, text: str

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import pytest
@@ -251,6 +252,34 @@ def test_service_invalid(path: list[Any], value: Any, message: str) -> None:
     with pytest.raises(InvalidObject) as err:
         service_from_dict(bad)
     assert str(err.value).startswith(f"Service shop/{name}: {message}")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("name", "Web", "metadata.name 'Web' is not a DNS-1123 subdomain"),
+        ("name", "web\ud800", "metadata.name 'web\\ud800' is not a DNS-1123 subdomain"),  # YAML can say "\ud800"
+        ("namespace", "shop.eu", "metadata.namespace 'shop.eu' is not a DNS-1123 label"),
+        ("port", "h\ud800", "spec.ports[0].name 'h\\ud800' is not a DNS-1123 label"),
+        ("port", "x" * 64, "spec.ports[0].name"),
+    ],
+)
+def test_names_the_api_server_would_refuse_are_refused(field: str, value: str, message: str) -> None:
+    """A manifest may hold any text; a name that is no DNS-1123 label or subdomain never reaches the maps (a lone
+    surrogate used to stop the agent when it encoded the name for svc_names)."""
+    d = copy.deepcopy(load(SERVICE_YAML))
+    if field == "port":
+        d["spec"]["ports"][0]["name"] = value
+    else:
+        d["metadata"][field] = value
+    with pytest.raises(InvalidObject, match=re.escape(message)):
+        service_from_dict(d)
+    sl: dict[str, Any] = {"metadata": {"name": "web-abc", "namespace": "shop"}, "addressType": "IPv4"}
+    sl["ports"] = [{"port": 1, "name": value if field == "port" else "http"}]
+    if field != "port":
+        sl["metadata"][field] = value
+    with pytest.raises(InvalidObject):
+        endpoint_slice_from_dict(sl)
 
 
 def test_invalid_object_is_a_value_error() -> None:
