@@ -16,14 +16,13 @@ from typing import Any
 from kpr.datapath import abi, bpfsys
 from kpr.datapath.inspect import backends_from, read_counters, read_nodeport_addresses, read_services
 from kpr.datapath.loader import (
-    BPF_FS_MAGIC,
-    CGROUP2_SUPER_MAGIC,
     PROGRAM_PREFIX,
     SOCKET_HOOKS,
     DatapathError,
     attached_programs,
     fs_magic,
 )
+from kpr.datapath.statfs import BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC
 from kpr.datapath.toolchain import find_kernel_headers
 from kpr.datapath.writers import PinnedMapWriter
 
@@ -126,7 +125,9 @@ def kernel_facts(bpffs_dir: Path, cgroup: Path) -> dict[str, Any]:
 
 
 def _kernel_headers(release: str) -> str:
-    """Which headers tree BCC would compile in (the loader's order: node, kheaders, the image's), or ""."""
+    """The headers tree BCC would try first, in the loader's order ($BCC_KERNEL_SOURCE, the node's, kheaders, the
+    image's), as this process sees them; the tree the agent really used is in its "BPF programs compiled" line (the
+    loader passes over one that does not compile)."""
     found, _ = find_kernel_headers(release)
     return f"{found[0].source} ({found[0].path})" if found else ""
 

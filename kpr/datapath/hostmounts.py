@@ -27,9 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kpr.datapath import statfs
+from kpr.datapath.statfs import BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC
 
-BPF_FS_MAGIC = 0xCAFE4A11
-CGROUP2_SUPER_MAGIC = 0x63677270
 CGROUP_SUPER_MAGIC = 0x27E0EB  # cgroup v1
 TMPFS_MAGIC = 0x01021994  # /sys/fs/cgroup on v1 and hybrid nodes
 CLONE_NEWNS = 0x00020000

@@ -28,9 +28,8 @@ from typing import Any
 
 from kpr import log
 from kpr.datapath import abi, bpfsys, crc32c, hostmounts, migrate, netns, statfs, toolchain
+from kpr.datapath.statfs import BPF_FS_MAGIC
 
-BPF_FS_MAGIC = 0xCAFE4A11
-CGROUP2_SUPER_MAGIC = 0x63677270
 PROGRAM_PREFIX = "kpr_"
 
 # Hook name -> the program implementing it in bpf/sock.c.

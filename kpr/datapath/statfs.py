@@ -10,6 +10,9 @@ import ctypes
 import os
 import platform
 
+BPF_FS_MAGIC = 0xCAFE4A11  # linux/magic.h
+CGROUP2_SUPER_MAGIC = 0x63677270
+
 _F_TYPE = ctypes.c_uint if platform.machine() == "s390x" else ctypes.c_long
 _STATFS_SIZE = 256  # struct statfs is 120 bytes on 64-bit Linux, less on 32-bit: room to spare
 
