@@ -20,6 +20,7 @@ from kpr.reconcile.state import (
     BulkLoadError,
     ScopeState,
     SyncResult,
+    claim_frontends,
     keeps_flows,
     scope_plan,
 )
@@ -82,15 +83,8 @@ class BulkPlan:
     def add(self, service: ServiceKey, frontends: Sequence[Frontend]) -> SyncResult:
         """One service, as sync_service() would program it after the services added before it."""
         result = SyncResult()
-        desired: dict[Address, Frontend] = {}
-        for f in frontends:
-            owner = self.frontends.get(f.address)
-            if owner is not None and owner.service != service:
-                result.conflicts.append(
-                    f"{f.addr}:{f.port}/{f.protocol} is already served for {owner.service}; not programmed"
-                )
-                continue
-            desired[f.address] = f
+        desired, conflicts = claim_frontends(service, frontends, self.frontends)
+        result.conflicts += conflicts
         if service in self.by_service:
             raise ValueError(f"{service} given twice")
         ops_before = self.ops

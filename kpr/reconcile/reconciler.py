@@ -42,6 +42,7 @@ from kpr.reconcile.state import (
     MapOp,
     ScopeState,
     SyncResult,
+    claim_frontends,
     keeps_flows,
     scope_plan,
 )
@@ -93,15 +94,8 @@ class Reconciler:
         """Make the maps hold exactly `frontends` for `service` (an empty list removes it)."""
         plan = _Plan(self)
         result = SyncResult()
-        desired: dict[Address, Frontend] = {}
-        for f in frontends:
-            owner = self.frontends.get(f.address)
-            if owner is not None and owner.service not in (service, None):
-                result.conflicts.append(
-                    f"{f.addr}:{f.port}/{f.protocol} is already served for {owner.service}; not programmed"
-                )
-                continue
-            desired[f.address] = f
+        desired, conflicts = claim_frontends(service, frontends, self.frontends)
+        result.conflicts += conflicts
         try:
             for f in desired.values():
                 plan.upsert(service, f)

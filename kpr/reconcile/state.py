@@ -7,6 +7,7 @@ which the maps are made (make before break: deletions run it in reverse) and the
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -129,3 +130,19 @@ def scope_plan(f: Frontend) -> dict[int, tuple[tuple[Backend, ...], int]]:
     if f.internal_backends is not None:
         scopes[abi.SCOPE_INTERNAL] = (f.internal_backends, affinity)
     return scopes
+
+
+def claim_frontends(
+    service: ServiceKey, frontends: Sequence[Frontend], applied: Mapping[Address, AppliedFrontend]
+) -> tuple[dict[Address, Frontend], list[str]]:
+    """The frontends `service` may have, by address, and a message for each another service holds already (the
+    first holder keeps an address; one restored without a name, an orphan, is anyone's)."""
+    desired: dict[Address, Frontend] = {}
+    conflicts: list[str] = []
+    for f in frontends:
+        owner = applied.get(f.address)
+        if owner is not None and owner.service not in (service, None):
+            conflicts.append(f"{f.addr}:{f.port}/{f.protocol} is already served for {owner.service}; not programmed")
+            continue
+        desired[f.address] = f
+    return desired, conflicts
