@@ -113,6 +113,14 @@ def _dns_name(obj: str, path: str, value: str, label: bool = False) -> str:
     return value
 
 
+def _object_name(obj: str, meta: Mapping[str, Any]) -> str:
+    """metadata.name: present, and a DNS-1123 subdomain."""
+    name = _str(meta.get("name"))
+    if not name:
+        raise InvalidObject(f"{obj}: metadata.name is missing")
+    return _dns_name(obj, "metadata.name", name)
+
+
 def _port_name(obj: str, path: str, value: Any) -> str:
     """A port's name: empty, or a DNS-1123 label."""
     name = _str(value)
@@ -239,10 +247,7 @@ def service_from_dict(d: Mapping[str, Any]) -> ServiceSpec:
     status = _map(d.get("status"))
     labels = _map(meta.get("labels"))
     obj = _label("Service", meta)
-    name = _str(meta.get("name"))
-    if not name:
-        raise InvalidObject(f"{obj}: metadata.name is missing")
-    _dns_name(obj, "metadata.name", name)
+    name = _object_name(obj, meta)
     namespace = _dns_name(obj, "metadata.namespace", _str(meta.get("namespace")) or "default", label=True)
 
     svc_type = _one_of(obj, "spec.type", spec.get("type"), SERVICE_TYPES, "ClusterIP")
@@ -352,10 +357,7 @@ def endpoint_slice_from_dict(d: Mapping[str, Any]) -> EndpointSliceSpec:
     labels = _map(meta.get("labels"))
     annotations = _map(meta.get("annotations"))
     obj = _label("EndpointSlice", meta)
-    name = _str(meta.get("name"))
-    if not name:
-        raise InvalidObject(f"{obj}: metadata.name is missing")
-    _dns_name(obj, "metadata.name", name)
+    name = _object_name(obj, meta)
     address_type = d.get("addressType")
     if address_type not in ADDRESS_TYPES:
         raise InvalidObject(f"{obj}: addressType {address_type!r} is not one of {', '.join(ADDRESS_TYPES)}")
@@ -458,10 +460,7 @@ def node_from_dict(d: Mapping[str, Any]) -> NodeInfo:
     whether it is being deleted and its taints."""
     meta = _map(d.get("metadata"))
     obj = _label("Node", meta, namespaced=False)
-    name = _str(meta.get("name"))
-    if not name:
-        raise InvalidObject(f"{obj}: metadata.name is missing")
-    _dns_name(obj, "metadata.name", name)
+    name = _object_name(obj, meta)
     labels = {str(k): str(v) for k, v in _map(meta.get("labels")).items()}
     by_type: dict[str, list[str]] = {kind: [] for kind in _NODE_IP_ADDRESS_TYPES}
     for i, raw in enumerate(_seq(_map(d.get("status")).get("addresses"))):
