@@ -330,3 +330,12 @@ def decode_svc_name(value: abi.SvcName) -> DecodedSvcName:
     return DecodedSvcName(
         abi.KIND_NAMES.get(value.kind, "?"), value.ns.decode(), value.name.decode(), value.port_name.decode()
     )
+
+
+def key_size(map_name: str) -> int:
+    return ctypes.sizeof(abi.MAPS[map_name].key)
+
+
+def split_packed(data: bytes, size: int) -> list[bytes]:
+    """Entries packed back to back (keys, or values, of `size` bytes each), one by one."""
+    return [data[i : i + size] for i in range(0, len(data), size)]

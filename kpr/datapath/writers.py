@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
-from kpr.datapath import abi
+from kpr.datapath import abi, codec
 from kpr.datapath.abi import CData
 from kpr.datapath.bpfsys import BpfError, Map
 
@@ -65,11 +65,7 @@ def _unpacked(map_name: str, keys: bytes, values: bytes, count: int) -> Iterator
     ksize, vsize = ctypes.sizeof(spec.key), ctypes.sizeof(spec.value)
     if len(keys) != count * ksize or len(values) != count * vsize:
         raise ValueError(f"{map_name}: {count} entries need {count * ksize} + {count * vsize} bytes")
-    yield from zip(
-        [keys[i : i + ksize] for i in range(0, count * ksize, ksize)],
-        [values[i : i + vsize] for i in range(0, count * vsize, vsize)],
-        strict=True,
-    )
+    yield from zip(codec.split_packed(keys, ksize), codec.split_packed(values, vsize), strict=True)
 
 
 class PinnedMapWriter:

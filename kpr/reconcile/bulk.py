@@ -4,7 +4,6 @@ map in make-before-break order, and deleted again if a write fails."""
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -183,7 +182,7 @@ class BulkPlan:
                 parts += [self.masters[(name, scope)] for scope in (abi.SCOPE_INTERNAL, abi.SCOPE_DEFAULT)]
             all_keys = b"".join(k for k, _ in parts)
             if all_keys:
-                out.append((name, all_keys, b"".join(v for _, v in parts), len(all_keys) // _key_size(name)))
+                out.append((name, all_keys, b"".join(v for _, v in parts), len(all_keys) // codec.key_size(name)))
         self.packed = out
         self.entries.clear()  # what the map buffers are joined from
         self.masters.clear()
@@ -191,7 +190,9 @@ class BulkPlan:
 
     def check_room(self) -> None:
         for name, keys, _, count in self._ordered():
-            need = len(set(_split(name, keys))) if name.startswith("src_ranges") else count  # CIDRs may share a key
+            need = count
+            if name.startswith("src_ranges"):  # CIDRs may share a key
+                need = len(set(codec.split_packed(keys, codec.key_size(name))))
             room = self.rec.writer.capacity(name)
             if need > room:
                 raise BulkLoadError(f"{name} would need {need} entries and has room for {room}")
@@ -204,7 +205,7 @@ class BulkPlan:
                 writer.update_packed(name, keys, values, count)
             except Exception as e:  # a full map above all; whatever it was, what was written is taken back
                 done = e.done if isinstance(e, MapWriteError) else count  # unknown: try to delete them all
-                written.append((name, keys[: done * _key_size(name)]))
+                written.append((name, keys[: done * codec.key_size(name)]))
                 left = self._undo(written)
                 raise BulkLoadError(
                     f"writing {count} entries into {name} failed after {done}: {e}; "
@@ -218,7 +219,7 @@ class BulkPlan:
         left = 0
         for name, keys in reversed(written):
             key_type = abi.MAPS[name].key
-            for key in reversed(_split(name, keys)):
+            for key in reversed(codec.split_packed(keys, codec.key_size(name))):
                 try:
                     self.rec.writer.delete(name, key_type.from_buffer_copy(key))
                 except MapWriteError:
@@ -237,13 +238,3 @@ class BulkPlan:
         rec.ranged_frontends = sum(1 for fe in self.frontends.values() if fe.source_ranges)
         rec.flow_ends.udp_backends.update(self.udp_backend_ends)
         rec.ops_applied += self.ops
-
-
-def _key_size(map_name: str) -> int:
-    return ctypes.sizeof(abi.MAPS[map_name].key)
-
-
-def _split(map_name: str, keys: bytes) -> list[bytes]:
-    """Packed keys, one by one."""
-    size = _key_size(map_name)
-    return [keys[i : i + size] for i in range(0, len(keys), size)]
